@@ -1,0 +1,1 @@
+"""The cohort pipeline, job runner, REST service and the ``synthcohort`` CLI."""

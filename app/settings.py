@@ -1,0 +1,26 @@
+"""The one ``Settings`` object. Environment variables use the ``SYNTHCOHORT_`` prefix; CLI flags override."""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service and CLI configuration."""
+
+    model_config = SettingsConfigDict(env_prefix="SYNTHCOHORT_", extra="ignore")
+
+    data_dir: Path = Field(Path("synthcohort-data"), description="Root for datasets and the SQLite database.")
+    db_url: str | None = Field(None, description="SQLAlchemy URL; defaults to SQLite under data_dir.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device for training/sampling.")
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default.")
+    workers: int = Field(2, ge=1, le=256, description="Worker processes for data preparation and exports.")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Settings read once from the environment (tests may clear the cache)."""
+    return Settings()

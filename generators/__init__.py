@@ -1,0 +1,1 @@
+"""Generative models: network definitions, noise schedules, sampling, model bundles."""

@@ -1,0 +1,1 @@
+"""Memorization filter and privacy audits. Reads private data; never imported by generators."""

@@ -1,0 +1,245 @@
+"""Ingestion end to end on real files: de-identification, patient split, store layout, bad input."""
+
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from generators.errors import Conflict, InvalidInput, NotFound
+from train.demo_cohort import make_demo_cohort, write_dicom_series
+from train.ingest import IngestOptions, ingest
+from train.store import CohortStore
+
+
+def phi_strings(plan) -> set[str]:
+    """Every identifying value the raw demo files carry, in the spellings a leak could take."""
+    values = set()
+    for p in plan:
+        last, first = p.name.split("^")
+        values |= {p.patient_id, p.patient_id[3:], p.birth_date, p.accession, p.institution, last, first, p.study_date}
+        values |= {p.physician.split("^")[0], "SPRINGFIELD"}
+    return {v for v in values if len(v) >= 4}
+
+
+def train_set(result) -> set[bytes]:
+    return {row.tobytes() for row in np.asarray(result.store.read("train").images)}
+
+
+def all_bytes(root: Path) -> bytes:
+    return b"\n".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+def test_store_has_no_phi_in_any_byte(demo_raw, demo_store) -> None:
+    raw, plan = demo_raw
+    blob = all_bytes(demo_store.store.path)
+    raw_blob = all_bytes(raw / "dicom")
+    phi = phi_strings(plan)
+    present_in_raw = {v for v in phi if v.encode() in raw_blob}
+    assert len(present_in_raw) > 10  # the DICOM inputs really carry PHI
+    for value in phi:
+        for spelling in {value, value.lower(), value.title()}:
+            assert spelling.encode() not in blob, f"PHI value leaked into the store: {spelling}"
+
+
+def test_store_layout_permissions_and_split(demo_raw, demo_store) -> None:
+    store = demo_store.store
+    assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o700
+    names = {p.name for p in store.path.iterdir()}
+    assert names == {"PRIVATE", "store.json", "images.npy", "index.csv", "ingest_report.json", "secret.key"}
+    for path in store.path.iterdir():
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path.name
+
+    train, holdout = store.read("train"), store.read("holdout")
+    assert train.images.shape[1:] == (1, 32, 32) and train.images.dtype == np.float32
+    assert float(train.images.min()) >= -1.0 and float(train.images.max()) <= 1.0
+    assert len(train.images) == len(train.labels) == len(train.patients)
+    assert set(train.patients).isdisjoint(set(holdout.patients))  # a patient is never in both splits
+    # stratified: 16 patients, 8 per label, 25 % holdout → 2 per label held out
+    report = demo_store.report
+    assert report["patients"] == {"holdout": {"healthy": 2, "lesion": 2}, "train": {"healthy": 6, "lesion": 6}}
+    assert store.label_names == ["healthy", "lesion"]
+    assert len(set(train.patients)) == 12 and len(set(holdout.patients)) == 4
+    # demo patients also written as DICOM have two scans: 4 slices each
+    _, plan = demo_raw
+    assert report["patients_with_multiple_scans"] == sum(1 for p in plan if p.dicom)
+    assert store.n_slices == 4 * (16 + report["patients_with_multiple_scans"])
+    rows = store.index()
+    assert {r["sex"] for r in rows} <= {"F", "M"}
+    assert max(int(r["age"]) for r in rows) <= 90
+    assert store.spacing() == pytest.approx((234 / 32, 234 / 32, 2.0))
+
+
+def test_labels_follow_the_patient(demo_raw, demo_store) -> None:
+    """Slices of lesion patients differ from healthy ones where the lesion is (label linkage is right)."""
+    train = demo_store.store.read("train")
+    lesion = np.asarray(train.images[train.labels == 1])
+    healthy = np.asarray(train.images[train.labels == 0])
+    assert np.abs(lesion - healthy.mean(0)).max() > np.abs(healthy - healthy.mean(0)).max() * 0.8
+
+
+def test_pseudonyms_are_keyed_per_store(demo_raw, tmp_path: Path) -> None:
+    raw, _ = demo_raw
+    a = ingest(raw / "nifti", tmp_path / "a", labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1))
+    b = ingest(raw / "nifti", tmp_path / "b", labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1))
+    assert set(a.store.read("train").patients).isdisjoint(set(b.store.read("train").patients))
+    # the seed, not the secret, decides the split: the same slices land in train (in pseudonym order)
+    assert train_set(a) == train_set(b)
+    assert a.store.fingerprint != b.store.fingerprint  # pseudonyms differ
+
+
+def test_bad_inputs_are_skipped_with_pseudonymous_reasons(demo_raw, tmp_path: Path) -> None:
+    raw, plan = demo_raw
+    inputs = tmp_path / "in"
+    shutil.copytree(raw / "nifti", inputs)
+    victim = plan[0].patient_id
+    (inputs / f"{victim}.nii.gz").write_bytes(b"corrupt")  # corrupt file
+    shutil.copy(inputs / f"{plan[1].patient_id}.nii.gz", inputs / "MRN0000001.nii.gz")  # no label for it
+    (inputs / "notes.txt").write_text("ignored")
+    labels = (raw / "labels.csv").read_text() + "MRN9999999,lesion,40,F\nMRN8888888,,40,F\nMRN7777777,healthy,abc,F\n"
+    (tmp_path / "labels.csv").write_text(labels)
+
+    result = ingest(
+        inputs, tmp_path / "store", labels_path=tmp_path / "labels.csv", options=IngestOptions(size=16, slices=2)
+    )
+    reasons = [s["reason"] for s in result.report["skipped"]]
+    assert any("unreadable NIfTI" in r for r in reasons)
+    assert any("no label" in r for r in reasons)
+    assert any("empty patient_id or label" in r for r in reasons)
+    assert any("age is not a number" in r for r in reasons)
+    assert result.report["labelled_patients_without_usable_scan"] == 2  # MRN9999999 and the corrupt one
+    blob = all_bytes(tmp_path / "store")
+    for identifier in (victim, "MRN0000001", "MRN9999999", "MRN7777777", "MRN8888888"):
+        assert identifier.encode() not in blob
+    assert sum(result.report["patients"]["train"].values()) + sum(result.report["patients"]["holdout"].values()) == 15
+
+
+def test_mixed_shapes_and_medmnist(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "pneumoniamnist.npz",
+        train_images=rng.integers(0, 255, (6, 28, 28), dtype=np.uint8),
+        train_labels=np.array([[0], [1], [0], [1], [0], [1]]),
+        val_images=rng.integers(0, 255, (4, 64, 64), dtype=np.uint8),  # a different size: resampled too
+        val_labels=np.array([[0], [1], [0], [1]]),
+    )
+    result = ingest(
+        tmp_path / "pneumoniamnist.npz", tmp_path / "s", labels_path=None, options=IngestOptions(size=32, slices=3)
+    )
+    store = result.store
+    assert store.n_slices == 10 and store.label_names == ["0", "1"]
+    assert store.read("train").images.shape[1:] == (1, 32, 32)
+
+
+def test_nothing_usable_is_an_error_and_leaves_no_store(demo_raw, tmp_path: Path) -> None:
+    raw, _ = demo_raw
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInput, match="no NIfTI"):
+        ingest(tmp_path / "empty", tmp_path / "s", labels_path=raw / "labels.csv", options=IngestOptions())
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.nii").write_bytes(b"junk")
+    with pytest.raises(InvalidInput, match="nothing usable"):
+        ingest(tmp_path / "junk", tmp_path / "s", labels_path=raw / "labels.csv", options=IngestOptions())
+    assert not (tmp_path / "s").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp dirs cleaned up
+    with pytest.raises(InvalidInput, match="--labels"):
+        ingest(raw / "nifti", tmp_path / "s", labels_path=None, options=IngestOptions())
+
+
+def test_existing_store_is_never_half_overwritten(demo_raw, demo_store, tmp_path: Path) -> None:
+    raw, _ = demo_raw
+    target = tmp_path / "store"
+    shutil.copytree(demo_store.store.path, target)
+    before = all_bytes(target)
+    with pytest.raises(Conflict):
+        ingest(raw / "nifti", target, labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1))
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.nii").write_bytes(b"junk")
+    with pytest.raises(InvalidInput):  # even with --force, a failed ingestion leaves the old store intact
+        ingest(tmp_path / "junk", target, labels_path=raw / "labels.csv", options=IngestOptions(overwrite=True))
+    assert all_bytes(target) == before
+    replaced = ingest(
+        raw / "nifti", target, labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1, overwrite=True)
+    )
+    assert replaced.store.image_size == 16
+
+
+def test_burned_in_series_skipped_with_reason(tmp_path: Path) -> None:
+    import pydicom
+
+    plan = make_demo_cohort(tmp_path / "raw", patients=2, seed=1, dicom_fraction=1.0)
+    series = tmp_path / "raw" / "dicom" / plan[0].patient_id
+    for path in series.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.BurnedInAnnotation = "YES"
+        ds.save_as(path)
+    result = ingest(
+        tmp_path / "raw" / "dicom",
+        tmp_path / "s",
+        labels_path=tmp_path / "raw" / "labels.csv",
+        options=IngestOptions(size=16, slices=1, holdout=0.0),
+    )
+    assert [s["reason"].split(":")[0] for s in result.report["skipped"]] == ["BurnedInAnnotation=YES"]
+    assert result.store.n_slices == 1
+
+
+def test_symlinks_are_not_followed(demo_raw, tmp_path: Path) -> None:
+    raw, plan = demo_raw
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    shutil.copy(raw / "nifti" / f"{plan[0].patient_id}.nii.gz", inputs)
+    shutil.copy(raw / "nifti" / f"{plan[1].patient_id}.nii.gz", inputs)
+    (inputs / "escape").symlink_to(raw / "nifti", target_is_directory=True)
+    result = ingest(
+        inputs, tmp_path / "s", labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1, holdout=0.0)
+    )
+    assert result.store.n_slices == 2
+
+
+def test_parallel_workers_give_the_same_store(demo_raw, tmp_path: Path) -> None:
+    raw, _ = demo_raw
+    opts = {"size": 16, "slices": 2}
+    one = ingest(raw, tmp_path / "one", labels_path=raw / "labels.csv", options=IngestOptions(**opts, workers=1))
+    two = ingest(raw, tmp_path / "two", labels_path=raw / "labels.csv", options=IngestOptions(**opts, workers=2))
+    assert train_set(one) == train_set(two)
+    assert one.report["patients"] == two.report["patients"]
+
+
+def test_open_errors(tmp_path: Path) -> None:
+    with pytest.raises(NotFound):
+        CohortStore.open(tmp_path / "nope")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(InvalidInput, match="not a cohort store"):
+        CohortStore.open(tmp_path / "plain")
+
+
+def test_report_is_json_and_mentions_method(demo_store) -> None:
+    report = json.loads((demo_store.store.path / "ingest_report.json").read_text())
+    assert "HMAC" in report["deidentification"]
+    assert report["settings"]["size"] == 32
+
+
+def test_labels_file_errors(demo_raw, tmp_path: Path) -> None:
+    raw, _ = demo_raw
+    (tmp_path / "l.csv").write_text("id,diagnosis\nA,b\n")
+    with pytest.raises(InvalidInput, match="patient_id,label"):
+        ingest(raw / "nifti", tmp_path / "s", labels_path=tmp_path / "l.csv", options=IngestOptions())
+    with pytest.raises(InvalidInput, match="does not exist"):
+        ingest(raw / "nifti", tmp_path / "s", labels_path=tmp_path / "missing.csv", options=IngestOptions())
+
+
+def test_dicom_multi_series_folder_rejected(tmp_path: Path) -> None:
+    from train.demo_cohort import plan_patients
+
+    plan = plan_patients(2, seed=0)
+    write_dicom_series(tmp_path / "x", np.ones((4, 4, 2), np.int16), np.eye(4), plan[0], multiframe=False)
+    write_dicom_series(tmp_path / "y", np.ones((4, 4, 2), np.int16), np.eye(4), plan[0], multiframe=False)
+    for f in (tmp_path / "y").iterdir():
+        f.rename(tmp_path / "x" / f"B{f.name}")
+    from train.scan_io import read_dicom_series
+
+    with pytest.raises(InvalidInput, match="several DICOM series"):
+        read_dicom_series(tmp_path / "x")

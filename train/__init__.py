@@ -1,0 +1,1 @@
+"""Ingestion, de-identification, the private cohort store and DP training."""

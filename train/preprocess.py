@@ -1,0 +1,83 @@
+"""From a 3-D scan to model-ready 2-D slices: robust intensity scaling, slab selection, square resampling.
+
+Slice orientation (the convention used everywhere downstream): an axial slice is an image ``[H, W]``
+whose rows run anterior→posterior (anterior at the top) and whose columns run from the patient's left
+to right (RAS voxel axes: ``row = -j``, ``col = +i``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from generators.errors import InvalidInput
+from train.scan_io import Scan
+
+LOW_PERCENTILE = 0.5
+HIGH_PERCENTILE = 99.5
+
+
+def robust_normalise(volume: np.ndarray) -> np.ndarray:
+    """Scale a volume to [-1, 1] using robust percentiles (background and outliers are clipped).
+
+    The low end is the 0.5th percentile of all voxels; the high end the 99.5th percentile of voxels above
+    it (the foreground), so a large empty background does not compress the tissue contrast.
+    """
+    lo = float(np.percentile(volume, LOW_PERCENTILE))
+    foreground = volume[volume > lo]
+    if foreground.size == 0:
+        raise InvalidInput("the scan is blank (no intensity variation)")
+    hi = float(np.percentile(foreground, HIGH_PERCENTILE))
+    if hi - lo <= 1e-6 * max(1.0, abs(hi)):
+        raise InvalidInput("the scan is blank (no intensity variation)")
+    scaled = (np.clip(volume, lo, hi) - lo) / (hi - lo)
+    return (scaled * 2.0 - 1.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Slab:
+    """Slices taken from one scan.
+
+    Attributes:
+        images: ``[N, 1, size, size]`` float32 in [-1, 1].
+        positions: ``[N]`` slice offsets from the volume centre, in slices (0 = centre).
+        spacing: ``(row_mm, col_mm, slice_mm)`` after resampling.
+    """
+
+    images: np.ndarray
+    positions: np.ndarray
+    spacing: tuple[float, float, float]
+
+
+def axial_slices(scan: Scan, *, n_slices: int, size: int) -> Slab:
+    """Take ``n_slices`` axial slices around the volume centre, resampled to ``size x size``.
+
+    The slice's physical field of view is padded to a square (background value) before resampling, so
+    anatomy keeps its aspect ratio; the new pixel spacing is ``field of view / size`` on both axes.
+    """
+    if n_slices < 1 or size < 8:
+        raise InvalidInput(f"need n_slices >= 1 and size >= 8, got {n_slices} and {size}")
+    volume = robust_normalise(scan.data)
+    sx, sy, sz = scan.spacing
+    depth = volume.shape[2]
+    take = min(n_slices, depth)
+    start = depth // 2 - take // 2
+    index = np.arange(start, start + take)
+    slab = volume[:, :, index]  # (X, Y, n)
+    images = np.ascontiguousarray(slab[:, ::-1, :].transpose(2, 1, 0))  # (n, H=Y reversed, W=X)
+
+    height_mm, width_mm = images.shape[1] * sy, images.shape[2] * sx
+    side_mm = max(height_mm, width_mm)
+    new_h = max(1, round(size * height_mm / side_mm))
+    new_w = max(1, round(size * width_mm / side_mm))
+    tensor = torch.from_numpy(images)[:, None]  # (n, 1, H, W)
+    antialias = new_h < images.shape[1] or new_w < images.shape[2]
+    resized = F.interpolate(tensor, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=antialias)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    out = torch.full((take, 1, size, size), -1.0)
+    out[:, :, top : top + new_h, left : left + new_w] = resized.clamp(-1.0, 1.0)
+    pixel_mm = side_mm / size
+    return Slab(images=out.numpy(), positions=index - depth // 2, spacing=(pixel_mm, pixel_mm, float(sz)))

@@ -1,0 +1,259 @@
+"""The private cohort store: a directory of memory-mappable slices plus a pseudonymous index.
+
+Layout (every file 0600, the directory 0700)::
+
+    STORE/
+      PRIVATE              marker: this directory holds training-derived data, never serve it
+      store.json           format version, image size, split ranges, label names, fingerprint
+      images.npy           float32 [N, 1, H, W] in [-1, 1]; train slices first, then holdout
+      index.csv            one row per slice: pseudonym, split, label, covariates, position, spacing
+      ingest_report.json   counts per split/label and every skipped input with its reason
+      secret.key           HMAC key for pseudonyms (never printed or logged)
+
+A store is written into a temporary sibling directory and renamed into place when complete, so a crash
+never leaves a half store and an existing store is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from generators.errors import Conflict, InvalidInput, NotFound
+
+STORE_FORMAT = 1
+SPLITS = ("train", "holdout")
+PRIVATE_MARKER = "PRIVATE"
+PRIVATE_TEXT = (
+    "This directory holds training-derived medical images and pseudonymisation keys.\n"
+    "It must never be served, shared or copied outside the secure environment.\n"
+)
+
+
+@dataclass(frozen=True)
+class SliceRecord:
+    """One row of ``index.csv``: everything the store knows about a slice besides its pixels."""
+
+    patient: str
+    split: str
+    label: str
+    age: int | None
+    sex: str
+    scan: int
+    position: int
+    spacing_row: float
+    spacing_col: float
+    spacing_slice: float
+
+
+@dataclass(frozen=True)
+class SplitArrays:
+    """One split of the store.
+
+    Attributes:
+        images: ``[N, 1, H, W]`` float32 in [-1, 1] (a read-only memory map).
+        labels: ``[N]`` int64 label ids (see :attr:`CohortStore.label_names`).
+        patients: ``[N]`` patient pseudonyms.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    patients: np.ndarray
+
+
+def _private_file(path: Path, data: bytes | str) -> None:
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, mode) as handle:
+        handle.write(data)
+
+
+def _sha256(paths: Iterable[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as handle:
+            for block in iter(lambda h=handle: h.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+class StoreWriter:
+    """Accumulates slabs in a spill file, then writes the store atomically with :meth:`commit`.
+
+    Use as a context manager; leaving the block without ``commit`` removes all temporary files.
+    """
+
+    def __init__(self, path: Path, *, size: int, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not overwrite:
+            raise Conflict(f"{self.path} already exists; choose a new --out or pass --force to replace it")
+        self.size = size
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
+        os.chmod(self._tmp, 0o700)
+        self._spill = (self._tmp / "spill.f32").open("wb")
+        self._records: list[SliceRecord] = []
+        self._overwrite = overwrite
+        self._committed = False
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._spill.close()
+        if not self._committed:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+
+    @property
+    def n_slices(self) -> int:
+        return len(self._records)
+
+    def add(self, images: np.ndarray, records: list[SliceRecord]) -> None:
+        """Append slices ``[n, 1, size, size]`` with one record each."""
+        if images.shape != (len(records), 1, self.size, self.size):
+            raise InvalidInput(f"slab shape {images.shape} does not match {len(records)} x 1 x {self.size}^2")
+        self._spill.write(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+        self._records.extend(records)
+
+    def commit(self, *, label_names: list[str], report: dict, secret: bytes) -> CohortStore:
+        """Reorder slices by split, write every file, and rename the directory into place."""
+        self._spill.close()
+        if not self._records:
+            raise InvalidInput("no usable slices: nothing to store")
+        split_rank = {name: i for i, name in enumerate(SPLITS)}
+        order = sorted(
+            range(len(self._records)),
+            key=lambda i: (split_rank[self._records[i].split], self._records[i].patient, i),
+        )
+        n = len(order)
+        spill = np.memmap(self._tmp / "spill.f32", dtype=np.float32, mode="r", shape=(n, 1, self.size, self.size))
+        images = np.lib.format.open_memmap(
+            self._tmp / "images.npy", mode="w+", dtype=np.float32, shape=(n, 1, self.size, self.size)
+        )
+        for start in range(0, n, 4096):
+            chunk = order[start : start + 4096]
+            images[start : start + len(chunk)] = spill[chunk]
+        images.flush()
+        del images, spill
+        (self._tmp / "spill.f32").unlink()
+
+        records = [self._records[i] for i in order]
+        fields = list(SliceRecord.__dataclass_fields__)
+        fd = os.open(self._tmp / "index.csv", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["slice", *fields])
+            writer.writeheader()
+            for i, record in enumerate(records):
+                writer.writerow({"slice": i, **asdict(record)})
+
+        ranges = {}
+        for name in SPLITS:
+            idx = [i for i, r in enumerate(records) if r.split == name]
+            ranges[name] = [idx[0], idx[-1] + 1] if idx else [0, 0]
+        meta = {
+            "format": STORE_FORMAT,
+            "image_size": self.size,
+            "n_slices": n,
+            "splits": ranges,
+            "label_names": label_names,
+            "fingerprint": _sha256([self._tmp / "images.npy", self._tmp / "index.csv"]),
+        }
+        _private_file(self._tmp / "store.json", json.dumps(meta, indent=2))
+        _private_file(self._tmp / "ingest_report.json", json.dumps(report, indent=2))
+        _private_file(self._tmp / "secret.key", secret)
+        _private_file(self._tmp / PRIVATE_MARKER, PRIVATE_TEXT)
+        for path in self._tmp.iterdir():
+            os.chmod(path, 0o600)
+
+        if self.path.exists():
+            if not self._overwrite:
+                raise Conflict(f"{self.path} appeared while ingesting; not overwriting it")
+            trash = self._tmp.with_suffix(".old")
+            os.rename(self.path, trash)
+            os.rename(self._tmp, self.path)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(self._tmp, self.path)
+        self._committed = True
+        return CohortStore.open(self.path)
+
+
+class CohortStore:
+    """Read access to a cohort store: ``CohortStore.open(path).read("train")``."""
+
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path = path
+        self.meta = meta
+
+    @classmethod
+    def open(cls, path: str | Path) -> CohortStore:
+        """Open a store written by ``synthcohort ingest``; raises ``NotFound``/``InvalidInput`` otherwise."""
+        path = Path(path)
+        if not path.is_dir():
+            raise NotFound(f"no cohort store at {path}")
+        meta_path = path / "store.json"
+        if not (path / PRIVATE_MARKER).is_file() or not meta_path.is_file():
+            raise InvalidInput(f"{path} is not a cohort store (missing {PRIVATE_MARKER} or store.json)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidInput(f"{meta_path} is unreadable: {exc}") from None
+        if meta.get("format") != STORE_FORMAT:
+            raise InvalidInput(f"unsupported store format {meta.get('format')!r} (expected {STORE_FORMAT})")
+        return cls(path, meta)
+
+    def __repr__(self) -> str:
+        return f"CohortStore(slices={self.n_slices}, size={self.image_size}, labels={self.label_names})"
+
+    @property
+    def image_size(self) -> int:
+        return int(self.meta["image_size"])
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.meta["n_slices"])
+
+    @property
+    def label_names(self) -> list[str]:
+        return list(self.meta["label_names"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    @property
+    def report(self) -> dict:
+        return json.loads((self.path / "ingest_report.json").read_text())
+
+    def index(self) -> list[dict[str, str]]:
+        """All rows of ``index.csv`` (strings, as written)."""
+        with (self.path / "index.csv").open(newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    def read(self, split: str) -> SplitArrays:
+        """Images (memory-mapped, read-only), label ids and patient pseudonyms of one split."""
+        if split not in SPLITS:
+            raise InvalidInput(f"unknown split {split!r}; expected one of {list(SPLITS)}")
+        start, stop = self.meta["splits"][split]
+        images = np.load(self.path / "images.npy", mmap_mode="r")[start:stop]
+        rows = self.index()[start:stop]
+        label_id = {name: i for i, name in enumerate(self.label_names)}
+        labels = np.array([label_id[r["label"]] for r in rows], dtype=np.int64)
+        patients = np.array([r["patient"] for r in rows], dtype=str)
+        return SplitArrays(images=images, labels=labels, patients=patients)
+
+    def spacing(self) -> tuple[float, float, float]:
+        """Median ``(row_mm, col_mm, slice_mm)`` over all slices."""
+        rows = self.index()
+        return tuple(  # type: ignore[return-value]
+            float(np.median([float(r[key]) for r in rows])) for key in ("spacing_row", "spacing_col", "spacing_slice")
+        )
