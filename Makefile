@@ -9,7 +9,7 @@ DEMO_PATIENTS ?= 1000
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,ray]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -20,8 +20,23 @@ $(DEMO_DIR)/raw/labels.csv: | $(BIN)/.installed
 $(DEMO_DIR)/store/store.json: $(DEMO_DIR)/raw/labels.csv
 	$(BIN)/synthcohort ingest $(DEMO_DIR)/raw --labels $(DEMO_DIR)/raw/labels.csv --out $(DEMO_DIR)/store --force
 
-demo: $(DEMO_DIR)/store/store.json
+# Retrains only when the store changed (make's timestamps); `train` also reuses a bundle whose inputs match.
+$(DEMO_DIR)/model/model_card.json: $(DEMO_DIR)/store/store.json
+	$(BIN)/synthcohort train $(DEMO_DIR)/store --out $(DEMO_DIR)/model --epsilon 8 --preset cpu-small --force
+
+$(DEMO_DIR)/model/private/calibration.json: $(DEMO_DIR)/model/model_card.json
+	$(BIN)/synthcohort calibrate $(DEMO_DIR)/store $(DEMO_DIR)/model
+
+# A small released cohort: generated, filtered, written; --resume continues an interrupted export.
+$(DEMO_DIR)/cohort/manifest.json: $(DEMO_DIR)/model/private/calibration.json
+	rm -rf $(DEMO_DIR)/cohort
+	$(BIN)/synthcohort export $(DEMO_DIR)/model --out $(DEMO_DIR)/cohort --n 50 --format nifti,png --resume
+
+demo: $(DEMO_DIR)/cohort/manifest.json
 	$(BIN)/synthcohort info $(DEMO_DIR)/store
+	$(BIN)/synthcohort card $(DEMO_DIR)/model
+	@echo "sample grids: $(DEMO_DIR)/model/samples_*.png"
+	@echo "synthetic cohort (NIfTI + PNG previews, manifest, privacy report): $(DEMO_DIR)/cohort"
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -126,6 +126,319 @@ def info(store: Annotated[Path, typer.Argument(help="A cohort store directory.")
     _print_store(CohortStore.open(store))
 
 
+@app.command()
+def calibrate(
+    store: Annotated[Path, typer.Argument(help="The cohort store the model was trained on.")],
+    model_dir: Annotated[Path, typer.Argument(help="Model bundle directory; the filter goes to MODEL_DIR/private/.")],
+    quantile: Annotated[float, typer.Option(min=0.001, max=0.49, help="Held-out distance quantile q.")] = 0.05,
+    embedding: Annotated[str, typer.Option(help="aligned-pyramid (default) or pixels.")] = "aligned-pyramid",
+    index: Annotated[str, typer.Option(help="flat (exact), ivf, hnsw or numpy.")] = "flat",
+    seed: Annotated[int, typer.Option(help="Seed of the canary self-test.")] = 0,
+) -> None:
+    """Build the memorization filter from the store and calibrate it on held-out patients."""
+    from app.calibrate import calibrate as run_calibrate
+    from app.calibrate import calibration_path
+
+    with _progress(None, "embed training slices", "slice") as bar:
+        record = run_calibrate(
+            store, model_dir, quantile=quantile, embedding=embedding, index=index, seed=seed, progress=bar.update
+        )
+    typer.echo(
+        f"filter: {record['n_train']} training slices indexed ({record['embedding']}, {record['index']}); "
+        f"q={record['quantile']}, {record['n_holdout']} held-out slices from {record['n_holdout_patients']} patients"
+    )
+    typer.echo(
+        f"  held-out acceptance {record['holdout_acceptance_rate']:.1%} (cross-validated), canary rejection "
+        f"{record['canary_rejection_rate']:.1%} "
+        + ", ".join(f"{k} {v:.0%}" for k, v in record["canary_rejection_by_kind"].items())
+        + f"; blends 0.8/0.2 rejected {record['blend_rejection_rate']:.1%}"
+    )
+    typer.echo(f"  written to {calibration_path(model_dir).parent} (private: never served)")
+
+
+@app.command()
+def train(
+    store: Annotated[Path, typer.Argument(help="Cohort store written by `synthcohort ingest`.")],
+    out: Annotated[Path, typer.Option("--out", help="Model bundle directory.")],
+    epsilon: Annotated[float | None, typer.Option(help="Target ε (patient-level). Required unless --no-dp.")] = None,
+    delta: Annotated[float | None, typer.Option(help="δ; default: well below 1/N_patients (≤ 1e-5).")] = None,
+    preset: Annotated[str, typer.Option(help="cpu-small, cpu-medium or gpu.")] = "cpu-small",
+    epochs: Annotated[float | None, typer.Option(min=0.01, help="Override the preset's epochs.")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Expected patients per step (logical batch).")] = None,
+    physical_batch_size: Annotated[int | None, typer.Option(min=1, help="Patients per forward pass.")] = None,
+    noise_multiplicity: Annotated[int | None, typer.Option(min=1, max=64, help="K draws per patient.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after S steps (spends less ε).")] = None,
+    accountant: Annotated[str, typer.Option(help="prv or rdp.")] = "prv",
+    public_prior: Annotated[
+        str | None, typer.Option(help="Non-private pretraining on public data: mni152 (brain MRI) or none.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of initialisation, sampling and noise.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from MODEL_DIR/private/checkpoint.pt.")] = False,
+    force: Annotated[bool, typer.Option(help="Retrain even if OUT holds a model.")] = False,
+    no_dp: Annotated[bool, typer.Option("--no-dp", help="Train WITHOUT differential privacy.")] = False,
+    i_understand_not_private: Annotated[
+        bool, typer.Option("--i-understand-not-private", help="Required together with --no-dp.")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: settings).")] = None,
+) -> None:
+    """Train the class-conditional diffusion model with patient-level DP-SGD and write a model bundle."""
+    from generators.errors import InvalidInput, PrivacyPolicy
+    from train.dp_training import TrainConfig, train_model
+    from train.presets import get_preset
+
+    if no_dp and not i_understand_not_private:
+        raise PrivacyPolicy("--no-dp trains a model WITHOUT privacy; add --i-understand-not-private to confirm")
+    if not no_dp and epsilon is None:
+        raise InvalidInput("--epsilon is required (or --no-dp --i-understand-not-private for a non-private model)")
+    settings = get_settings()
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
+    chosen = get_preset(
+        preset,
+        epochs=epochs,
+        batch_size=batch_size,
+        physical_batch_size=physical_batch_size,
+        noise_multiplicity=noise_multiplicity,
+        public_prior=public_prior,
+    )
+    config = TrainConfig(
+        store=store,
+        out=out,
+        preset=chosen,
+        epsilon=None if no_dp else epsilon,
+        delta=delta,
+        accountant=accountant,
+        dp=not no_dp,
+        max_steps=max_steps,
+        seed=seed,
+        device=device or settings.device,
+        resume=resume,
+        force=force,
+    )
+    bar = _progress(None, "train", "step")
+
+    def on_plan(plan, total_steps: int) -> None:
+        bar.total = total_steps
+        if plan is not None:
+            bar.write(
+                f"privacy plan: ε={plan.target_epsilon} δ={plan.delta:g} ({plan.accountant}), "
+                f"{plan.n_patients} patients, q={plan.sample_rate:.4f}, σ={plan.noise_multiplier:.3f}, "
+                f"{plan.steps} planned steps",
+                file=sys.stderr,
+            )
+        else:
+            bar.write("NOT PRIVATE: training without differential privacy", file=sys.stderr)
+
+    phase = {"name": ""}
+
+    def on_step(info: dict) -> None:
+        if info["phase"] != phase["name"]:  # "public prior" (non-private pretraining), then "dp"
+            phase["name"] = info["phase"]
+            bar.set_description("train (DP)" if info["phase"] == "dp" else info["phase"])
+            bar.reset(total=info["total"])
+        bar.n = info["step"]
+        postfix = {"loss": f"{info['loss']:.4f}"}
+        if info.get("epsilon") is not None:
+            postfix["ε"] = f"{info['epsilon']:.2f}"
+        bar.set_postfix(postfix, refresh=True)
+
+    with bar:
+        result = train_model(config, progress=on_step, on_plan=on_plan)
+    card = result.card
+    if result.reused:
+        typer.echo(f"{out} is up to date (same store, preset and privacy settings): reusing it")
+    elif result.interrupted:
+        typer.echo(f"interrupted at step {card['step']}/{card['total_steps']}; checkpoint saved — rerun with --resume")
+        raise typer.Exit(130)
+    if card.get("dp"):
+        typer.echo(
+            f"model: {out}  ε={card['epsilon']:.3f} δ={card['delta']:g} ({card['accountant']}, privacy unit: patient), "
+            f"{card['steps']} steps, target met: {card['target_epsilon_met']}, {card['training_wall_time_s']:.0f} s"
+        )
+    else:
+        typer.echo(f"model: {out}  NOT PRIVATE (dp: false), {card['steps']} steps")
+    typer.echo("samples: " + ", ".join(str(out / f"samples_{label}.png") for label in card["labels"]))
+
+
+@app.command("privacy-budget")
+def privacy_budget(
+    patients: Annotated[int, typer.Option(min=2, help="Number of training patients.")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Expected patients per step.")],
+    epochs: Annotated[float, typer.Option(min=0.01, help="Epochs over the patients.")],
+    epsilon: Annotated[float, typer.Option(help="Target ε.")],
+    delta: Annotated[float | None, typer.Option(help="δ (default: well below 1/patients).")] = None,
+    accountant: Annotated[str, typer.Option(help="prv or rdp.")] = "prv",
+) -> None:
+    """Print the noise multiplier, steps and sampling rate for a privacy target (no model involved)."""
+    from train.accounting import default_delta, plan_privacy
+
+    plan = plan_privacy(
+        target_epsilon=epsilon,
+        delta=delta if delta is not None else default_delta(patients),
+        n_patients=patients,
+        expected_batch_size=batch_size,
+        epochs=epochs,
+        accountant=accountant,
+    )
+    typer.echo(
+        f"noise multiplier σ = {plan.noise_multiplier:.4f}\nsteps = {plan.steps}\n"
+        f"sampling rate q = {plan.sample_rate:.6f}\nepochs = {plan.epochs:.2f}\n"
+        f"ε = {plan.target_epsilon} at δ = {plan.delta:g} ({plan.accountant} accountant)"
+    )
+
+
+@app.command()
+def sample(
+    model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.")],
+    out: Annotated[Path, typer.Option("--out", help="PNG grid to write.")],
+    label: Annotated[list[str], typer.Option(help="Label to sample (repeatable); default all labels.")] = [],  # noqa: B006
+    n: Annotated[int, typer.Option(min=1, max=256, help="Samples per label.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the first sample.")] = 0,
+    steps: Annotated[int, typer.Option(min=1, max=1000, help="Solver steps.")] = 20,
+    guidance: Annotated[float, typer.Option(min=0.0, max=20.0, help="Classifier-free guidance scale.")] = 2.0,
+    solver: Annotated[str, typer.Option(help="dpmsolver++, unipc or ddim.")] = "dpmsolver++",
+    allow_not_private: Annotated[bool, typer.Option(help="Allow a model trained with --no-dp.")] = False,
+) -> None:
+    """Look at a model: write a PNG grid of samples (unfiltered; not a dataset for release)."""
+    from generators.bundle import DiffusionModel, save_grid
+    from train.dp_training import ensure_private_ok
+
+    model = DiffusionModel.load(model_dir, device=get_settings().device)
+    ensure_private_ok(model.card, allow_not_private=allow_not_private)
+    labels = label or list(model.label_ids)
+    generated = model.generate(
+        labels={name: n for name in labels}, seed=seed, steps=steps, guidance=guidance, solver=solver
+    )
+    save_grid(generated.images, out, columns=n)
+    typer.echo(f"wrote {len(generated.labels)} samples ({', '.join(labels)}; one row per label) to {out}")
+
+
+@app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="Model bundle directory (calibrated).")],
+    out: Annotated[Path, typer.Option("--out", help="Dataset directory to create.")],
+    n: Annotated[int | None, typer.Option("--n", help="Samples of EVERY label.")] = None,
+    count: Annotated[list[str], typer.Option(help="LABEL=N (repeatable).")] = [],  # noqa: B006
+    seed: Annotated[int, typer.Option(help="Seed of the cohort; every sample's own seed is recorded.")] = 0,
+    format: Annotated[str, typer.Option("--format", help="Comma-separated: nifti (required), png, npz.")] = "nifti",
+    workers: Annotated[int, typer.Option(min=1, max=512, help="Worker processes or Ray actors.")] = 1,
+    backend: Annotated[str, typer.Option(help="local or ray.")] = "local",
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+    shard_size: Annotated[int, typer.Option(min=1, max=4096, help="Samples per shard (unit of resume).")] = 64,
+    max_rejection_rate: Annotated[float, typer.Option(min=0.01, max=1.0, help="Stop above this rejection rate.")] = 0.5,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted export.")] = False,
+    allow_not_private: Annotated[
+        bool, typer.Option(help="Allow a model trained with --no-dp (outputs say NOT PRIVATE).")
+    ] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: settings).")] = None,
+) -> None:
+    """Generate → filter → write a synthetic cohort (NIfTI + manifest + privacy report), resumably."""
+    import time
+
+    from app.pipeline import CohortRequest, build_cohort, local_runner
+    from generators.errors import InvalidInput
+
+    counts: dict[str, int] = {}
+    for item in count:
+        label, sep, value = item.partition("=")
+        if not sep or not label:
+            raise InvalidInput(f"--count expects LABEL=N, got {item!r}")
+        try:
+            counts[label] = int(value)
+        except ValueError:
+            raise InvalidInput(f"--count {item!r}: N must be an integer") from None
+    if (n is None) == (not counts):
+        raise InvalidInput("give either --n N (samples of every label) or --count LABEL=N ...")
+    if n is not None:
+        card_file = model_dir / "model_card.json"
+        if not card_file.is_file():
+            from generators.errors import NotFound
+
+            raise NotFound(f"no model bundle at {model_dir} (missing model_card.json)")
+        counts = {label: n for label in json.loads(card_file.read_text())["labels"]}
+    request = CohortRequest(
+        counts=counts,
+        seed=seed,
+        formats=tuple(f.strip() for f in format.split(",") if f.strip()),
+        shard_size=shard_size,
+        max_rejection_rate=max_rejection_rate,
+        allow_not_private=allow_not_private,
+    )
+    chosen_device = device or get_settings().device
+    if backend == "ray":
+        from app.ray_backend import ray_runner
+
+        runner = ray_runner(model_dir, workers, chosen_device, ray_address)
+    elif backend == "local":
+        runner = local_runner(model_dir, workers, chosen_device) if workers > 1 else None
+    else:
+        raise InvalidInput(f"unknown backend {backend!r}; choose local or ray")
+    start = time.perf_counter()
+    bar = _progress(sum(counts.values()), "export", "sample")
+
+    def on_progress(state) -> None:
+        bar.n = state.accepted
+        rate = state.rejected / state.generated if state.generated else 0.0
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        bar.set_postfix({"samples/s": f"{state.accepted / elapsed:.1f}", "rejected": f"{rate:.1%}"}, refresh=True)
+
+    with bar:
+        manifest = build_cohort(
+            model_dir, request, out, runner=runner, resume=resume, device=chosen_device, progress=on_progress
+        )
+    report = json.loads((out / "privacy_report.json").read_text())
+    counts_done = report["counts"]
+    per_label = ", ".join(f"{label} {c['accepted']}" for label, c in counts_done["per_label"].items())
+    typer.echo(
+        f"dataset {out}: {counts_done['accepted']} samples ({per_label}); "
+        f"{counts_done['generated']} generated, {counts_done['rejected']} rejected by the memorization filter; "
+        f"{time.perf_counter() - start:.1f} s"
+    )
+    dp = report["differential_privacy"]
+    if report["private"]:
+        typer.echo(f"  privacy: ε = {dp['epsilon']:.3g}, δ = {dp['delta']:g} per patient ({dp['accountant']})")
+    else:
+        typer.echo("  NOT PRIVATE: the model was trained without differential privacy")
+    typer.echo(
+        f"  manifest {out / 'manifest.json'}, report {out / 'privacy_report.json'} ({len(manifest['samples'])} rows)"
+    )
+
+
+@app.command()
+def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.")]) -> None:
+    """Print a model's privacy guarantee and, if calibrated, its filter summary (public fields only)."""
+    from app.calibrate import calibration_path
+    from generators.errors import NotFound
+    from privacy_filters import public_summary
+
+    card_path = model_dir / "model_card.json"
+    if not card_path.is_file():
+        raise NotFound(f"no model bundle at {model_dir} (missing model_card.json)")
+    model_card = json.loads(card_path.read_text())
+    if model_card.get("dp"):
+        typer.echo(
+            f"model {model_dir}: DP, privacy unit {model_card['privacy_unit']}: ε = {model_card['epsilon']:.3f}, "
+            f"δ = {model_card['delta']:g} ({model_card['accountant']} accountant), "
+            f"σ = {model_card['noise_multiplier']:.3f}, "
+            f"C = {model_card['max_grad_norm']}, q = {model_card['sample_rate']:.4f}, {model_card['steps']} steps, "
+            f"{model_card['n_train_patients']} training patients"
+        )
+    else:
+        typer.echo(f"model {model_dir}: NOT PRIVATE (trained without differential privacy)")
+    typer.echo(f"  labels {list(model_card['labels'])}, {model_card['image_size']} px")
+    calibration = calibration_path(model_dir)
+    if calibration.is_file():
+        summary = public_summary(json.loads(calibration.read_text()))
+        typer.echo(
+            f"  memorization filter: q = {summary['quantile']}, held-out acceptance "
+            f"{summary['holdout_acceptance_rate']:.1%}, canary rejection {summary['canary_rejection_rate']:.1%}"
+        )
+    else:
+        typer.echo("  memorization filter: not calibrated (run `synthcohort calibrate STORE MODEL_DIR`)")
+
+
 def _print_store(store) -> None:
     report = store.report
     typer.echo(f"cohort store {store.path}: {store.n_slices} slices of {store.image_size}x{store.image_size}")

@@ -22,12 +22,12 @@ import tempfile
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from generators.errors import Conflict, InvalidInput
+from train.public_prior import load_template
 from train.scan_io import write_nifti
 
 LABELS = ("healthy", "lesion")
@@ -55,17 +55,6 @@ class DemoPatient:
     physician: str
     dicom: str  # "" | "single" | "multi"
     flip_storage: bool
-
-
-@lru_cache(maxsize=1)
-def load_template() -> tuple[np.ndarray, np.ndarray]:
-    """The MNI152 T1 template on a 2 mm grid: ``(data [X, Y, Z] float32 in [0, 1], RAS affine)``."""
-    import nibabel as nib
-    from nilearn.datasets import load_mni152_template
-
-    image = nib.as_closest_canonical(load_mni152_template(resolution=2))
-    data = np.asarray(image.get_fdata(), dtype=np.float32)
-    return data / float(data.max()), image.affine.copy()
 
 
 def plan_patients(n: int, seed: int, dicom_fraction: float = 0.2) -> list[DemoPatient]:
@@ -167,14 +156,15 @@ def _add_lesion(volume, rng: np.random.Generator):  # (X, Y, Z) torch tensor
     inner = (np.abs(xs - xs.mean()) < 0.35 * np.ptp(xs)) & (np.abs(ys - ys.mean()) < 0.35 * np.ptp(ys))
     pick = int(rng.integers(inner.sum()))
     centre = np.array([xs[inner][pick], ys[inner][pick], z0], dtype=np.float32)
-    radii = rng.uniform(3.5, 8.0, size=3).astype(np.float32)  # voxels (2 mm): 7-16 mm
+    radii = rng.uniform(6.0, 11.0, size=3).astype(np.float32)  # voxels (2 mm): radius 12-22 mm
     grid = torch.stack(torch.meshgrid(*(torch.arange(s, dtype=torch.float32) for s in volume.shape), indexing="ij"))
     r = torch.sqrt(
         (
             ((grid - torch.from_numpy(centre)[:, None, None, None]) / torch.from_numpy(radii)[:, None, None, None]) ** 2
         ).sum(0)
     )
-    mask = torch.sigmoid((1.0 - r) * 6.0)
+    inside_brain = F.avg_pool3d((volume > 0.15).float()[None, None], 3, stride=1, padding=1)[0, 0]
+    mask = torch.sigmoid((1.0 - r) * 6.0) * inside_brain  # a tumour stays inside the brain
     level = float(rng.uniform(1.25, 1.5) if rng.random() < 0.6 else rng.uniform(0.15, 0.35))
     texture = F.interpolate(torch.randn(1, 1, 6, 6, 6, generator=gen), size=volume.shape, mode="trilinear")[0, 0]
     lesion = level * (1.0 + 0.12 * texture)

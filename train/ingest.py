@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -35,6 +36,9 @@ from train.scan_io import (
 )
 from train.split import split_patients
 from train.store import CohortStore, SliceRecord, StoreWriter
+
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+LABEL_RULE = "label names must be 1-64 letters, digits, '_', '.', '+' or '-' and start with a letter or digit"
 
 
 @dataclass(frozen=True)
@@ -127,6 +131,9 @@ def read_labels(path: Path, pseudo: Pseudonymizer) -> tuple[dict[str, PatientLab
             sex = clean_sex(row.get("sex", ""))
         except InvalidInput as exc:
             skipped.append(Skipped(ref, "label-row", f"row {number}: {exc}"))
+            continue
+        if not LABEL_PATTERN.fullmatch(label):
+            skipped.append(Skipped(ref, "label-row", f"row {number}: {LABEL_RULE}"))
             continue
         entry = PatientLabel(label=label, age=age, sex=sex)
         if patient in labels and labels[patient].label != label:

@@ -81,3 +81,14 @@ def axial_slices(scan: Scan, *, n_slices: int, size: int) -> Slab:
     out[:, :, top : top + new_h, left : left + new_w] = resized.clamp(-1.0, 1.0)
     pixel_mm = side_mm / size
     return Slab(images=out.numpy(), positions=index - depth // 2, spacing=(pixel_mm, pixel_mm, float(sz)))
+
+
+def resize_slices(images: np.ndarray, size: int) -> torch.Tensor:
+    """``[N, 1, S, S]`` slices → ``[N, 1, size, size]`` (antialiased bilinear, clamped to [-1, 1]).
+
+    Training and the memorization filter both use this, so the filter sees images as the model does.
+    """
+    x = torch.tensor(np.asarray(images, dtype=np.float32))  # a copy: memory-mapped stores are read-only
+    if x.shape[-1] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1.0, 1.0)

@@ -1,0 +1,90 @@
+"""Build a model's memorization filter from the cohort store it was trained on.
+
+Everything written here is private: ``MODEL_DIR/private/filter/`` (the index of training embeddings)
+and ``MODEL_DIR/private/calibration.json`` (the calibration record). Neither is ever served.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from generators.errors import InvalidInput
+from privacy_filters import MemorizationFilter
+from train.preprocess import resize_slices
+from train.store import CohortStore
+
+PRIVATE_DIR = "private"
+
+
+def filter_dir(model_dir: Path) -> Path:
+    return Path(model_dir) / PRIVATE_DIR / "filter"
+
+
+def calibration_path(model_dir: Path) -> Path:
+    return Path(model_dir) / PRIVATE_DIR / "calibration.json"
+
+
+def resize_images(images: np.ndarray, size: int, *, chunk: int = 8192) -> np.ndarray:
+    """Chunked :func:`train.preprocess.resize_slices` over a (memory-mapped) split."""
+    if images.shape[-1] == size:
+        return images
+    out = np.empty((len(images), 1, size, size), dtype=np.float32)
+    for start in range(0, len(images), chunk):
+        block = resize_slices(images[start : start + chunk], size)
+        out[start : start + len(block)] = block.numpy()
+    return out
+
+
+def calibrate(
+    store_path: Path,
+    model_dir: Path,
+    *,
+    quantile: float = 0.05,
+    embedding: str = "aligned-pyramid",
+    index: str = "flat",
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> dict:
+    """Build, self-test and save the filter; returns the calibration record."""
+    store = CohortStore.open(store_path)
+    card_path = Path(model_dir) / "model_card.json"
+    size = store.image_size
+    if card_path.is_file():
+        card = json.loads(card_path.read_text())
+        expected = card.get("store_fingerprint")
+        if expected and expected != store.fingerprint:
+            raise InvalidInput(
+                "this model was trained on a different cohort store (fingerprints differ); calibrate with the "
+                "store the model was trained on"
+            )
+        size = int(card["image_size"])  # the filter compares images at the size the model generates
+    train, holdout = store.read("train"), store.read("holdout")
+    if len(holdout.images) == 0:
+        raise InvalidInput("the store has no held-out patients; re-ingest with --holdout > 0 to calibrate")
+    filt = MemorizationFilter.build(
+        resize_images(train.images, size),
+        resize_images(holdout.images, size),
+        quantile=quantile,
+        holdout_groups=holdout.patients,
+        embedding=embedding,
+        index=index,
+        seed=seed,
+        progress=progress,
+    )
+    record = {**filt.record, "store_fingerprint": store.fingerprint}
+    filt.record = record
+    private = Path(model_dir) / PRIVATE_DIR
+    private.mkdir(parents=True, exist_ok=True)
+    os.chmod(private, 0o700)
+    filt.save(filter_dir(model_dir))
+    fd, tmp = tempfile.mkstemp(dir=private, prefix=".calibration.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(record, handle, indent=2)
+    os.replace(tmp, calibration_path(model_dir))
+    return record

@@ -1,0 +1,195 @@
+"""Everything a released dataset contains on disk: sample files, manifests, the privacy report, the README.
+
+A dataset directory::
+
+    images/<label>/<label>-<index>.nii.gz   one accepted sample (float32 in [-1, 1], RAS affine, card spacing)
+    previews/<label>/<label>-<index>.png    optional 8-bit previews
+    cohort.npz                              optional: images [N, 1, H, W], labels, seeds
+    manifest.json, manifest.csv             file, label, seed, attempt, filter score, model id
+    datalist.json                           MONAI-style datalist
+    privacy_report.json                     ε/δ/accountant/privacy unit, filter calibration, counts
+    README.md                               dataset card: synthetic, how it was made
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from privacy_filters import public_summary
+from train.scan_io import write_nifti
+
+FORMATS = ("nifti", "png", "npz")
+FILTER_STATEMENT_KEY = "statement"
+
+
+def sample_name(label: str, index: int) -> str:
+    return f"{label}-{index:06d}"
+
+
+def display_to_ras(image: np.ndarray) -> np.ndarray:
+    """``[H, W]`` slice (rows anterior→posterior, columns left→right) → ``[W, H, 1]`` RAS+ voxel order."""
+    return np.ascontiguousarray(image[::-1, :].T)[:, :, None]
+
+
+def slice_affine(spacing_mm: list[float]) -> np.ndarray:
+    """Voxel → world for a slice written by :func:`display_to_ras`: ``(row_mm, col_mm, slice_mm)`` spacing."""
+    row_mm, col_mm, slice_mm = spacing_mm
+    return np.diag([col_mm, row_mm, slice_mm, 1.0])
+
+
+def _replace_into(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_sample(
+    root: Path, image: np.ndarray, label: str, index: int, formats: tuple[str, ...], spacing_mm: list[float]
+) -> str:
+    """Write one accepted sample ``[1, H, W]``; returns its NIfTI path relative to ``root``."""
+    name = sample_name(label, index)
+    relative = f"images/{label}/{name}.nii.gz"
+    if "nifti" in formats:
+        target = root / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{name}.tmp.nii.gz")  # nibabel picks the format from the suffix
+        write_nifti(tmp, display_to_ras(image[0]), slice_affine(spacing_mm))
+        os.replace(tmp, target)
+    if "png" in formats:
+        from PIL import Image
+
+        pixels = ((np.clip(image[0], -1, 1) + 1.0) * 127.5).round().astype(np.uint8)
+        _replace_into(
+            root / f"previews/{label}/{name}.png", lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG")
+        )
+    return relative
+
+
+def write_text(path: Path, text: str) -> None:
+    _replace_into(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def write_json(path: Path, data: object) -> None:
+    write_text(path, json.dumps(data, indent=2))
+
+
+def write_documents(
+    root: Path,
+    *,
+    samples: list[dict],
+    card: dict,
+    calibration: dict,
+    counts: dict,
+    request: dict,
+    model_id: str,
+) -> dict:
+    """Manifest (JSON + CSV), MONAI datalist, privacy report and README; returns the manifest."""
+    private = bool(card.get("dp"))
+    manifest = {
+        "dataset": {
+            "synthetic": True,
+            "private": private,
+            "model_id": model_id,
+            "n_samples": len(samples),
+            "labels": card["labels"],
+            "image_size": card["image_size"],
+            "voxel_spacing_mm": card["voxel_spacing_mm"],
+            "request": request,
+        },
+        "samples": samples,
+    }
+    write_json(root / "manifest.json", manifest)
+    buffer = io.StringIO()
+    columns = ["file", "label", "seed", "attempt", "filter_score", "model_id"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(samples)
+    write_text(root / "manifest.csv", buffer.getvalue())
+    write_json(
+        root / "datalist.json",
+        {
+            "description": "synthetic cohort (MONAI-style datalist)",
+            "labels": card["labels"],
+            "training": [{"image": s["file"], "label": card["labels"][s["label"]]} for s in samples],
+        },
+    )
+    write_json(root / "privacy_report.json", privacy_report(card=card, calibration=calibration, counts=counts))
+    write_text(root / "README.md", dataset_readme(card=card, calibration=calibration, counts=counts, model_id=model_id))
+    return manifest
+
+
+def privacy_report(*, card: dict, calibration: dict, counts: dict) -> dict:
+    """What was guaranteed, in plain numbers. Never contains paths, neighbours or training data."""
+    private = bool(card.get("dp"))
+    return {
+        "private": private,
+        "warning": None if private else "NOT PRIVATE: the generating model was trained without differential privacy.",
+        "differential_privacy": {
+            "privacy_unit": card.get("privacy_unit"),
+            "epsilon": card.get("epsilon"),
+            "delta": card.get("delta"),
+            "accountant": card.get("accountant"),
+            "noise_multiplier": card.get("noise_multiplier"),
+            "max_grad_norm": card.get("max_grad_norm"),
+            "sample_rate": card.get("sample_rate"),
+            "steps": card.get("steps"),
+            "n_train_patients": card.get("n_train_patients"),
+            "target_epsilon_met": card.get("target_epsilon_met"),
+            "statement": card.get("statement"),
+            "public_pretraining": card.get("public_pretraining"),
+        },
+        "memorization_filter": {
+            **public_summary(calibration),
+            "covered_by_epsilon": False,
+        },
+        "counts": counts,
+    }
+
+
+def dataset_readme(*, card: dict, calibration: dict, counts: dict, model_id: str) -> str:
+    private = bool(card.get("dp"))
+    if private:
+        guarantee = (
+            f"The generating model was trained with differential privacy where the unit of privacy is the **patient**: "
+            f"(ε = {card['epsilon']:.3g}, δ = {card['delta']:g}), {card['accountant']} accountant, "
+            f"{card['n_train_patients']} training patients. "
+            "Generating these samples spent no additional privacy budget."
+        )
+    else:
+        guarantee = "**NOT PRIVATE.** The generating model was trained WITHOUT differential privacy."
+    summary = public_summary(calibration)
+    per_label = ", ".join(f"{label}: {c['accepted']}" for label, c in counts["per_label"].items())
+    return f"""# Synthetic imaging cohort
+
+**Every image in this dataset is synthetic.** None is a scan of a real person. They were generated by a
+class-conditional diffusion model (`{model_id}`) and checked one by one by a memorization filter before
+release.
+
+## Privacy
+{guarantee}
+
+Memorization filter (defence in depth, **not** part of the differential-privacy guarantee): each generated
+image was compared with the training images and rejected when it was closer to one of them than
+{summary.get("quantile", 0.05):.0%} of real held-out patients are; rejected images were regenerated with new
+recorded seeds. {counts["generated"]} generated, {counts["rejected"]} rejected, {counts["accepted"]} released.
+
+## Contents
+{counts["accepted"]} samples ({per_label}), {card["image_size"]} × {card["image_size"]} axial slices, voxel
+spacing {", ".join(f"{v:.3g}" for v in card["voxel_spacing_mm"])} mm, intensities scaled to [-1, 1].
+`manifest.csv` lists every file with its label, seed and filter score (distance to the nearest training
+image divided by the filter threshold; ≥ 1 means accepted). `privacy_report.json` has the numbers above.
+Re-running the same model with a sample's seed reproduces its pixels on the same device.
+"""

@@ -1,0 +1,375 @@
+"""The one cohort pipeline: generate → filter → write. The REST job and the bulk export both call
+:func:`build_cohort`; only the front door (HTTP, CLI, Ray) differs.
+
+The work is cut into deterministic shards of ``(label, sample index range)``. Sample ``i`` of a label first
+uses seed ``sample_seed(seed, label, i, 0)``; if the memorization filter rejects it, attempt ``a`` uses
+``sample_seed(seed, label, i, a)``. Seeds therefore depend only on the request, never on scheduling, so
+any worker count or backend produces the same dataset, and a resumed export redoes exactly the shards
+that had not finished. Everything happens in ``.<name>.partial`` next to the output; the final directory
+appears (by rename) only when every shard is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from app.calibrate import calibration_path, filter_dir
+from app.dataset_writer import FORMATS, write_documents, write_json, write_sample
+from generators.bundle import DiffusionModel
+from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy
+from privacy_filters import MemorizationFilter
+
+MAX_SAMPLES = 1_000_000
+SHARD_SIZE = 64
+SHARDS_DIR = ".shards"
+
+
+class MemorizationSuspected(PrivacyPolicy):
+    """Too many generated samples sit closer to training images than unseen patients do: a finding."""
+
+
+@dataclass(frozen=True)
+class CohortRequest:
+    """What to generate. ``counts`` maps label → number of samples."""
+
+    counts: dict[str, int]
+    seed: int = 0
+    formats: tuple[str, ...] = ("nifti",)
+    steps: int | None = None
+    guidance: float | None = None
+    shard_size: int = SHARD_SIZE
+    max_attempts: int = 5
+    max_rejection_rate: float = 0.5
+    allow_not_private: bool = False
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["formats"] = list(self.formats)
+        return data
+
+
+@dataclass(frozen=True)
+class Shard:
+    label: str
+    index: int
+    start: int  # first sample index (within the label)
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-{self.index:05d}"
+
+
+@dataclass
+class ShardResult:
+    shard: str
+    samples: list[dict]
+    generated: int
+    rejected: int
+
+
+@dataclass
+class CohortProgress:
+    """Running totals reported after every shard."""
+
+    total: int
+    accepted: int = 0
+    generated: int = 0
+    rejected: int = 0
+    per_label: dict[str, dict[str, int]] = field(default_factory=dict)
+
+
+def sample_seed(seed: int, label: str, index: int, attempt: int) -> int:
+    """The recorded seed of a sample's ``attempt``-th try: a 60-bit hash of the request coordinates."""
+    digest = hashlib.sha256(f"{seed}:{label}:{index}:{attempt}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def plan_shards(counts: dict[str, int], shard_size: int) -> list[Shard]:
+    return [
+        Shard(label, j, start, min(start + shard_size, n))
+        for label, n in counts.items()
+        for j, start in enumerate(range(0, n, shard_size))
+    ]
+
+
+def validate_request(model: DiffusionModel, request: CohortRequest) -> None:
+    """Clear errors for bad requests, before any work starts."""
+    if not request.counts:
+        raise InvalidInput("ask for at least one label, e.g. --count lesion=100")
+    unknown = sorted(set(request.counts) - set(model.label_ids))
+    if unknown:
+        raise InvalidInput(f"unknown label(s) {unknown}; valid labels are {sorted(model.label_ids)}")
+    for label, n in request.counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise InvalidInput(f"count for {label!r} must be a positive integer, got {n!r}")
+    if sum(request.counts.values()) > MAX_SAMPLES:
+        raise InvalidInput(f"{sum(request.counts.values())} samples requested; at most {MAX_SAMPLES} per cohort")
+    bad = sorted(set(request.formats) - set(FORMATS))
+    if bad or not request.formats:
+        raise InvalidInput(f"unknown format(s) {bad}; choose from {list(FORMATS)}")
+    if "nifti" not in request.formats:
+        raise InvalidInput("the nifti format is required (manifests point at the NIfTI files)")
+    if not 1 <= request.shard_size <= 4096 or not 1 <= request.max_attempts <= 100:
+        raise InvalidInput("shard_size must be in 1..4096 and max_attempts in 1..100")
+    if not 0.0 < request.max_rejection_rate <= 1.0:
+        raise InvalidInput("max_rejection_rate must be in (0, 1]")
+
+
+class CohortWorker:
+    """Holds one model and its filter; runs shards. One per process / Ray actor."""
+
+    def __init__(self, model_dir: str | Path, device: str = "auto", allow_not_private: bool = False) -> None:
+        self.model_dir = Path(model_dir)
+        self.model = DiffusionModel.load(self.model_dir, device=device)
+        self.card = self.model.card
+        if not self.card.get("dp") and not allow_not_private:
+            raise PrivacyPolicy(
+                "this model was trained WITHOUT differential privacy (dp: false); refusing to generate a cohort "
+                "unless explicitly allowed (--allow-not-private); its outputs would be marked NOT PRIVATE"
+            )
+        if not (filter_dir(self.model_dir) / "filter.json").is_file():
+            raise NotFound(
+                f"{self.model_dir} has no memorization filter; run `synthcohort calibrate STORE {self.model_dir}` first"
+            )
+        self.filter = MemorizationFilter.load(filter_dir(self.model_dir))
+        self.calibration = json.loads(calibration_path(self.model_dir).read_text())
+        if self.calibration.get("store_fingerprint") != self.card.get("store_fingerprint"):
+            raise PrivacyPolicy(
+                "the memorization filter was calibrated on a different cohort store than the model was trained on; "
+                "re-run calibrate with the model's training store"
+            )
+        if self.filter.image_size != self.model.image_size:
+            raise InvalidInput("the filter's image size differs from the model's; re-run calibrate")
+        self.model_id = f"{self.model_dir.name}@{str(self.card.get('training_inputs_digest', ''))[:12]}"
+
+    def run_shard(self, shard: Shard, request: CohortRequest, root: Path) -> ShardResult:
+        """Generate, filter and write one shard into ``root``; returns its manifest rows."""
+        spacing = self.card["voxel_spacing_mm"]
+        sampler = self.card.get("sampler", {})
+        steps = request.steps or sampler.get("steps", 20)
+        guidance = request.guidance if request.guidance is not None else sampler.get("guidance", 2.0)
+        pending = list(range(shard.start, shard.stop))
+        rows: dict[int, dict] = {}
+        arrays: dict[int, np.ndarray] = {}
+        generated = rejected = 0
+        for attempt in range(request.max_attempts):
+            if not pending:
+                break
+            seeds = [sample_seed(request.seed, shard.label, i, attempt) for i in pending]
+            out = self.model.generate(
+                labels=[shard.label] * len(pending), seed=0, seeds=seeds, steps=steps, guidance=guidance
+            )
+            decisions = self.filter.check(out.images.numpy())
+            generated += len(pending)
+            still = []
+            for i, seed, image, decision in zip(pending, seeds, out.images.numpy(), decisions, strict=True):
+                if not decision.accepted:
+                    rejected += 1
+                    still.append(i)
+                    continue
+                rows[i] = {
+                    "file": write_sample(root, image, shard.label, i, request.formats, spacing),
+                    "label": shard.label,
+                    "index": i,
+                    "seed": int(seed),
+                    "attempt": attempt,
+                    "filter_score": round(decision.score, 6),
+                    "model_id": self.model_id,
+                }
+                arrays[i] = image
+            pending = still
+            if generated >= 20 and rejected / generated > request.max_rejection_rate:
+                break
+        if pending or (generated and rejected / generated > request.max_rejection_rate and generated >= 20):
+            raise MemorizationSuspected(
+                f"the model appears to memorize: {rejected} of {generated} samples of label {shard.label!r} "
+                f"were closer to a training image than unseen patients are (limit {request.max_rejection_rate:.0%}, "
+                f"{request.max_attempts} attempts per sample). This is a finding about the model, not a crash: "
+                "retrain with a smaller epsilon or audit the model before releasing anything."
+            )
+        samples = [rows[i] for i in sorted(rows)]
+        if "npz" in request.formats:
+            order = sorted(arrays)
+            np.savez(
+                root / SHARDS_DIR / f"{shard.name}.npz",
+                images=np.stack([arrays[i] for i in order]),
+                labels=np.array([shard.label] * len(order)),
+                seeds=np.array([rows[i]["seed"] for i in order]),
+            )
+        result = ShardResult(shard=shard.name, samples=samples, generated=generated, rejected=rejected)
+        write_json(root / SHARDS_DIR / f"{shard.name}.json", asdict(result))  # written last: the shard is done
+        return result
+
+
+Runner = Callable[[list[Shard], CohortRequest, Path], Iterable[ShardResult]]
+
+
+def local_runner(model_dir: Path, workers: int, device: str) -> Runner:
+    """Run shards in this process (workers = 1) or a pool of processes, one model per process."""
+
+    def run(shards: list[Shard], request: CohortRequest, root: Path) -> Iterable[ShardResult]:
+        if workers <= 1 or len(shards) <= 1:
+            worker = CohortWorker(model_dir, device, request.allow_not_private)
+            for shard in shards:
+                yield worker.run_shard(shard, request, root)
+            return
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(
+            max_workers=workers, initializer=_init_process_worker, initargs=(str(model_dir), device, request)
+        ) as pool:
+            futures = [pool.submit(_run_in_process, shard, request, str(root)) for shard in shards]
+            for future in as_completed(futures):
+                yield future.result()
+
+    return run
+
+
+_PROCESS_WORKER: CohortWorker | None = None
+
+
+def _init_process_worker(model_dir: str, device: str, request: CohortRequest) -> None:
+    import torch
+
+    global _PROCESS_WORKER
+    torch.set_num_threads(1)
+    _PROCESS_WORKER = CohortWorker(model_dir, device, request.allow_not_private)
+
+
+def _run_in_process(shard: Shard, request: CohortRequest, root: str) -> ShardResult:
+    assert _PROCESS_WORKER is not None
+    return _PROCESS_WORKER.run_shard(shard, request, Path(root))
+
+
+def partial_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def build_cohort(
+    model_dir: str | Path,
+    request: CohortRequest,
+    out_dir: str | Path,
+    *,
+    runner: Runner | None = None,
+    resume: bool = False,
+    device: str = "auto",
+    progress: Callable[[CohortProgress], None] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> dict:
+    """Generate → filter → write a complete dataset at ``out_dir``; returns the manifest.
+
+    Raises:
+        Conflict: ``out_dir`` exists, or a partial export with a different request exists (without resume).
+        MemorizationSuspected: the rejection rate exceeded ``request.max_rejection_rate``.
+    """
+    model_dir, out = Path(model_dir), Path(out_dir)
+    # 1. check inputs (loading the worker checks model, filter and privacy flags)
+    worker = CohortWorker(model_dir, device, request.allow_not_private)
+    validate_request(worker.model, request)
+    if out.exists():
+        raise Conflict(f"{out} already exists; choose a new output directory")
+    tmp = partial_dir(out)
+    request_file = tmp / "request.json"
+    identity = {"request": request.as_dict(), "model_id": worker.model_id}
+    if tmp.exists():
+        previous = json.loads(request_file.read_text()) if request_file.is_file() else None
+        if not resume:
+            raise Conflict(f"an unfinished export exists at {tmp}; pass --resume to continue it (or delete it)")
+        if previous != identity:
+            raise Conflict(
+                "the unfinished export was started with a different request or model; delete it to start over"
+            )
+    (tmp / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(request_file, identity)
+
+    # 2. shards: skip the finished ones (a shard's manifest is written last)
+    shards = plan_shards(request.counts, request.shard_size)
+    results: dict[str, ShardResult] = {}
+    for shard in shards:
+        done = tmp / SHARDS_DIR / f"{shard.name}.json"
+        if done.is_file():
+            results[shard.name] = ShardResult(**json.loads(done.read_text()))
+    todo = [s for s in shards if s.name not in results]
+    state = CohortProgress(total=sum(request.counts.values()))
+    for result in results.values():
+        _tally(state, result)
+    if progress:
+        progress(state)
+
+    # 3. generate → filter → write, shard by shard (a runner's workers load their own model copies)
+    _clear_temporaries(tmp)
+    card, calibration, model_id = worker.card, worker.calibration, worker.model_id
+    results_iter = _run_with_worker(worker, todo, request, tmp) if runner is None else runner(todo, request, tmp)
+    for result in results_iter:
+        results[result.shard] = result
+        _tally(state, result)
+        if progress:
+            progress(state)
+        if cancelled and cancelled():
+            raise Conflict("the export was cancelled; rerun with --resume to continue")
+
+    # 4. documents, then the atomic rename
+    samples = [row for shard in shards for row in results[shard.name].samples]
+    counts = {
+        "generated": state.generated,
+        "rejected": state.rejected,
+        "accepted": len(samples),
+        "per_label": state.per_label,
+    }
+    if "npz" in request.formats:
+        _merge_npz(tmp, shards)
+    manifest = write_documents(
+        tmp,
+        samples=samples,
+        card=card,
+        calibration=calibration,
+        counts=counts,
+        request=request.as_dict(),
+        model_id=model_id,
+    )
+    shutil.rmtree(tmp / SHARDS_DIR)
+    request_file.unlink()
+    tmp.rename(out)
+    return manifest
+
+
+def _run_with_worker(
+    worker: CohortWorker, shards: list[Shard], request: CohortRequest, root: Path
+) -> Iterable[ShardResult]:
+    for shard in shards:
+        yield worker.run_shard(shard, request, root)
+
+
+def _clear_temporaries(root: Path) -> None:
+    """Remove temp files a killed process left behind (finished files are complete: they were renamed)."""
+    for path in root.rglob(".*.tmp*"):
+        path.unlink(missing_ok=True)
+
+
+def _tally(state: CohortProgress, result: ShardResult) -> None:
+    state.generated += result.generated
+    state.rejected += result.rejected
+    state.accepted += len(result.samples)
+    label = result.shard.rsplit("-", 1)[0]
+    entry = state.per_label.setdefault(label, {"generated": 0, "rejected": 0, "accepted": 0})
+    entry["generated"] += result.generated
+    entry["rejected"] += result.rejected
+    entry["accepted"] += len(result.samples)
+
+
+def _merge_npz(root: Path, shards: list[Shard]) -> None:
+    parts = [np.load(root / SHARDS_DIR / f"{s.name}.npz") for s in shards]
+    np.savez(
+        root / "cohort.npz",
+        images=np.concatenate([p["images"] for p in parts]),
+        labels=np.concatenate([p["labels"] for p in parts]),
+        seeds=np.concatenate([p["seeds"] for p in parts]),
+    )

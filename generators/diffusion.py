@@ -1,0 +1,64 @@
+"""The DDPM training objective as a pure function (no optimiser, no data loading, no privacy).
+
+``noise_schedule`` returns the cumulative ᾱ_t of the diffusers scheduler the bundle ships, so training and
+sampling share one schedule. ``denoising_loss`` is written for one patient's ``K`` draws so that
+``torch.func.vmap`` can map it over patients (noise multiplicity, DPDM).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+Prediction = Literal["epsilon", "v_prediction", "sample"]
+NUM_TRAIN_TIMESTEPS = 1000
+
+
+def training_scheduler(prediction: Prediction = "v_prediction") -> DDPMScheduler:
+    """The forward-noising schedule (cosine ᾱ, 1 000 steps); sampling schedulers are built from its config."""
+    return DDPMScheduler(
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type=prediction,
+        clip_sample=False,
+    )
+
+
+def noise_schedule(scheduler: DDPMScheduler) -> torch.Tensor:
+    """ᾱ_t for t = 0 … T-1 as float32."""
+    return scheduler.alphas_cumprod.to(torch.float32)
+
+
+def denoising_loss(
+    model: UNet2DModel | Callable[..., object],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction: Prediction,
+) -> torch.Tensor:
+    """Mean squared error of the denoiser over a batch of draws.
+
+    Args:
+        model: the UNet, or any callable ``model(x, t, class_labels=y)`` returning an object with ``.sample``.
+        images: clean images ``(K, 1, H, W)`` in [-1, 1] (the same image repeated for K draws).
+        labels: class ids ``(K,)`` (the null class where the label was dropped).
+        timesteps: ``(K,)`` integer timesteps.
+        noise: ``(K, 1, H, W)`` standard normal noise.
+    Returns:
+        A scalar: the loss averaged over the K draws and all pixels.
+    """
+    abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)  # (K, 1, 1, 1)
+    noisy = abar.sqrt() * images + (1.0 - abar).sqrt() * noise
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "sample":  # predict the clean image (x0)
+        target = images
+    else:  # v = √ᾱ·ε − √(1−ᾱ)·x0
+        target = abar.sqrt() * noise - (1.0 - abar).sqrt() * images
+    predicted = model(noisy, timesteps, class_labels=labels).sample
+    return ((predicted - target) ** 2).mean()

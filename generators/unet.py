@@ -1,0 +1,61 @@
+"""The class-conditional denoiser: a ``diffusers.UNet2DModel`` with a class embedding.
+
+Class ids ``0 .. n_classes-1`` are the cohort's labels (sorted names); id ``n_classes`` is the *null*
+class used for classifier-free guidance (trained by label dropout). No training code lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers import UNet2DModel
+
+
+@dataclass(frozen=True)
+class UNetSize:
+    """Width and depth of the denoiser (one entry per resolution level)."""
+
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = 1
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    norm_num_groups: int = 8
+
+
+def build_unet(*, image_size: int, n_classes: int, size: UNetSize) -> UNet2DModel:
+    """A fresh UNet for ``[N, 1, image_size, image_size]`` images and ``n_classes`` labels (+1 null class)."""
+    if len(size.block_out_channels) != len(size.attention_levels):
+        raise ValueError("block_out_channels and attention_levels must have the same length")
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in size.attention_levels)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(size.attention_levels))
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=size.block_out_channels,
+        layers_per_block=size.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=size.norm_num_groups,
+        attention_head_dim=None if not any(size.attention_levels) else size.block_out_channels[-1] // 2,
+        num_class_embeds=n_classes + 1,
+        dropout=0.0,
+    )
+
+
+def null_class(n_classes: int) -> int:
+    """The class id that means "no label" (classifier-free guidance)."""
+    return n_classes
+
+
+def use_plain_attention(model: UNet2DModel) -> None:
+    """Switch attention to diffusers' classic processor (bmm + softmax).
+
+    ``torch.func.vmap`` (used for exact per-patient gradients) has no batching rule for PyTorch's fused CPU
+    attention kernel and falls back to a slow loop; the classic processor computes the same function with
+    ops that vmap batches natively.
+    """
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())

@@ -1,0 +1,270 @@
+"""The memorization filter: reject generated images that sit closer to a training image than unseen
+real patients do.
+
+```python
+f = MemorizationFilter.build(train_images, holdout_images, quantile=0.05)  # [N, 1, H, W] float32 in [-1, 1]
+f.save(path); f = MemorizationFilter.load(path)
+decisions = f.check(images)  # list[FilterDecision(accepted, score, reason)]
+```
+
+The distance of an image is the Euclidean distance, in the embedding space, from the image (or its
+mirror image, whichever is closer) to its nearest training image. ``score = distance / threshold``; the
+neighbour's identity never leaves this object except through :meth:`nearest_training_indices`, which
+exists for internal audits only and must never be exposed to an API caller.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from generators.errors import InvalidInput, NotFound
+from privacy_filters import calibration
+from privacy_filters.canaries import CANARY_KINDS, make_blends, make_canaries
+from privacy_filters.embeddings import Embedding, embed, make_embedding
+from privacy_filters.nearest_neighbour import NearestNeighbourIndex
+
+FILTER_FORMAT = 1
+SELF_TEST_IMAGES = 256
+
+
+@dataclass(frozen=True)
+class FilterDecision:
+    """The verdict on one image. ``score`` = distance / threshold; ``accepted`` iff ``score >= 1``."""
+
+    accepted: bool
+    score: float
+    reason: str
+
+
+def validate_images(images: np.ndarray | torch.Tensor, *, what: str, size: int | None = None) -> np.ndarray:
+    """Check ``[N, 1, H, W]`` float32 in [-1, 1], finite and non-empty; return a NumPy view."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        raise InvalidInput(f"{what} must be a NumPy array or torch tensor, got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
+        raise InvalidInput(f"{what} must have shape [N, 1, H, H], got {list(images.shape)}")
+    if len(images) == 0:
+        raise InvalidInput(f"{what} is empty")
+    if images.dtype != np.float32:
+        raise InvalidInput(f"{what} must be float32, got {images.dtype}")
+    if size is not None and images.shape[2] != size:
+        raise InvalidInput(f"{what} are {images.shape[2]}x{images.shape[3]} but the filter was built for {size}x{size}")
+    if images.shape[2] < 8:
+        raise InvalidInput(f"{what} are too small ({images.shape[2]} px); need at least 8")
+    sample = np.asarray(images[: min(len(images), 65536)])  # bounded check on huge memory maps
+    if not np.all(np.isfinite(sample)):
+        raise InvalidInput(f"{what} contain NaN or infinite values")
+    if sample.min() < -1.001 or sample.max() > 1.001:
+        raise InvalidInput(f"{what} must be scaled to [-1, 1], found [{sample.min():.3g}, {sample.max():.3g}]")
+    return images
+
+
+class MemorizationFilter:
+    """Nearest-training-image distance filter calibrated on held-out patients (see module docstring)."""
+
+    def __init__(self, embedding: Embedding, index: NearestNeighbourIndex, image_size: int, record: dict) -> None:
+        self._embedding = embedding
+        self._index = index
+        self.image_size = image_size
+        self.record = record  # calibration record: q, threshold, rates, statement
+
+    def __repr__(self) -> str:
+        return (
+            f"MemorizationFilter(embedding={self._embedding.name}, index={self._index.kind}, "
+            f"n_train={len(self._index)}, q={self.quantile})"
+        )
+
+    @property
+    def threshold(self) -> float:
+        return float(self.record["threshold"])
+
+    @property
+    def quantile(self) -> float:
+        return float(self.record["quantile"])
+
+    # --------------------------------------------------------------------------------------- build
+    @classmethod
+    def build(
+        cls,
+        train_images: np.ndarray | torch.Tensor,
+        holdout_images: np.ndarray | torch.Tensor,
+        quantile: float = 0.05,
+        *,
+        holdout_groups: np.ndarray | None = None,
+        embedding: str = "aligned-pyramid",
+        index: str = "flat",
+        self_test: bool = True,
+        seed: int = 0,
+        progress: Callable[[int], None] | None = None,
+    ) -> MemorizationFilter:
+        """Index ``train_images`` and calibrate the threshold on ``holdout_images``.
+
+        Args:
+            holdout_groups: patient key per held-out image, for the cross-validated acceptance estimate
+                (defaults to one group per image).
+            self_test: plant canaries (near-copies of training images) and record how many are rejected.
+        """
+        train = validate_images(train_images, what="training images")
+        holdout = validate_images(holdout_images, what="held-out images", size=train.shape[2])
+        if not 0.0 < quantile < 0.5:
+            raise InvalidInput(f"quantile must be in (0, 0.5), got {quantile}")
+        size = train.shape[2]
+        emb = make_embedding(embedding, size)
+        vectors = np.empty((len(train), emb.dim), dtype=np.float32)
+        step = 8192
+        for start in range(0, len(train), step):
+            vectors[start : start + step] = embed(emb, train[start : start + step])
+            if progress:
+                progress(min(step, len(train) - start))
+        nn_index = NearestNeighbourIndex(emb.dim, index).build(vectors)  # type: ignore[arg-type]
+        del vectors
+        record = {"quantile": quantile, "threshold": float("nan")}
+        filt = cls(emb, nn_index, size, record)
+
+        holdout_distances = filt.distances(holdout)
+        groups = np.arange(len(holdout)) if holdout_groups is None else np.asarray(holdout_groups)
+        if len(groups) != len(holdout):
+            raise InvalidInput("holdout_groups must have one entry per held-out image")
+        record.update(
+            format=FILTER_FORMAT,
+            embedding=emb.name,
+            index=nn_index.kind,
+            image_size=size,
+            n_train=len(train),
+            n_holdout=len(holdout),
+            n_holdout_patients=len(np.unique(groups)),
+            threshold=calibration.threshold(holdout_distances, quantile),
+            holdout_acceptance_rate=calibration.cross_validated_acceptance(holdout_distances, groups, quantile),
+            holdout_acceptance_method="2-fold by patient: calibrate on half the held-out patients, test on the rest",
+            statement=calibration.STATEMENT.format(q=quantile),
+        )
+        if self_test:
+            record.update(filt.self_test(train, seed=seed))
+        return filt
+
+    def self_test(self, train: np.ndarray, *, seed: int = 0) -> dict:
+        """Rejection rates of planted canaries made from up to 256 random training images."""
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.choice(len(train), size=min(SELF_TEST_IMAGES, len(train)), replace=False))
+        sources = np.asarray(train[pick], dtype=np.float32)
+        by_kind = {
+            kind: float(np.mean(self.distances(make_canaries(sources, kind, seed=seed)) < self.threshold))
+            for kind in CANARY_KINDS
+        }
+        others = np.asarray(train[np.sort(rng.choice(len(train), size=len(pick), replace=True))], dtype=np.float32)
+        blend = float(np.mean(self.distances(make_blends(sources, others)) < self.threshold))
+        return {
+            "canary_rejection_rate": float(np.mean(list(by_kind.values()))),
+            "canary_rejection_by_kind": by_kind,
+            "blend_rejection_rate": blend,
+            "n_canaries_per_kind": len(pick),
+        }
+
+    # --------------------------------------------------------------------------------------- query
+    def distances(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Distance to the nearest training image, minimised over the image and its mirror image."""
+        return self._search(images)[0]
+
+    def _search(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        images = validate_images(images, what="images", size=self.image_size)
+        direct, direct_ids = self._index.search(embed(self._embedding, images))
+        mirror, mirror_ids = self._index.search(embed(self._embedding, images, mirror=True))
+        use_mirror = mirror < direct
+        return np.where(use_mirror, mirror, direct), np.where(use_mirror, mirror_ids, direct_ids)
+
+    def check(self, images: np.ndarray | torch.Tensor) -> list[FilterDecision]:
+        """Accept or reject each image; scores are ratios to the threshold (≥ 1 accepted)."""
+        scores = calibration.scores(self.distances(images), self.threshold)
+        return [
+            FilterDecision(
+                accepted=bool(s >= 1.0),
+                score=float(s),
+                reason="accepted" if s >= 1.0 else f"too close to a training image (score {s:.3f} < 1)",
+            )
+            for s in scores
+        ]
+
+    def nearest_training_indices(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """INTERNAL AUDIT ONLY: ``(distances, training row ids)``. Never return these to an API caller."""
+        return self._search(images)
+
+    # ------------------------------------------------------------------------------------- persist
+    def save(self, path: str | Path) -> None:
+        """Write ``filter.json`` + the index into directory ``path`` atomically (temp dir + rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        try:
+            os.chmod(tmp, 0o700)
+            index_file = "index.npy" if self._index.kind == "numpy" else "index.faiss"
+            self._index.save(tmp / index_file)
+            meta = {
+                **self.record,
+                "index_file": index_file,
+                "nprobe": self._index.nprobe,
+                "ef_search": self._index.ef_search,
+            }
+            (tmp / "filter.json").write_text(json.dumps(meta, indent=2))
+            (tmp / "PRIVATE").write_text("Training-derived nearest-neighbour index. Never serve or share.\n")
+            for file in tmp.iterdir():
+                os.chmod(file, 0o600)
+            if path.exists():
+                old = tmp.with_suffix(".old")
+                os.rename(path, old)
+                os.rename(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path) -> MemorizationFilter:
+        path = Path(path)
+        meta_path = path / "filter.json"
+        if not meta_path.is_file():
+            raise NotFound(f"no memorization filter at {path}; run `synthcohort calibrate STORE MODEL_DIR` first")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"{meta_path} is corrupt: {exc}") from None
+        if meta.get("format") != FILTER_FORMAT:
+            raise InvalidInput(f"unsupported filter format {meta.get('format')!r}")
+        emb = make_embedding(meta["embedding"], int(meta["image_size"]))
+        index = NearestNeighbourIndex.load(
+            path / meta["index_file"],
+            dim=emb.dim,
+            kind=meta["index"],
+            nprobe=meta["nprobe"],
+            ef_search=meta["ef_search"],
+        )
+        record = {k: v for k, v in meta.items() if k not in ("index_file", "nprobe", "ef_search")}
+        return cls(emb, index, int(meta["image_size"]), record)
+
+
+def public_summary(record: dict) -> dict:
+    """What may be published about a filter: no threshold in embedding units, no paths, no neighbours."""
+    keys = (
+        "quantile",
+        "embedding",
+        "n_train",
+        "n_holdout",
+        "n_holdout_patients",
+        "holdout_acceptance_rate",
+        "canary_rejection_rate",
+        "canary_rejection_by_kind",
+        "blend_rejection_rate",
+        "statement",
+    )
+    return {k: record[k] for k in keys if k in record}

@@ -1,0 +1,206 @@
+"""The cohort pipeline and bulk export: counts, files, provenance, resume after kill -9, Ray, bad input."""
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, local_runner, sample_seed
+from generators.bundle import DiffusionModel
+from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy
+
+
+def export_cli(*args: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "export", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def read_manifest(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+def test_export_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cohort"
+    proc = export_cli(
+        str(tiny_model),
+        "--out",
+        str(out),
+        "--count",
+        "healthy=5",
+        "--count",
+        "lesion=3",
+        "--format",
+        "nifti,png,npz",
+        "--shard-size",
+        "4",
+        "--seed",
+        "11",
+    )
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert "8 samples" in stdout and "ε =" in stdout
+    manifest = read_manifest(out)
+    samples = manifest["samples"]
+    assert [s["label"] for s in samples].count("healthy") == 5 and [s["label"] for s in samples].count("lesion") == 3
+    assert all(s["filter_score"] >= 1.0 for s in samples)
+    assert len({s["seed"] for s in samples}) == 8
+    card = json.loads((tiny_model / "model_card.json").read_text())
+    for s in samples:
+        image = nib.load(out / s["file"])
+        assert image.shape == (16, 16, 1)
+        np.testing.assert_allclose(image.header.get_zooms(), card["voxel_spacing_mm"], rtol=1e-5)
+        assert (out / s["file"].replace("images/", "previews/").replace(".nii.gz", ".png")).is_file()
+    names = {p.name for p in out.iterdir()}
+    assert {"manifest.json", "manifest.csv", "datalist.json", "privacy_report.json", "README.md", "cohort.npz"} <= names
+    assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no temp files or shard records left
+    csv_rows = (out / "manifest.csv").read_text().strip().splitlines()
+    assert csv_rows[0] == "file,label,seed,attempt,filter_score,model_id" and len(csv_rows) == 9
+    datalist = json.loads((out / "datalist.json").read_text())
+    assert len(datalist["training"]) == 8 and {d["label"] for d in datalist["training"]} <= {0, 1}
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["private"] and report["differential_privacy"]["epsilon"] == card["epsilon"]
+    assert report["differential_privacy"]["privacy_unit"] == "patient"
+    assert report["memorization_filter"]["covered_by_epsilon"] is False
+    assert "NOT part of the differential-privacy guarantee" in report["memorization_filter"]["statement"]
+    assert report["counts"]["accepted"] == 8 and report["counts"]["generated"] >= 8
+    assert "threshold" not in report["memorization_filter"]  # nothing in embedding units leaves the server
+    readme = (out / "README.md").read_text()
+    assert "synthetic" in readme and "ε" in readme
+    everything = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert b"private/" not in everything and str(tiny_model).encode() not in everything
+
+    # provenance: a manifest seed regenerates the same pixels
+    model = DiffusionModel.load(tiny_model, device="cpu")
+    first = samples[0]
+    again = model.generate(labels=[first["label"]], seed=0, seeds=[first["seed"]])
+    stored = np.asarray(nib.load(out / first["file"]).dataobj)[:, :, 0]
+    np.testing.assert_allclose(stored, again.images[0, 0].numpy()[::-1, :].T, atol=1e-5)
+    assert first["seed"] == sample_seed(11, first["label"], first["index"], first["attempt"])
+
+
+def test_same_dataset_whatever_the_worker_count(tiny_model: Path, tmp_path: Path) -> None:
+    request = CohortRequest(counts={"healthy": 4, "lesion": 4}, seed=3, shard_size=2)
+    one = build_cohort(tiny_model, request, tmp_path / "one", device="cpu")
+    two = build_cohort(tiny_model, request, tmp_path / "two", runner=local_runner(tiny_model, 2, "cpu"), device="cpu")
+    assert one["samples"] == two["samples"]
+
+
+def test_ray_backend_matches_local(tiny_model: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from app.ray_backend import ray_runner
+
+    request = CohortRequest(counts={"healthy": 3, "lesion": 2}, seed=5, shard_size=2)
+    local = build_cohort(tiny_model, request, tmp_path / "local", device="cpu")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        remote = build_cohort(
+            tiny_model, request, tmp_path / "ray", runner=ray_runner(tiny_model, 2, "cpu"), device="cpu"
+        )
+    finally:
+        ray.shutdown()
+    assert remote["samples"] == local["samples"]
+
+
+def test_resume_after_kill_9(tiny_model: Path, tmp_path: Path) -> None:
+    args = ["--count", "healthy=16", "--count", "lesion=16", "--shard-size", "2", "--seed", "9"]
+    straight = export_cli(str(tiny_model), "--out", str(tmp_path / "straight"), *args)
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()
+
+    out = tmp_path / "killed"
+    partial = tmp_path / ".killed.partial"
+    victim = export_cli(str(tiny_model), "--out", str(out), *args)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((partial / ".shards").glob("*.json"))) < 3:
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL
+    assert not out.exists() and partial.is_dir()  # no half dataset is visible
+    done_before = len(list((partial / ".shards").glob("*.json")))
+    assert 3 <= done_before < 16
+
+    refused = export_cli(str(tiny_model), "--out", str(out), *args)
+    assert refused.wait(timeout=300) == 4 and "--resume" in refused.stderr.read()
+    resumed = export_cli(str(tiny_model), "--out", str(out), *args, "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert not partial.exists()
+    assert read_manifest(out)["samples"] == read_manifest(tmp_path / "straight")["samples"]
+    files = sorted(p.relative_to(out) for p in (out / "images").rglob("*.nii.gz"))
+    assert len(files) == 32
+
+
+def test_bad_requests(tiny_model: Path, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="valid labels are"):
+        build_cohort(tiny_model, CohortRequest(counts={"tumour": 2}), tmp_path / "a", device="cpu")
+    with pytest.raises(InvalidInput, match="positive integer"):
+        build_cohort(tiny_model, CohortRequest(counts={"healthy": 0}), tmp_path / "a", device="cpu")
+    with pytest.raises(InvalidInput, match="at most"):
+        build_cohort(tiny_model, CohortRequest(counts={"healthy": 10**7}), tmp_path / "a", device="cpu")
+    with pytest.raises(InvalidInput, match="format"):
+        build_cohort(tiny_model, CohortRequest(counts={"healthy": 1}, formats=("dicom",)), tmp_path / "a", device="cpu")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(Conflict, match="already exists"):
+        build_cohort(tiny_model, CohortRequest(counts={"healthy": 1}), tmp_path / "exists", device="cpu")
+    assert not (tmp_path / "a").exists()
+
+    for args, code, message in (
+        (["--count", "tumour=2"], 2, "valid labels are"),
+        (["--count", "healthy=-3"], 2, "positive integer"),
+        (["--n", "2", "--count", "healthy=1"], 2, "either --n"),
+        (["--count", "healthy"], 2, "LABEL=N"),
+    ):
+        proc = export_cli(str(tiny_model), "--out", str(tmp_path / "cli"), *args)
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == code and message in stderr, stderr
+
+
+def test_missing_filter_and_not_private_models(tiny_model: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model, bare, ignore=shutil.ignore_patterns("private"))
+    with pytest.raises(NotFound, match="calibrate"):
+        build_cohort(bare, CohortRequest(counts={"healthy": 1}), tmp_path / "x", device="cpu")
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model, plain)
+    card = json.loads((plain / "model_card.json").read_text())
+    card.update(dp=False, epsilon=None, statement="NOT PRIVATE: this model was trained without differential privacy.")
+    (plain / "model_card.json").write_text(json.dumps(card))
+    with pytest.raises(PrivacyPolicy, match="WITHOUT differential privacy"):
+        build_cohort(plain, CohortRequest(counts={"healthy": 1}), tmp_path / "x", device="cpu")
+    proc = export_cli(str(plain), "--out", str(tmp_path / "x"), "--n", "1")
+    assert proc.wait(timeout=300) == 5
+    build_cohort(plain, CohortRequest(counts={"healthy": 2}, allow_not_private=True), tmp_path / "np", device="cpu")
+    report = json.loads((tmp_path / "np" / "privacy_report.json").read_text())
+    assert report["private"] is False and "NOT PRIVATE" in report["warning"]
+    assert "NOT PRIVATE" in (tmp_path / "np" / "README.md").read_text()
+
+
+def test_memorizing_model_stops_with_a_finding(tiny_model: Path, tmp_path: Path) -> None:
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_model, strict)
+    meta_path = strict / "private" / "filter" / "filter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["threshold"] = 1e9  # every output now counts as "closer than unseen patients"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(MemorizationSuspected, match="appears to memorize"):
+        build_cohort(strict, CohortRequest(counts={"healthy": 30}, shard_size=30), tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_n_per_label_with_worker_processes(tiny_model: Path, tmp_path: Path) -> None:
+    proc = export_cli(str(tiny_model), "--out", str(tmp_path / "c"), "--n", "2", "--workers", "2", "--shard-size", "1")
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr
+    assert [s["label"] for s in read_manifest(tmp_path / "c")["samples"]] == ["healthy", "healthy", "lesion", "lesion"]
