@@ -172,6 +172,9 @@ def train(
     public_prior: Annotated[
         str | None, typer.Option(help="Non-private pretraining on public data: mni152 (brain MRI) or none.")
     ] = None,
+    prediction: Annotated[
+        str | None, typer.Option(help="Denoiser target: sample (x0), v_prediction or epsilon.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of initialisation, sampling and noise.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from MODEL_DIR/private/checkpoint.pt.")] = False,
     force: Annotated[bool, typer.Option(help="Retrain even if OUT holds a model.")] = False,
@@ -202,6 +205,7 @@ def train(
         physical_batch_size=physical_batch_size,
         noise_multiplicity=noise_multiplicity,
         public_prior=public_prior,
+        prediction=prediction,
     )
     config = TrainConfig(
         store=store,

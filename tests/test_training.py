@@ -49,7 +49,7 @@ def random_draws(b: int, k: int, size: int, n_classes: int, seed: int = 0):
     return images.contiguous(), labels, timesteps, noise
 
 
-@pytest.mark.parametrize(("prediction", "channels_last"), [("v_prediction", True), ("epsilon", False)])
+@pytest.mark.parametrize(("prediction", "channels_last"), [("sample", True), ("v_prediction", False)])
 def test_per_patient_gradients_are_exact_on_the_shipped_architecture(prediction: str, channels_last: bool) -> None:
     """torch.func per-patient gradients == one backward pass per patient, for the cpu-small UNet (with attention).
 

@@ -23,7 +23,7 @@ class Preset:
     noise_multiplicity: int
     ema_decay: float
     label_dropout: float = 0.1
-    prediction: str = "v_prediction"
+    prediction: str = "sample"  # x0-prediction: smooth samples at small training budgets (see BENCHMARKS.md)
     checkpoint_every: int = 50
     public_prior: str = "mni152"  # non-private pretraining on public data ("none" to skip)
     public_pretrain_steps: int = 400
@@ -92,6 +92,8 @@ def get_preset(name: str, **overrides: object) -> Preset:
     if "unet" in changes and isinstance(changes["unet"], dict):
         changes["unet"] = UNetSize(**changes["unet"])
     preset = replace(PRESETS[name], **changes)
+    if preset.prediction not in ("sample", "v_prediction", "epsilon"):
+        raise InvalidInput(f"unknown prediction {preset.prediction!r}; choose sample, v_prediction or epsilon")
     if preset.public_prior not in ("mni152", "none"):
         raise InvalidInput(f"unknown public prior {preset.public_prior!r}; choose 'mni152' or 'none'")
     if preset.noise_multiplicity < 1:
