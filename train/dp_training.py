@@ -244,7 +244,9 @@ def _train(
     use_plain_attention(model)
     scheduler = training_scheduler(preset.prediction)  # type: ignore[arg-type]
     alphas = noise_schedule(scheduler).to(device)
+    pretrain_seconds = 0.0
     if preset.public_prior == "mni152" and preset.public_pretrain_steps > 0 and not config.resume:
+        pretrain_start = time.perf_counter()
         pretrain(
             model,
             steps=preset.public_pretrain_steps,
@@ -265,6 +267,7 @@ def _train(
                 else None
             ),
         )
+        pretrain_seconds = time.perf_counter() - pretrain_start
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     base_optimizer = torch.optim.Adam(model.parameters(), lr=preset.learning_rate)
     sampler_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -299,6 +302,7 @@ def _train(
         draw_gen.set_state(state["draw_gen"])
         noise_gen.set_state(state["noise_gen"])
         step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
+        pretrain_seconds = state.get("pretrain_seconds", 0.0)
 
     def checkpoint() -> None:
         _save_atomic(
@@ -306,6 +310,7 @@ def _train(
                 "inputs_digest": digest,
                 "step": step,
                 "elapsed": elapsed,
+                "pretrain_seconds": pretrain_seconds,
                 "losses": losses,
                 "model": model.state_dict(),
                 "ema": ema,
@@ -439,7 +444,7 @@ def _train(
         else math.inf
     )
     card = _model_card(
-        config, store, plan, slices, train_split, step, total_steps, planned_steps, epsilon, elapsed, digest
+        config, store, plan, slices, train_split, step, planned_steps, epsilon, elapsed, digest, pretrain_seconds
     )
     bundle = DiffusionModel(final, scheduler.config, card, device=str(device))
     bundle.save(out)
@@ -450,7 +455,7 @@ def _train(
 
 
 def _model_card(
-    config, store, plan, slices, train_split, step, total_steps, planned_steps, epsilon, elapsed, digest
+    config, store, plan, slices, train_split, step, planned_steps, epsilon, elapsed, digest, pretrain_seconds
 ) -> dict:
     preset = config.preset
     row_mm, col_mm, slice_mm = store.spacing()
@@ -483,7 +488,7 @@ def _model_card(
         "n_train_patients": slices.n_patients,
         "n_train_slices": len(train_split.labels),
         "statement": PRIVACY_STATEMENT if config.dp else NOT_PRIVATE_STATEMENT,
-        "training_wall_time_s": round(elapsed, 1),
+        "training_wall_time_s": round(elapsed, 1),  # the DP phase; public pretraining reports its own
         "preset": preset.as_dict(),
         "public_pretraining": (
             {
@@ -491,6 +496,7 @@ def _model_card(
                 "steps": preset.public_pretrain_steps,
                 "batch_size": preset.public_batch_size,
                 "privacy": "public data about no patient: spends no ε",
+                "wall_time_s": round(pretrain_seconds, 1),
             }
             if preset.public_prior == "mni152" and preset.public_pretrain_steps > 0
             else None

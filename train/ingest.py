@@ -324,13 +324,16 @@ def ingest(
             ]
             writer.add(slab.images, records)
 
+        slices_of: Counter[str] = Counter()
+        for pseudonym, _, slab in pending:
+            slices_of[pseudonym] += len(slab.positions)
         unlabelled_scanless = sorted(set(labels) - seen_real)
         report = _report(
             options=options,
             n_inputs=len(items),
             patient_info=patient_info,
             split_of=split_of,
-            slices_of={p: sum(len(s.positions) for q, _, s in pending if q == p) for p in patient_info},
+            slices_of=slices_of,
             multi_scan=sum(1 for n in scans_of.values() if n > 1),
             labelled_without_scan=len(unlabelled_scanless),
             skipped=skipped,
@@ -364,7 +367,7 @@ def _report(
     n_inputs: int,
     patient_info: dict[str, PatientLabel],
     split_of: dict[str, str],
-    slices_of: dict[str, int],
+    slices_of: Counter[str],
     multi_scan: int,
     labelled_without_scan: int,
     skipped: list[Skipped],
