@@ -22,6 +22,15 @@ app = typer.Typer(
 )
 
 
+keys_app = typer.Typer(help="Manage API keys for the REST service.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _settings_with(db: str | None):
+    settings = get_settings()
+    return settings.model_copy(update={"db_url": db}) if db else settings
+
+
 def _echo_err(message: str) -> None:
     typer.echo(message, err=True)
 
@@ -441,6 +450,80 @@ def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.
         )
     else:
         typer.echo("  memorization filter: not calibrated (run `synthcohort calibrate STORE MODEL_DIR`)")
+
+
+@app.command()
+def serve(
+    models: Annotated[Path, typer.Option("--models", help="Directory with one model bundle per subdirectory.")],
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port.")] = 8000,
+    db: Annotated[
+        str | None, typer.Option(help="Database URL (default: SYNTHCOHORT_DB_URL or SQLite in data dir).")
+    ] = None,
+    allow_not_private: Annotated[
+        bool, typer.Option(help="Also serve models trained without DP (marked NOT PRIVATE).")
+    ] = False,
+) -> None:
+    """Run the REST service (so far: health, readiness and public model cards)."""
+    import uvicorn
+
+    from app.api.main import create_app
+
+    application = create_app(_settings_with(db), models, allow_not_private=allow_not_private)
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="researcher or admin.")] = "researcher",
+    quota_samples_per_day: Annotated[int | None, typer.Option(min=1, help="Samples per day for this key.")] = None,
+    db: Annotated[
+        str | None, typer.Option(help="Database URL (default: SYNTHCOHORT_DB_URL or SQLite in data dir).")
+    ] = None,
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    from app.db import record_event, session_factory
+    from app.keys import create_key
+
+    with session_factory(_settings_with(db))() as session:
+        row, token = create_key(session, role=role, quota_samples_per_day=quota_samples_per_day)
+        record_event(session, action="key.create", outcome="ok", key_id=row.id, detail=f"role={row.role}")
+    typer.echo(token)
+    _echo_err(f"key {row.prefix} ({row.role}) created; store it now: it cannot be shown again")
+
+
+@keys_app.command("list")
+def keys_list(db: Annotated[str | None, typer.Option(help="Database URL.")] = None) -> None:
+    """List keys (prefix, role, quota; never the key itself)."""
+    from sqlalchemy import select
+
+    from app.db import ApiKey, session_factory
+
+    with session_factory(_settings_with(db))() as session:
+        for row in session.scalars(select(ApiKey).order_by(ApiKey.id)):
+            quota = row.quota_samples_per_day or "unlimited"
+            state = "revoked" if row.revoked else "active"
+            typer.echo(f"{row.prefix}  {row.role:10s}  quota/day {quota}  {state}  created {row.created_at:%Y-%m-%d}")
+
+
+@app.command("audit-log")
+def audit_log(
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Most recent N events.")] = 50,
+    db: Annotated[str | None, typer.Option(help="Database URL.")] = None,
+) -> None:
+    """Print the audit log: who, when, what, outcome, dataset."""
+    from app.db import audit_events, session_factory
+
+    with session_factory(_settings_with(db))() as session:
+        events = audit_events(session, limit=limit)
+    if not events:
+        typer.echo("audit log is empty")
+    for e in events:
+        counts = json.dumps(e.counts) if e.counts else "-"
+        typer.echo(
+            f"{e.at:%Y-%m-%dT%H:%M:%S}  key={e.key_id or '-'}  {e.action:14s} model={e.model or '-'}  "
+            f"counts={counts}  {e.outcome}  dataset={e.dataset_id or '-'}  {e.detail or ''}".rstrip()
+        )
 
 
 def _print_store(store) -> None:

@@ -1,0 +1,1 @@
+"""The REST service (FastAPI): thin routes over plain data-access and pipeline functions."""

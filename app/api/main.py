@@ -1,0 +1,44 @@
+"""The FastAPI application factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request, status
+from sqlalchemy import text
+
+from app.api import routes_models
+from app.api.registry import ModelRegistry
+from app.api.schemas import Health
+from app.db import session_factory
+from app.settings import Settings
+
+
+def create_app(settings: Settings, models_dir: Path, *, allow_not_private: bool = False) -> FastAPI:
+    app = FastAPI(
+        title="synthcohort",
+        version="1",
+        description="Differentially private synthetic imaging cohorts. Every served sample passed the "
+        "memorization filter; every model card states its patient-level (ε, δ).",
+    )
+    app.state.sessions = session_factory(settings)
+    app.state.registry = ModelRegistry(models_dir, allow_not_private=allow_not_private)
+    app.include_router(routes_models.router)
+
+    @app.get("/healthz", response_model=Health, tags=["ops"], summary="Process is up")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Health, tags=["ops"], summary="Models and database loaded")
+    def readyz(request: Request) -> dict:
+        try:
+            with request.app.state.sessions() as session:
+                session.execute(text("select 1"))
+        except Exception:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "database unavailable") from None
+        models = len(request.app.state.registry.models)
+        if models == 0:
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "no servable models")
+        return {"status": "ready", "models": models}
+
+    return app

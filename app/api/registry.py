@@ -1,0 +1,82 @@
+"""The served models: one bundle per subdirectory of ``--models``; the directory name is the model id.
+
+Only public fields leave this module: no paths, nothing from ``private/`` except the filter's public summary.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from generators.errors import NotFound
+from privacy_filters import public_summary
+
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+PUBLIC_CARD_FIELDS = (
+    "labels",
+    "image_size",
+    "voxel_spacing_mm",
+    "dp",
+    "privacy_unit",
+    "epsilon",
+    "delta",
+    "accountant",
+    "noise_multiplier",
+    "max_grad_norm",
+    "sample_rate",
+    "steps",
+    "epochs",
+    "noise_multiplicity",
+    "n_train_patients",
+    "target_epsilon",
+    "target_epsilon_met",
+    "statement",
+    "public_pretraining",
+    "sampler",
+    "created",
+)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    id: str
+    path: Path
+    card: dict
+    calibration: dict | None
+
+    def public(self) -> dict:
+        info = {"id": self.id, **{k: self.card.get(k) for k in PUBLIC_CARD_FIELDS}}
+        info["private"] = bool(self.card.get("dp"))
+        if not info["private"]:
+            info["warning"] = "NOT PRIVATE: trained without differential privacy"
+        info["memorization_filter"] = public_summary(self.calibration) if self.calibration else None
+        return info
+
+
+class ModelRegistry:
+    """Scans the models directory once; models without a DP guarantee are hidden unless allowed."""
+
+    def __init__(self, root: Path, *, allow_not_private: bool = False) -> None:
+        self.root = Path(root)
+        self.allow_not_private = allow_not_private
+        self.models: dict[str, ServedModel] = {}
+        if not self.root.is_dir():
+            raise NotFound(f"models directory {self.root} does not exist")
+        for path in sorted(p for p in self.root.iterdir() if p.is_dir() and MODEL_ID.fullmatch(p.name)):
+            card_path = path / "model_card.json"
+            if not card_path.is_file():
+                continue
+            card = json.loads(card_path.read_text())
+            if not card.get("dp") and not allow_not_private:
+                continue
+            calibration_path = path / "private" / "calibration.json"
+            calibration = json.loads(calibration_path.read_text()) if calibration_path.is_file() else None
+            self.models[path.name] = ServedModel(path.name, path, card, calibration)
+
+    def get(self, model_id: str) -> ServedModel:
+        model = self.models.get(model_id)
+        if model is None:
+            raise NotFound(f"unknown model {model_id!r}; available: {sorted(self.models)}")
+        return model

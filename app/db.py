@@ -1,0 +1,101 @@
+"""The service database: API keys, cohort jobs and the audit log (SQLAlchemy; SQLite by default,
+PostgreSQL by URL with the same code). Plain data-access functions, no HTTP in here."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine, select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from app.settings import Settings
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    """An API key; only its SHA-256 digest is stored (keys are 256-bit random, so no slow hash is needed)."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True, index=True)
+    digest: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    quota_samples_per_day: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AuditEvent(Base):
+    """Who did what, when, and how it ended."""
+
+    __tablename__ = "audit_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    action: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    counts: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    outcome: Mapped[str] = mapped_column(String(32))
+    dataset_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+def database_url(settings: Settings) -> str:
+    """``SYNTHCOHORT_DB_URL``, or a SQLite file under ``SYNTHCOHORT_DATA_DIR``."""
+    if settings.db_url:
+        return settings.db_url
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{Path(settings.data_dir).resolve() / 'synthcohort.db'}"
+
+
+@lru_cache(maxsize=8)
+def engine_for(url: str) -> Engine:
+    """One engine per URL; tables are created on first use."""
+    connect_args = {"check_same_thread": False} if url.startswith("sqlite") else {}
+    engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+    Base.metadata.create_all(engine)
+    return engine
+
+
+def session_factory(settings: Settings) -> sessionmaker[Session]:
+    return sessionmaker(engine_for(database_url(settings)), expire_on_commit=False)
+
+
+def record_event(
+    session: Session,
+    *,
+    action: str,
+    outcome: str,
+    key_id: int | None = None,
+    model: str | None = None,
+    counts: dict | None = None,
+    dataset_id: str | None = None,
+    detail: str | None = None,
+) -> AuditEvent:
+    event = AuditEvent(
+        action=action,
+        outcome=outcome,
+        key_id=key_id,
+        model=model,
+        counts=counts,
+        dataset_id=dataset_id,
+        detail=detail,
+    )
+    session.add(event)
+    session.commit()
+    return event
+
+
+def audit_events(session: Session, *, limit: int = 100) -> list[AuditEvent]:
+    """Most recent first."""
+    return list(session.scalars(select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)))
