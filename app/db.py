@@ -50,6 +50,27 @@ class AuditEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
+class Job(Base):
+    """A cohort request and its progress; survives restarts."""
+
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    model: Mapped[str] = mapped_column(String(128))
+    counts: Mapped[dict] = mapped_column(JSON)
+    seed: Mapped[int] = mapped_column(Integer)
+    formats: Mapped[list] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    progress: Mapped[float] = mapped_column(default=0.0)
+    generated: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[int] = mapped_column(Integer, default=0)
+    accepted: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    dataset_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 def database_url(settings: Settings) -> str:
     """``SYNTHCOHORT_DB_URL``, or a SQLite file under ``SYNTHCOHORT_DATA_DIR``."""
     if settings.db_url:

@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device for training/sampling.")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default.")
     workers: int = Field(2, ge=1, le=256, description="Worker processes for data preparation and exports.")
+    job_workers: int = Field(1, ge=1, le=64, description="Cohort jobs the service runs at once.")
+    max_samples_per_request: int = Field(10_000, ge=1, description="Largest cohort one REST request may ask for.")
 
 
 @lru_cache

@@ -19,9 +19,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("service")
+def make_models(tiny_model: Path, root: Path) -> Path:
     models = root / "models"
     models.mkdir()
     shutil.copytree(tiny_model, models / "demo")
@@ -30,36 +28,51 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     card = json.loads((plain / "model_card.json").read_text())
     card.update(dp=False, epsilon=None)
     (plain / "model_card.json").write_text(json.dumps(card))
-    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(root / "data")}
-    key = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--role", "researcher"],
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
+    return models
+
+
+def new_key(env: dict, *args: str) -> str:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "create", *args], capture_output=True, text=True, env=env, check=True
     ).stdout.strip()
-    port = free_port()
+
+
+def start_server(models: Path, env: dict, port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve", "--models", str(models), "--port", str(port)],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
-    base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                break
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return proc
         except httpx.HTTPError:
             time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail(f"server did not start: {proc.stderr.read()}")
-    yield base, key
+    proc.kill()
+    pytest.fail(f"server did not start: {proc.stderr.read()}")
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("service")
+    models = make_models(tiny_model, root)
+    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(root / "data"), "SYNTHCOHORT_MAX_SAMPLES_PER_REQUEST": "500"}
+    key = new_key(env, "--role", "researcher")
+    port = free_port()
+    proc = start_server(models, env, port)
+    yield f"http://127.0.0.1:{port}", key, env
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(service):
+    base, key, _ = service
+    return base, key
 
 
 def test_health_and_readiness(server) -> None:
@@ -93,3 +106,126 @@ def test_openapi_documents_the_schemas(server) -> None:
     spec = httpx.get(f"{base}/openapi.json").json()
     assert "/v1/models/{model_id}" in spec["paths"]
     assert "ModelCard" in spec["components"]["schemas"]
+
+
+def wait_for(base: str, headers: dict, job_id: str, timeout: float = 300) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = httpx.get(f"{base}/v1/cohorts/{job_id}", headers=headers).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_cohort_job_flow_to_nifti_files(server, tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    import nibabel as nib
+
+    base, key = server
+    headers = {"Authorization": f"Bearer {key}"}
+    created = httpx.post(
+        f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"healthy": 3, "lesion": 2}, "seed": 4}
+    )
+    assert created.status_code == 202, created.text
+    job_id = created.json()["id"]
+    assert created.headers["location"] == f"/v1/cohorts/{job_id}"
+    job = wait_for(base, headers, job_id)
+    assert job["status"] == "succeeded" and job["accepted"] == 5 and job["dataset_id"] == job_id
+
+    dataset = httpx.get(f"{base}/v1/datasets/{job_id}", headers=headers).json()
+    samples = dataset["manifest"]["samples"]
+    assert len(samples) == 5 and all(s["filter_score"] >= 1 for s in samples)
+    assert dataset["privacy_report"]["differential_privacy"]["privacy_unit"] == "patient"
+    one = httpx.get(f"{base}/v1/datasets/{job_id}/files/{samples[0]['file']}", headers=headers)
+    assert one.status_code == 200
+    (tmp_path / "one.nii.gz").write_bytes(one.content)
+    assert nib.load(tmp_path / "one.nii.gz").shape == (16, 16, 1)
+
+    archive = httpx.get(f"{base}/v1/datasets/{job_id}/archive", headers=headers)
+    assert archive.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(archive.content)) as zf:
+        names = zf.namelist()
+        assert "manifest.json" in names and samples[0]["file"] in names
+        (tmp_path / "z.nii.gz").write_bytes(zf.read(samples[-1]["file"]))
+    assert nib.load(tmp_path / "z.nii.gz").shape == (16, 16, 1)
+
+    for trick in (
+        "../../model_card.json",
+        "..%2F..%2Fmodel_card.json",
+        "%2Fetc%2Fpasswd",
+        ".shards/x.json",
+        "images/..\\manifest.json",
+    ):
+        response = httpx.get(f"{base}/v1/datasets/{job_id}/files/{trick}", headers=headers)
+        assert response.status_code in (400, 404), trick
+
+
+def test_bad_requests_and_quotas(server) -> None:
+    base, key = server
+    headers = {"Authorization": f"Bearer {key}"}
+    unknown = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"tumour": 1}})
+    assert unknown.status_code == 422 and "valid labels are" in unknown.json()["detail"]
+    assert (
+        httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "nope", "counts": {"a": 1}}).status_code == 404
+    )
+    assert httpx.post(f"{base}/v1/cohorts", headers=headers, content=b"{not json").status_code == 422
+    zero = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"healthy": 0}})
+    assert zero.status_code == 422
+    huge = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"healthy": 10**6}})
+    assert huge.status_code == 429 and "per request" in huge.json()["detail"]
+    assert httpx.get(f"{base}/v1/cohorts/doesnotexist", headers=headers).status_code == 404
+    assert httpx.get(f"{base}/v1/datasets/doesnotexist", headers=headers).status_code == 404
+
+
+def test_researchers_see_only_their_jobs_and_quotas_apply(service) -> None:
+    base, key, env = service
+    owner = {"Authorization": f"Bearer {key}"}
+    job = httpx.post(f"{base}/v1/cohorts", headers=owner, json={"model": "demo", "counts": {"healthy": 1}}).json()
+    other = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher', '--quota-samples-per-day', '3')}"}
+    admin = {"Authorization": f"Bearer {new_key(env, '--role', 'admin')}"}
+    assert httpx.get(f"{base}/v1/cohorts/{job['id']}", headers=other).status_code == 404
+    assert httpx.get(f"{base}/v1/cohorts/{job['id']}", headers=admin).status_code == 200
+    wait_for(base, owner, job["id"])
+    assert httpx.get(f"{base}/v1/datasets/{job['id']}", headers=other).status_code == 404
+    assert (
+        httpx.post(f"{base}/v1/cohorts", headers=other, json={"model": "demo", "counts": {"lesion": 2}}).status_code
+        == 202
+    )
+    refused = httpx.post(f"{base}/v1/cohorts", headers=other, json={"model": "demo", "counts": {"lesion": 2}})
+    assert refused.status_code == 429 and "daily quota" in refused.json()["detail"]
+    log = subprocess.run([sys.executable, "-m", "app.cli", "audit-log"], capture_output=True, text=True, env=env)
+    assert "refused: daily quota" in log.stdout and "cohort.finish" in log.stdout
+
+
+def test_restart_resumes_a_killed_job_and_never_shows_a_partial_dataset(tiny_model: Path, tmp_path: Path) -> None:
+    models = make_models(tiny_model, tmp_path)
+    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(tmp_path / "data")}
+    headers = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(models, env, port)
+    job = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"healthy": 320}}).json()
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline and httpx.get(f"{base}/v1/cohorts/{job['id']}", headers=headers).json()["accepted"] == 0
+    ):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait(timeout=30)
+    datasets = tmp_path / "data" / "datasets"
+    assert not (datasets / job["id"]).exists()  # only the hidden partial directory
+    assert (datasets / f".{job['id']}.partial").is_dir()
+
+    proc = start_server(models, env, port)
+    try:
+        assert httpx.get(f"{base}/v1/datasets/{job['id']}", headers=headers).status_code == 404
+        finished = wait_for(base, headers, job["id"])
+        assert finished["status"] == "succeeded" and finished["accepted"] == 320
+        manifest = httpx.get(f"{base}/v1/datasets/{job['id']}", headers=headers).json()["manifest"]
+        assert len(manifest["samples"]) == 320 and len({s["seed"] for s in manifest["samples"]}) == 320
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

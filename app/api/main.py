@@ -7,10 +7,11 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request, status
 from sqlalchemy import text
 
-from app.api import routes_models
+from app.api import routes_cohorts, routes_datasets, routes_models
 from app.api.registry import ModelRegistry
 from app.api.schemas import Health
 from app.db import session_factory
+from app.jobs import JobRunner
 from app.settings import Settings
 
 
@@ -21,9 +22,17 @@ def create_app(settings: Settings, models_dir: Path, *, allow_not_private: bool 
         description="Differentially private synthetic imaging cohorts. Every served sample passed the "
         "memorization filter; every model card states its patient-level (ε, δ).",
     )
+    app.state.settings = settings
     app.state.sessions = session_factory(settings)
     app.state.registry = ModelRegistry(models_dir, allow_not_private=allow_not_private)
+    app.state.jobs = JobRunner(
+        app.state.sessions, app.state.registry, Path(settings.data_dir) / "datasets", settings.job_workers
+    )
+    app.state.jobs.recover()
+    app.router.add_event_handler("shutdown", app.state.jobs.shutdown)
     app.include_router(routes_models.router)
+    app.include_router(routes_cohorts.router)
+    app.include_router(routes_datasets.router)
 
     @app.get("/healthz", response_model=Health, tags=["ops"], summary="Process is up")
     def healthz() -> dict:

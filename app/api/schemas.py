@@ -59,3 +59,31 @@ class ModelCard(BaseModel):
 class Health(BaseModel):
     status: str
     models: int | None = None
+
+
+class CohortCreate(BaseModel):
+    """A cohort request: how many samples of each label, from which model."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"model": "demo", "counts": {"healthy": 10, "lesion": 10}, "seed": 0}},
+    )
+    model: str = Field(..., min_length=1, max_length=128)
+    counts: dict[str, int] = Field(..., min_length=1, max_length=64, description="label → number of samples")
+    seed: int = Field(0, ge=0, le=2**62)
+    formats: list[str] = Field(default_factory=lambda: ["nifti"], max_length=3, description="nifti, png, npz")
+
+
+class CohortStatus(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    model: str
+    counts: dict[str, int]
+    seed: int
+    status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
+    progress: float
+    generated: int
+    rejected: int
+    accepted: int
+    error: str | None = None
+    dataset_id: str | None = None

@@ -1,0 +1,91 @@
+"""``/v1/cohorts``: asynchronous cohort jobs (create, poll, cancel)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request, Response, status
+
+from app.api.deps import CurrentKey, RegistryDep, SessionDep
+from app.api.schemas import CohortCreate, CohortStatus
+from app.dataset_writer import FORMATS
+from app.db import record_event
+from app.jobs import create_job, samples_requested_today, visible_job
+from generators.errors import NotFound
+
+router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"])
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=CohortStatus, summary="Request a cohort")
+def create_cohort(
+    body: CohortCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    registry: RegistryDep,
+    key: CurrentKey,
+) -> object:
+    try:
+        model = registry.get(body.model)
+    except NotFound as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    labels = model.card["labels"]
+    unknown = sorted(set(body.counts) - set(labels))
+    if unknown:
+        raise HTTPException(422, f"unknown label(s) {unknown}; valid labels are {sorted(labels)}")
+    if any(n < 1 for n in body.counts.values()):
+        raise HTTPException(422, "every count must be a positive integer")
+    bad_formats = sorted(set(body.formats) - set(FORMATS))
+    if bad_formats or "nifti" not in body.formats:
+        raise HTTPException(422, f"formats must include nifti and come from {list(FORMATS)}")
+    total = sum(body.counts.values())
+    settings = request.app.state.settings
+    if total > settings.max_samples_per_request:
+        record_event(
+            session,
+            action="cohort.create",
+            outcome="refused: request too large",
+            key_id=key.id,
+            model=body.model,
+            counts=body.counts,
+        )
+        raise HTTPException(429, f"{total} samples requested; at most {settings.max_samples_per_request} per request")
+    if key.quota_samples_per_day is not None:
+        used = samples_requested_today(session, key)
+        if used + total > key.quota_samples_per_day:
+            record_event(
+                session,
+                action="cohort.create",
+                outcome="refused: daily quota",
+                key_id=key.id,
+                model=body.model,
+                counts=body.counts,
+            )
+            raise HTTPException(
+                429,
+                f"daily quota exceeded: {used} of {key.quota_samples_per_day} samples used in the last 24 h, "
+                f"{total} more requested",
+            )
+    job = create_job(
+        session, key=key, model=body.model, counts=dict(body.counts), seed=body.seed, formats=list(body.formats)
+    )
+    request.app.state.jobs.submit(job.id)
+    response.headers["Location"] = f"/v1/cohorts/{job.id}"
+    return job
+
+
+@router.get("/{job_id}", response_model=CohortStatus, summary="Job status and progress")
+def get_cohort(job_id: str, session: SessionDep, key: CurrentKey) -> object:
+    job = visible_job(session, key, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no cohort job {job_id!r}")
+    return job
+
+
+@router.delete("/{job_id}", response_model=CohortStatus, summary="Cancel a job")
+def cancel_cohort(job_id: str, request: Request, session: SessionDep, key: CurrentKey) -> object:
+    job = visible_job(session, key, job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no cohort job {job_id!r}")
+    if job.status in ("queued", "running"):
+        request.app.state.jobs.cancel(job.id)
+        record_event(session, action="cohort.cancel", outcome="requested", key_id=key.id, model=job.model)
+    return job

@@ -1,0 +1,106 @@
+"""``/v1/datasets``: manifests, single files (no path tricks) and a streamed zip of a finished dataset."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Request, status
+from fastapi.responses import FileResponse, StreamingResponse
+
+from app.api.deps import CurrentKey, SessionDep
+from app.jobs import visible_job
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def _dataset_dir(request: Request, session, key, dataset_id: str) -> Path:
+    job = visible_job(session, key, dataset_id)
+    root = request.app.state.jobs.datasets / dataset_id
+    if job is None or job.status != "succeeded" or not root.is_dir():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {dataset_id!r}")
+    return root
+
+
+@router.get("/{dataset_id}", summary="Manifest and privacy report")
+def get_dataset(dataset_id: str, request: Request, session: SessionDep, key: CurrentKey) -> dict:
+    root = _dataset_dir(request, session, key, dataset_id)
+    return {
+        "id": dataset_id,
+        "manifest": json.loads((root / "manifest.json").read_text()),
+        "privacy_report": json.loads((root / "privacy_report.json").read_text()),
+    }
+
+
+def safe_file(root: Path, name: str) -> Path:
+    """Resolve ``name`` inside ``root``; refuse absolute paths, ``..``, hidden parts and backslashes."""
+    parts = name.split("/")
+    if (
+        not name
+        or name.startswith("/")
+        or "\\" in name
+        or any(p in ("", ".", "..") or p.startswith(".") for p in parts)
+    ):
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "invalid file name")
+    path = (root / name).resolve()
+    if not path.is_relative_to(root.resolve()) or not path.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {name!r} in this dataset")
+    return path
+
+
+@router.get("/{dataset_id}/files/{name:path}", summary="One file of a dataset")
+def get_file(dataset_id: str, name: str, request: Request, session: SessionDep, key: CurrentKey) -> FileResponse:
+    root = _dataset_dir(request, session, key, dataset_id)
+    return FileResponse(safe_file(root, name))
+
+
+class _Chunks:
+    """A write-only file object whose written bytes are drained as chunks (zip streaming)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.offset = 0
+
+    def write(self, data: bytes) -> int:
+        self.buffer.extend(data)
+        self.offset += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.offset
+
+    def flush(self) -> None:
+        pass
+
+    def drain(self) -> bytes:
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        return data
+
+
+def stream_zip(root: Path) -> Iterator[bytes]:
+    """Zip ``root`` file by file, yielding compressed bytes as they are produced (never the whole archive)."""
+    sink = _Chunks()
+    with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED) as archive:
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            with (
+                archive.open(path.relative_to(root).as_posix(), mode="w", force_zip64=True) as entry,
+                path.open("rb") as src,
+            ):
+                while block := src.read(1 << 20):
+                    entry.write(block)
+                    yield sink.drain()
+            yield sink.drain()
+    yield sink.drain()
+
+
+@router.get("/{dataset_id}/archive", summary="The whole dataset as a streamed zip")
+def get_archive(dataset_id: str, request: Request, session: SessionDep, key: CurrentKey) -> StreamingResponse:
+    root = _dataset_dir(request, session, key, dataset_id)
+    return StreamingResponse(
+        stream_zip(root),
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{dataset_id}.zip"'},
+    )
