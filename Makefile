@@ -41,6 +41,7 @@ demo: $(DEMO_DIR)/cohort/manifest.json
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
 
 # pytest exits 5 when no test was collected: report it and fail.
 test: lint

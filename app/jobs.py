@@ -17,6 +17,7 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.api.metrics import GENERATED, JOBS, REJECTED, SAMPLES
 from app.api.registry import ModelRegistry
 from app.db import ApiKey, Job, record_event, utcnow
 from app.pipeline import CohortProgress, CohortRequest, build_cohort, partial_dir
@@ -84,7 +85,13 @@ class JobRunner:
         self._update(job_id, status="running")
         total = sum(counts.values())
 
+        last = {"generated": 0, "rejected": 0, "accepted": 0}
+
         def on_progress(state: CohortProgress) -> None:
+            GENERATED.inc(max(0, state.generated - last["generated"]))
+            REJECTED.inc(max(0, state.rejected - last["rejected"]))
+            SAMPLES.inc(max(0, state.accepted - last["accepted"]))
+            last.update(generated=state.generated, rejected=state.rejected, accepted=state.accepted)
             self._update(
                 job_id,
                 progress=state.accepted / total,
@@ -123,6 +130,7 @@ class JobRunner:
             import shutil
 
             shutil.rmtree(partial_dir(self.datasets / job_id), ignore_errors=True)
+        JOBS.labels(status).inc()
         fields = {"status": status, "error": error, "dataset_id": dataset_id}
         if status == "succeeded":
             fields["progress"] = 1.0

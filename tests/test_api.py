@@ -229,3 +229,21 @@ def test_restart_resumes_a_killed_job_and_never_shows_a_partial_dataset(tiny_mod
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_roles_body_limit_and_metrics(service) -> None:
+    base, key, env = service
+    researcher = {"Authorization": f"Bearer {key}"}
+    admin = {"Authorization": f"Bearer {new_key(env, '--role', 'admin')}"}
+    assert httpx.get(f"{base}/v1/audit-log", headers=researcher).status_code == 403
+    events = httpx.get(f"{base}/v1/audit-log", headers=admin)
+    assert events.status_code == 200 and any(e["action"] == "key.create" for e in events.json())
+    big = httpx.post(
+        f"{base}/v1/cohorts", headers=researcher, content=b"{" + b" " * 100_000 + b"}", params={}, timeout=30
+    )
+    assert big.status_code == 413
+    httpx.get(f"{base}/v1/models", headers=researcher)
+    metrics = httpx.get(f"{base}/metrics").text
+    assert 'synthcohort_http_requests_total{method="GET",route="/v1/models",status="200"}' in metrics
+    assert "synthcohort_http_request_seconds_bucket" in metrics
+    assert "synthcohort_jobs_total" in metrics

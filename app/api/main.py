@@ -7,7 +7,9 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request, status
 from sqlalchemy import text
 
-from app.api import routes_cohorts, routes_datasets, routes_models
+from app.api import routes_admin, routes_cohorts, routes_datasets, routes_models
+from app.api.limits import BodyLimitMiddleware
+from app.api.metrics import MetricsMiddleware, metrics_response
 from app.api.registry import ModelRegistry
 from app.api.schemas import Health
 from app.db import session_factory
@@ -33,6 +35,13 @@ def create_app(settings: Settings, models_dir: Path, *, allow_not_private: bool 
     app.include_router(routes_models.router)
     app.include_router(routes_cohorts.router)
     app.include_router(routes_datasets.router)
+    app.include_router(routes_admin.router)
+    app.add_middleware(BodyLimitMiddleware)
+    app.add_middleware(MetricsMiddleware)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=False)
+    def metrics() -> object:
+        return metrics_response()
 
     @app.get("/healthz", response_model=Health, tags=["ops"], summary="Process is up")
     def healthz() -> dict:
