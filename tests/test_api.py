@@ -247,3 +247,51 @@ def test_roles_body_limit_and_metrics(service) -> None:
     assert 'synthcohort_http_requests_total{method="GET",route="/v1/models",status="200"}' in metrics
     assert "synthcohort_http_request_seconds_bucket" in metrics
     assert "synthcohort_jobs_total" in metrics
+
+
+def test_fuzzed_requests_never_cause_server_errors(server) -> None:
+    """schemathesis against /openapi.json: bounded examples per operation, with and without a key: no 5xx."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+
+    base, key = server
+    schema = schemathesis.openapi.from_url(f"{base}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 8
+    failures: list[str] = []
+    calls = [0]
+
+    def fuzz(operation) -> None:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        def run(case) -> None:
+            for headers in ({"Authorization": f"Bearer {key}"}, {}):
+                response = case.call(headers=headers, timeout=30)
+                calls[0] += 1
+                if response.status_code >= 500:
+                    failures.append(f"{operation.label}: {response.status_code} {response.text[:200]}")
+
+        run()
+
+    for operation in operations:
+        fuzz(operation)
+    assert calls[0] >= 2 * len(operations)  # every operation was really exercised
+    assert failures == []
+
+
+def test_cancel_stops_a_running_job_and_leaves_nothing(service) -> None:
+    base, key, env = service
+    headers = {"Authorization": f"Bearer {key}"}
+    job = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"lesion": 480}}).json()
+    deadline = time.time() + 120
+    while (
+        time.time() < deadline
+        and httpx.get(f"{base}/v1/cohorts/{job['id']}", headers=headers).json()["status"] == "queued"
+    ):
+        time.sleep(0.05)
+    assert httpx.delete(f"{base}/v1/cohorts/{job['id']}", headers=headers).status_code == 200
+    final = wait_for(base, headers, job["id"])
+    assert final["status"] == "cancelled" and final["accepted"] < 480
+    assert httpx.get(f"{base}/v1/datasets/{job['id']}", headers=headers).status_code == 404
+    datasets = Path(env["SYNTHCOHORT_DATA_DIR"]) / "datasets"
+    assert not (datasets / job["id"]).exists() and not (datasets / f".{job['id']}.partial").exists()
