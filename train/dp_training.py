@@ -396,7 +396,7 @@ def _train(
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                step_loss.append(float(loss))
+                step_loss.append(loss.item())
             done = True
         if not done:
             continue
