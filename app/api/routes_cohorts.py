@@ -37,33 +37,27 @@ def create_cohort(
     if bad_formats or "nifti" not in body.formats:
         raise HTTPException(422, f"formats must include nifti and come from {list(FORMATS)}")
     total = sum(body.counts.values())
-    settings = request.app.state.settings
-    if total > settings.max_samples_per_request:
+    limit = request.app.state.settings.max_samples_per_request
+    used = samples_requested_today(session, key) if key.quota_samples_per_day is not None else 0
+    refusal = None
+    if total > limit:
+        refusal = ("request too large", f"{total} samples requested; at most {limit} per request")
+    elif key.quota_samples_per_day is not None and used + total > key.quota_samples_per_day:
+        refusal = (
+            "daily quota",
+            f"daily quota exceeded: {used} of {key.quota_samples_per_day} samples used in the last 24 h, "
+            f"{total} more requested",
+        )
+    if refusal is not None:
         record_event(
             session,
             action="cohort.create",
-            outcome="refused: request too large",
+            outcome=f"refused: {refusal[0]}",
             key_id=key.id,
             model=body.model,
             counts=body.counts,
         )
-        raise HTTPException(429, f"{total} samples requested; at most {settings.max_samples_per_request} per request")
-    if key.quota_samples_per_day is not None:
-        used = samples_requested_today(session, key)
-        if used + total > key.quota_samples_per_day:
-            record_event(
-                session,
-                action="cohort.create",
-                outcome="refused: daily quota",
-                key_id=key.id,
-                model=body.model,
-                counts=body.counts,
-            )
-            raise HTTPException(
-                429,
-                f"daily quota exceeded: {used} of {key.quota_samples_per_day} samples used in the last 24 h, "
-                f"{total} more requested",
-            )
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, refusal[1])
     job = create_job(
         session, key=key, model=body.model, counts=dict(body.counts), seed=body.seed, formats=list(body.formats)
     )
