@@ -8,6 +8,7 @@ finished shards.
 
 from __future__ import annotations
 
+import shutil
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -127,8 +128,6 @@ class JobRunner:
 
     def _finish(self, job_id, key_id, model_id, counts, status, error, dataset_id=None) -> None:
         if status != "succeeded":
-            import shutil
-
             shutil.rmtree(partial_dir(self.datasets / job_id), ignore_errors=True)
         JOBS.labels(status).inc()
         fields = {"status": status, "error": error, "dataset_id": dataset_id}

@@ -186,9 +186,9 @@ class CohortWorker:
                 }
                 arrays[i] = image
             pending = still
-            if generated >= 20 and rejected / generated > request.max_rejection_rate:
+            if _too_many_rejections(generated, rejected, request):
                 break
-        if pending or (generated and rejected / generated > request.max_rejection_rate and generated >= 20):
+        if pending or _too_many_rejections(generated, rejected, request):
             raise MemorizationSuspected(
                 f"the model appears to memorize: {rejected} of {generated} samples of label {shard.label!r} "
                 f"were closer to a training image than unseen patients are (limit {request.max_rejection_rate:.0%}, "
@@ -207,6 +207,11 @@ class CohortWorker:
         result = ShardResult(shard=shard.name, samples=samples, generated=generated, rejected=rejected)
         write_json(root / SHARDS_DIR / f"{shard.name}.json", asdict(result))  # written last: the shard is done
         return result
+
+
+def _too_many_rejections(generated: int, rejected: int, request: CohortRequest) -> bool:
+    """Above the limit once at least 20 samples were tried (fewer say too little)."""
+    return generated >= 20 and rejected / generated > request.max_rejection_rate
 
 
 Runner = Callable[[list[Shard], CohortRequest, Path], Iterable[ShardResult]]

@@ -252,6 +252,7 @@ def ingest(
         scans_of: Counter[str] = Counter()
         patient_info: dict[str, PatientLabel] = {}
         real_of: dict[str, str] = {}  # in memory only: lets the seed, not the secret, decide the split
+        seen_real: set[str] = set()
         pending: list[tuple[str, int, Slab]] = []  # (pseudonym, scan number, slab) before the split
 
         def accept(loaded: LoadedScan, item: InputItem, ref: str) -> None:
@@ -268,7 +269,6 @@ def ingest(
             pending.append((pseudonym, scans_of[pseudonym] - 1, loaded.slab))
             seen_real.add(loaded.patient_id)
 
-        seen_real: set[str] = set()
         scan_items = [i for i in items if i.kind != "npz"]
         jobs = [(i, options.size, options.slices, options.allow_burned_in) for i in scan_items]
         if options.workers > 1 and len(jobs) > 1:

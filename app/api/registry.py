@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from app.calibrate import calibration_path
 from generators.errors import NotFound
 from privacy_filters import public_summary
 
@@ -71,8 +72,8 @@ class ModelRegistry:
             card = json.loads(card_path.read_text())
             if not card.get("dp") and not allow_not_private:
                 continue
-            calibration_path = path / "private" / "calibration.json"
-            calibration = json.loads(calibration_path.read_text()) if calibration_path.is_file() else None
+            calibration_file = calibration_path(path)
+            calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
             self.models[path.name] = ServedModel(path.name, path, card, calibration)
 
     def get(self, model_id: str) -> ServedModel:
