@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 DEMO_PATIENTS ?= 1000
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo audit test lint bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ demo: $(DEMO_DIR)/cohort/manifest.json
 	$(BIN)/synthcohort card $(DEMO_DIR)/model
 	@echo "sample grids: $(DEMO_DIR)/model/samples_*.png"
 	@echo "synthetic cohort (NIfTI + PNG previews, manifest, privacy report): $(DEMO_DIR)/cohort"
+
+# Internal privacy and utility report on the demo model (≈ 10 min on 2 cores); never served.
+audit: $(DEMO_DIR)/model/private/calibration.json
+	$(BIN)/synthcohort audit $(DEMO_DIR)/store $(DEMO_DIR)/model --out $(DEMO_DIR)/audit --force
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

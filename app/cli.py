@@ -166,6 +166,67 @@ def calibrate(
 
 
 @app.command()
+def audit(
+    store: Annotated[Path, typer.Argument(help="The cohort store the model was trained on.")],
+    model_dir: Annotated[Path, typer.Argument(help="Model bundle directory (calibrated).")],
+    out: Annotated[Path, typer.Option("--out", help="Report directory to create (private; never served).")],
+    n: Annotated[int, typer.Option("--n", min=2, max=20_000, help="Synthetic samples of EVERY label.")] = 500,
+    seed: Annotated[int, typer.Option(help="Seed of the audited cohort (same seeds as `export --seed`).")] = 0,
+    include_neighbours: Annotated[
+        bool, typer.Option(help="Add a figure of the closest samples next to their nearest TRAINING slices.")
+    ] = False,
+    classifier_steps: Annotated[int, typer.Option(min=1, max=100_000, help="Steps per TSTR/TRTR classifier.")] = 600,
+    classifier_seeds: Annotated[int, typer.Option(min=1, max=20, help="Classifier repeats (mean ± sd).")] = 3,
+    force: Annotated[bool, typer.Option(help="Replace an existing report directory.")] = False,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: settings).")] = None,
+) -> None:
+    """Audit a model: TSTR/TRTR utility, fidelity, DCR, membership inference vs its (ε, δ); HTML + JSON report."""
+    from app.audit import STAGES, AuditSettings, run_audit
+
+    settings = AuditSettings(
+        n=n,
+        seed=seed,
+        include_neighbours=include_neighbours,
+        classifier_steps=classifier_steps,
+        classifier_seeds=classifier_seeds,
+        device=device or get_settings().device,
+    )
+    started = 0
+    with _progress(STAGES, "audit", "stage") as bar:
+
+        def on_stage(description: str) -> None:  # called as each stage starts
+            nonlocal started
+            bar.update(1 if started else 0)
+            started += 1
+            bar.set_description(f"audit: {description}")
+
+        report = run_audit(store, model_dir, out, settings, force=force, progress=on_stage)
+        bar.update(STAGES - bar.n)
+    u, p = report["utility"], report["privacy"]
+    mi, bound = p["membership_inference"], p["dp_bound"]
+    typer.echo(f"report {out / 'report.html'} and {out / 'report.json'} ({report['timings_s']['total']:.0f} s)")
+    typer.echo(
+        f"  utility: TSTR accuracy {u['tstr']['accuracy']:.3f} vs TRTR {u['trtr']['accuracy']:.3f} "
+        f"(AUC {u['tstr']['auc']:.3f} vs {u['trtr']['auc']:.3f})"
+    )
+    typer.echo(
+        f"  fidelity: Fréchet ratio {report['fidelity']['frechet']['classifier_features']['ratio']:.2f} "
+        f"(synthetic vs real baseline); DCR share {p['dcr']['share_filtered']:.3f} (target ≈ 0.5); "
+        f"filter catches {p['filter']['catch_rate_unfiltered']:.1%} of unfiltered samples"
+    )
+    ceiling = (
+        f"(ε, δ) ceiling TPR {bound['tpr_at_low_fpr']:.3f}, AUC {bound['auc']:.3f}"
+        if bound["private"]
+        else "NOT PRIVATE"
+    )
+    typer.echo(
+        f"  membership inference per patient: loss attack AUC {mi['loss']['auc']:.3f}, "
+        f"TPR@1%FPR {mi['loss']['tpr_at_low_fpr']:.3f}; Monte-Carlo on released samples AUC "
+        f"{mi['monte_carlo']['filtered']['auc']:.3f}; {ceiling}"
+    )
+
+
+@app.command()
 def train(
     store: Annotated[Path, typer.Argument(help="Cohort store written by `synthcohort ingest`.")],
     out: Annotated[Path, typer.Option("--out", help="Model bundle directory.")],

@@ -18,19 +18,12 @@ from datetime import date
 
 import numpy as np
 import torch
-from scipy import linalg
 from torch.utils.flop_counter import FlopCounterMode
 
 from generators.bundle import DiffusionModel
 from privacy_filters.embeddings import embed, make_embedding
+from privacy_filters.fidelity import frechet_distance
 from train.store import CohortStore
-
-
-def frechet(a: np.ndarray, b: np.ndarray) -> float:
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * np.real(root)))
 
 
 def matmul_flops_per_second() -> float:
@@ -76,9 +69,10 @@ def main() -> None:
     print("| sampler | FD to real held-out | RMSE vs DDIM 50 (same seeds) | images/s |")
     print("| --- | --- | --- | --- |")
     half = len(real_e) // 2
-    print(f"| real vs real (held-out halves, reference) | {frechet(real_e[:half], real_e[half:]):.4f} | — | — |")
+    reference = frechet_distance(real_e[:half], real_e[half:])
+    print(f"| real vs real (held-out halves, reference) | {reference:.4f} | — | — |")
     for name, (images, seconds, _) in results.items():
-        fd = frechet(embed(emb, images.numpy()), real_e)
+        fd = frechet_distance(embed(emb, images.numpy()), real_e)
         rmse = float(((images - base) ** 2).mean().sqrt())
         print(f"| {name} | {fd:.4f} | {rmse:.4f} | {len(images) / seconds:.1f} |")
 

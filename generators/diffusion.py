@@ -40,6 +40,8 @@ def denoising_loss(
     noise: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     prediction: Prediction,
+    *,
+    per_draw: bool = False,
 ) -> torch.Tensor:
     """Mean squared error of the denoiser over a batch of draws.
 
@@ -49,8 +51,9 @@ def denoising_loss(
         labels: class ids ``(K,)`` (the null class where the label was dropped).
         timesteps: ``(K,)`` integer timesteps.
         noise: ``(K, 1, H, W)`` standard normal noise.
+        per_draw: return one loss per draw ``(K,)`` instead of their mean (membership-inference audits).
     Returns:
-        A scalar: the loss averaged over the K draws and all pixels.
+        A scalar: the loss averaged over the K draws and all pixels (or ``(K,)`` with ``per_draw``).
     """
     abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)  # (K, 1, 1, 1)
     noisy = abar.sqrt() * images + (1.0 - abar).sqrt() * noise
@@ -61,4 +64,5 @@ def denoising_loss(
     else:  # v = √ᾱ·ε − √(1−ᾱ)·x0
         target = abar.sqrt() * noise - (1.0 - abar).sqrt() * images
     predicted = model(noisy, timesteps, class_labels=labels).sample
-    return ((predicted - target) ** 2).mean()
+    squared = (predicted - target) ** 2  # (K, 1, H, W)
+    return squared.flatten(1).mean(1) if per_draw else squared.mean()

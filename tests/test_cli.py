@@ -25,10 +25,14 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_help_is_fast_and_lists_commands() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("demo-data", "ingest", "info"):
+    for command in ("demo-data", "ingest", "info", "export", "serve", "audit"):
         assert command in result.stdout
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys, app.cli; print('torch' in sys.modules, 'nibabel' in sys.modules)"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, app.cli; print('torch' in sys.modules, {'nibabel', 'matplotlib'} & set(sys.modules) != set())",
+        ],
         capture_output=True,
         text=True,
     )

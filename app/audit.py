@@ -1,0 +1,541 @@
+"""The privacy and utility audit of a model bundle: one function that measures, one report directory.
+
+``run_audit(store, model_dir, out, AuditSettings(n=500))`` generates a cohort with the release pipeline
+(:func:`app.pipeline.build_cohort`, filter on) and an unfiltered batch from the same seeds, then measures
+
+- utility: a small CNN trained on synthetic / tested on the real holdout (TSTR) against one trained on the
+  real training split (TRTR), accuracy and AUC;
+- fidelity and diversity: Fréchet distances (TRTR classifier features; filter embedding) of synthetic vs
+  holdout next to train vs holdout, within-set MS-SSIM, per-label intensity histograms;
+- privacy: DCR share, the filter's catch rate on unfiltered samples, a loss-based and a distance-based
+  membership-inference attack per patient, and the ceiling the model's (ε, δ) puts on any attack.
+
+The report reads private data and is an internal artifact: it is written 0700 with a PRIVATE marker and is
+never served. Training images appear in it only with ``include_neighbours``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from app.calibrate import filter_dir, resize_images
+from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, sample_seed
+from generators.bundle import DiffusionModel, resolve_device
+from generators.diffusion import noise_schedule
+from generators.errors import Conflict, InvalidInput
+from privacy_filters import MemorizationFilter, fidelity
+from privacy_filters import audit_classifier as clf
+from privacy_filters import membership_inference as mia
+from privacy_filters.embeddings import embed, make_embedding
+from train.accounting import epsilon_spent
+from train.store import CohortStore
+
+REPORT_FORMAT = 1
+STAGES = 9  # progress callbacks per run (load, cohort, unfiltered, classifiers, fidelity, dcr, 2 attacks, report)
+MAX_PER_LABEL = 20_000
+PRIVACY_CURVE_DELTAS = tuple(np.geomspace(1e-12, 0.5, 25).tolist())  # δ grid for the tightest TPR bound
+INTERNAL_NOTICE = (
+    "INTERNAL AUDIT REPORT: computed from the private training cohort. Share with the privacy office only; "
+    "never serve it or attach it to a released dataset."
+)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """What the audit measures and with how much effort (defaults: ≤ 10 min on 2 CPU cores, demo cohort)."""
+
+    n: int = 500  # synthetic samples of EVERY label
+    seed: int = 0
+    include_neighbours: bool = False
+    classifier_steps: int = 600
+    classifier_seeds: int = 3
+    mia_timesteps: tuple[int, ...] = (25, 100, 250, 500)
+    mc_quantile: float = 0.01
+    ms_ssim_pairs: int = 500
+    device: str = "auto"
+
+
+@dataclass
+class RealData:
+    """Train and holdout slices at the model's size, with label ids in the model's numbering."""
+
+    train: np.ndarray
+    train_labels: np.ndarray
+    train_patients: np.ndarray
+    holdout: np.ndarray
+    holdout_labels: np.ndarray
+    holdout_patients: np.ndarray
+
+
+@dataclass
+class Synthetic:
+    """Generated images ``[N, 1, H, W]`` and their label ids."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    extra: dict = field(default_factory=dict)
+
+
+def run_audit(
+    store_path: str | Path,
+    model_dir: str | Path,
+    out: str | Path,
+    settings: AuditSettings = AuditSettings(),
+    *,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Measure everything, write ``out/report.json``, ``out/report.html`` and ``out/figures/``; return the report.
+
+    Raises:
+        Conflict: ``out`` exists (without ``force``).
+        InvalidInput: the store is not the model's training store, or the settings are out of range.
+    """
+    from app.audit_report import write_report  # matplotlib is imported only when a report is written
+
+    model_dir, out = Path(model_dir), Path(out)
+    step = progress or (lambda _: None)
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        timings[name] = round(now - clock, 2)
+        clock = now
+
+    # 1. inputs
+    _validate(settings)
+    if out.exists() and not force:
+        raise Conflict(f"{out} already exists; choose a new report directory or pass --force")
+    step("loading the model, its filter and the cohort store")
+    device = resolve_device(settings.device)
+    model = DiffusionModel.load(model_dir, device=str(device))
+    card = model.card
+    store = CohortStore.open(store_path)
+    if card.get("store_fingerprint") != store.fingerprint:
+        raise InvalidInput(
+            "this store is not the one the model was trained on (fingerprints differ); audit with the training store"
+        )
+    filt = MemorizationFilter.load(filter_dir(model_dir))
+    real = _load_real(store, model)
+    label_names = list(model.label_ids)
+    lap("load")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        os.chmod(work, 0o700)
+        # 2. the released cohort (filter on) and an unfiltered batch from the same first-attempt seeds
+        step(f"generating {settings.n} samples per label through the release pipeline (filter on)")
+        cohort, finding = _filtered_cohort(model_dir, label_names, settings, work, str(device))
+        lap("cohort_pipeline")
+        step("generating the same first-attempt seeds with the filter off")
+        raw = _unfiltered_batch(model, label_names, settings)
+        raw_scores = filt.distances(raw.images) / filt.threshold
+        if cohort is None:  # the pipeline stopped on a memorization finding: audit what it would have released
+            keep = raw_scores >= 1.0
+            cohort = Synthetic(raw.images[keep], raw.labels[keep], {"pipeline_stopped": True, "finding": finding})
+        lap("unfiltered_batch")
+
+        # 3. utility
+        step("training TRTR / TSTR classifiers")
+        utility, trtr_model = _utility(real, cohort, len(label_names), settings, device)
+        lap("classifiers")
+
+        # 4. fidelity and diversity
+        step("fidelity: Fréchet distances, MS-SSIM, intensity histograms")
+        embedding = make_embedding(filt.record["embedding"], model.image_size)
+        fid = _fidelity(real, cohort, label_names, trtr_model, embedding, settings)
+        lap("fidelity")
+
+        # 5. privacy
+        step("privacy: distances to closest records")
+        dcr = _dcr(real, cohort, raw, filt, embedding, settings)
+        lap("dcr")
+        step("privacy: loss-based membership inference (per patient)")
+        loss_attack = _loss_attack(model, real, settings)
+        lap("mia_loss")
+        step("privacy: Monte-Carlo distance attack on generated samples (per patient)")
+        mc_attack = _monte_carlo_attack(real, cohort, raw, embedding, settings)
+        lap("mia_monte_carlo")
+        bound = _dp_bound(card)
+        lap("dp_bound")
+
+        report = {
+            "format": REPORT_FORMAT,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "notice": INTERNAL_NOTICE,
+            "settings": {**asdict(settings), "device": str(device)},
+            "model": _model_summary(model_dir, card),
+            "store": _store_summary(store, real),
+            "cohort": {
+                "per_label": settings.n,
+                "accepted": len(cohort.images),
+                **cohort.extra,
+                "reproduce": f"synthcohort export MODEL_DIR --n {settings.n} --seed {settings.seed}"
+                + (" --allow-not-private" if not card.get("dp") else ""),
+            },
+            "utility": utility,
+            "fidelity": fid,
+            "privacy": {
+                "filter": {
+                    "quantile": filt.quantile,
+                    "holdout_acceptance_rate": filt.record.get("holdout_acceptance_rate"),
+                    "catch_rate_unfiltered": float(np.mean(raw_scores < 1.0)),
+                    "catch_rate_by_label": {
+                        name: float(np.mean(raw_scores[raw.labels == model.label_ids[name]] < 1.0))
+                        for name in label_names
+                    },
+                    "meaning": "share of unfiltered samples the memorization filter rejects; by construction about "
+                    "the quantile for samples as far from training as unseen patients are",
+                },
+                "dcr": dcr,
+                "membership_inference": {"loss": loss_attack, "monte_carlo": mc_attack},
+                "dp_bound": bound,
+            },
+            "timings_s": timings,
+        }
+        neighbours = _neighbours(real, raw, raw_scores, filt) if settings.include_neighbours else None
+        step("writing report.json, figures and report.html")
+        write_report(work, report, cohort=cohort, label_names=label_names, neighbours=neighbours)
+        report["timings_s"]["report"] = round(time.perf_counter() - clock, 2)
+        report["timings_s"]["total"] = round(sum(v for k, v in report["timings_s"].items() if k != "total"), 2)
+        (work / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+        shutil.rmtree(work / "cohort", ignore_errors=True)
+        _publish(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return report
+
+
+# ------------------------------------------------------------------------------------------- inputs
+def _validate(s: AuditSettings) -> None:
+    if not 2 <= s.n <= MAX_PER_LABEL:
+        raise InvalidInput(f"--n must be between 2 and {MAX_PER_LABEL} samples per label, got {s.n}")
+    if not 1 <= s.classifier_steps <= 100_000 or not 1 <= s.classifier_seeds <= 20:
+        raise InvalidInput("classifier steps must be in 1..100000 and classifier seeds in 1..20")
+    if not s.mia_timesteps or any(not 0 <= t < 1000 for t in s.mia_timesteps):
+        raise InvalidInput("membership-inference timesteps must be in 0..999")
+    if not 0.0 < s.mc_quantile < 1.0 or s.ms_ssim_pairs < 1:
+        raise InvalidInput("the Monte-Carlo quantile must be in (0, 1) and MS-SSIM pairs ≥ 1")
+
+
+def _load_real(store: CohortStore, model: DiffusionModel) -> RealData:
+    names = store.label_names
+    unknown = sorted(set(names) - set(model.label_ids))
+    if unknown:
+        raise InvalidInput(f"the store has labels the model does not know: {unknown}")
+    to_model = np.array([model.label_ids[n] for n in names], dtype=np.int64)
+    train, holdout = store.read("train"), store.read("holdout")
+    if len(holdout.images) == 0:
+        raise InvalidInput("the store has no held-out patients; the audit needs them as non-members")
+    size = model.image_size
+    return RealData(
+        train=np.ascontiguousarray(resize_images(train.images, size), dtype=np.float32),
+        train_labels=to_model[train.labels],
+        train_patients=np.asarray(train.patients),
+        holdout=np.ascontiguousarray(resize_images(holdout.images, size), dtype=np.float32),
+        holdout_labels=to_model[holdout.labels],
+        holdout_patients=np.asarray(holdout.patients),
+    )
+
+
+# ---------------------------------------------------------------------------------------- samples
+def _filtered_cohort(
+    model_dir: Path, label_names: list[str], s: AuditSettings, work: Path, device: str
+) -> tuple[Synthetic | None, str | None]:
+    """The cohort :func:`build_cohort` releases, or ``(None, finding)`` when it stops on memorization."""
+    request = CohortRequest(
+        counts={name: s.n for name in label_names}, seed=s.seed, formats=("nifti", "npz"), allow_not_private=True
+    )
+    try:
+        build_cohort(model_dir, request, work / "cohort", device=device)
+    except MemorizationSuspected as finding:
+        return None, str(finding)
+    report = json.loads((work / "cohort" / "privacy_report.json").read_text())
+    with np.load(work / "cohort" / "cohort.npz") as data:
+        images, names = data["images"].astype(np.float32), data["labels"]
+    ids = {name: i for i, name in enumerate(label_names)}
+    labels = np.array([ids[str(n)] for n in names], dtype=np.int64)
+    counts = report["counts"]
+    extra = {"pipeline_stopped": False, "generated": counts["generated"], "rejected": counts["rejected"]}
+    return Synthetic(images, labels, extra), None
+
+
+def _unfiltered_batch(model: DiffusionModel, label_names: list[str], s: AuditSettings) -> Synthetic:
+    names = [name for name in label_names for _ in range(s.n)]
+    seeds = [sample_seed(s.seed, name, i, 0) for name in label_names for i in range(s.n)]
+    generated = model.generate(labels=names, seed=0, seeds=seeds)
+    labels = np.array([model.label_ids[n] for n in names], dtype=np.int64)
+    return Synthetic(generated.images.numpy(), labels)
+
+
+# ------------------------------------------------------------------------------------------ utility
+def _utility(
+    real: RealData, synthetic: Synthetic, n_classes: int, s: AuditSettings, device: torch.device
+) -> tuple[dict, clf.SmallCNN]:
+    runs: dict[str, list[clf.ClassifierScores]] = {"trtr": [], "tstr": []}
+    first_trtr = None
+    for k in range(s.classifier_seeds):
+        seed = s.seed * 1000 + k
+        for name, (x, y) in {
+            "trtr": (real.train, real.train_labels),
+            "tstr": (synthetic.images, synthetic.labels),
+        }.items():
+            model = clf.train_classifier(x, y, n_classes, steps=s.classifier_steps, seed=seed, device=device)
+            probs, _ = clf.predict(model, real.holdout)
+            runs[name].append(clf.score(probs, real.holdout_labels))
+            if name == "trtr" and first_trtr is None:
+                first_trtr = model
+
+    def summary(scores: list[clf.ClassifierScores]) -> dict:
+        acc = np.array([r.accuracy for r in scores])
+        auc = np.array([r.auc for r in scores])
+        return {
+            "accuracy": float(acc.mean()),
+            "accuracy_sd": float(acc.std()),
+            "auc": float(auc.mean()),
+            "auc_sd": float(auc.std()),
+            "per_seed": [asdict(r) for r in scores],
+        }
+
+    trtr, tstr = summary(runs["trtr"]), summary(runs["tstr"])
+    result = {
+        "classifier": "SmallCNN (3 conv blocks 16-32-64, GroupNorm, SiLU, 64-d features), AdamW one-cycle, "
+        f"{s.classifier_steps} steps of 128 with flips and ±2 px shifts; mean over {s.classifier_seeds} seeds",
+        "test_set": f"real held-out patients ({len(real.holdout)} slices), slice level",
+        "trtr": trtr,
+        "tstr": tstr,
+        "ratio": {
+            "accuracy": tstr["accuracy"] / trtr["accuracy"] if trtr["accuracy"] else float("nan"),
+            "auc": tstr["auc"] / trtr["auc"] if trtr["auc"] else float("nan"),
+        },
+    }
+    assert first_trtr is not None
+    return result, first_trtr
+
+
+# ----------------------------------------------------------------------------------------- fidelity
+def _fidelity(
+    real: RealData,
+    synthetic: Synthetic,
+    label_names: list[str],
+    trtr_model: clf.SmallCNN,
+    embedding,
+    s: AuditSettings,
+) -> dict:
+    rng = np.random.default_rng(s.seed)
+    n = min(len(synthetic.images), len(real.train))
+    train_sub = real.train[np.sort(rng.choice(len(real.train), size=n, replace=False))]
+
+    def frechet(features: Callable[[np.ndarray], np.ndarray]) -> dict:
+        hold, syn, trn = features(real.holdout), features(synthetic.images), features(train_sub)
+        synthetic_vs_holdout = fidelity.frechet_distance(syn, hold)
+        train_vs_holdout = fidelity.frechet_distance(trn, hold)
+        return {
+            "synthetic_vs_holdout": synthetic_vs_holdout,
+            "train_vs_holdout": train_vs_holdout,
+            "ratio": synthetic_vs_holdout / train_vs_holdout if train_vs_holdout > 0 else float("inf"),
+        }
+
+    ms_ssim: dict[str, dict[str, float]] = {"synthetic": {}, "real": {}}
+    intensity: dict[str, dict] = {}
+    for i, name in enumerate(label_names):
+        syn, trn = synthetic.images[synthetic.labels == i], real.train[real.train_labels == i]
+        if len(syn) >= 2 and len(trn) >= 2:
+            ms_ssim["synthetic"][name] = fidelity.mean_pairwise_ms_ssim(syn, pairs=s.ms_ssim_pairs, seed=s.seed)
+            ms_ssim["real"][name] = fidelity.mean_pairwise_ms_ssim(trn, pairs=s.ms_ssim_pairs, seed=s.seed)
+        if len(syn) and len(trn):
+            syn_hist, edges = fidelity.intensity_histogram(syn)
+            real_hist, _ = fidelity.intensity_histogram(trn)
+            intensity[name] = {
+                "wasserstein": fidelity.intensity_distance(syn, trn, seed=s.seed),
+                "edges": edges.tolist(),
+                "synthetic_density": syn_hist.tolist(),
+                "real_density": real_hist.tolist(),
+            }
+    return {
+        "frechet": {
+            "classifier_features": frechet(lambda x: clf.predict(trtr_model, x)[1]),
+            "filter_embedding": frechet(lambda x: embed(embedding, x)),
+            "feature_spaces": "classifier_features = 64-d penultimate layer of the first TRTR classifier (trained on "
+            f"the real training split); filter_embedding = the memorization filter's {embedding.name} embedding. "
+            f"Equal sizes: {n} synthetic and {n} training slices against all held-out slices.",
+        },
+        "ms_ssim": {
+            **ms_ssim,
+            "meaning": f"mean MS-SSIM of {s.ms_ssim_pairs} random same-label pairs within a set "
+            f"({fidelity.ms_ssim_levels(real.train.shape[-1])} scales); lower = more diverse; real = training split",
+        },
+        "intensity": intensity,
+    }
+
+
+# ------------------------------------------------------------------------------------------ privacy
+def _dcr(
+    real: RealData, cohort: Synthetic, raw: Synthetic, filt: MemorizationFilter, embedding, s: AuditSettings
+) -> dict:
+    rng = np.random.default_rng(s.seed)
+    holdout_ids = np.unique(real.holdout_patients)
+    train_ids = np.unique(real.train_patients)
+    chosen = rng.choice(train_ids, size=min(len(holdout_ids), len(train_ids)), replace=False)
+    train_sub = real.train[np.isin(real.train_patients, chosen)]
+
+    def share(images: np.ndarray) -> float:
+        return fidelity.dcr_share(
+            fidelity.nearest_distances(embedding, train_sub, images),
+            fidelity.nearest_distances(embedding, real.holdout, images),
+        )
+
+    return {
+        "share_filtered": share(cohort.images),
+        "share_unfiltered": share(raw.images),
+        "reference": f"{len(chosen)} training patients ({len(train_sub)} slices) vs all {len(holdout_ids)} held-out "
+        f"patients ({len(real.holdout)} slices); distances in the filter's {embedding.name} embedding, "
+        "mirror-invariant",
+        "target": "≈ 0.5: synthetic samples are no closer to training patients than to unseen ones",
+        "distances_to_train": {
+            "synthetic_filtered": filt.distances(cohort.images).tolist(),
+            "synthetic_unfiltered": filt.distances(raw.images).tolist(),
+            "holdout": filt.distances(real.holdout).tolist(),
+            "filter_threshold": filt.threshold,
+        },
+    }
+
+
+def _loss_attack(model: DiffusionModel, real: RealData, s: AuditSettings) -> dict:
+    prediction = model.scheduler_config.get("prediction_type", "epsilon")
+    alphas = noise_schedule(DDPMScheduler.from_config(model.scheduler_config))
+    images = np.concatenate([real.train, real.holdout])
+    labels = np.concatenate([real.train_labels, real.holdout_labels])
+    scores = mia.loss_attack_scores(
+        model.unet, images, labels, alphas_cumprod=alphas, prediction=prediction, timesteps=s.mia_timesteps, seed=s.seed
+    )
+    member, nonmember = _patient_scores(scores, real)
+    return {
+        **mia.attack_roc(member, nonmember),
+        "attack": f"white-box: −(z-scored denoising loss) at timesteps {list(s.mia_timesteps)} with fixed noise, "
+        "averaged over each patient's slices; members = training patients, non-members = held-out patients",
+    }
+
+
+def _monte_carlo_attack(real: RealData, cohort: Synthetic, raw: Synthetic, embedding, s: AuditSettings) -> dict:
+    candidates = embed(embedding, np.concatenate([real.train, real.holdout]))
+    result = {}
+    for name, generated in (("filtered", cohort), ("unfiltered", raw)):
+        scores, radius = mia.monte_carlo_scores(candidates, embed(embedding, generated.images), quantile=s.mc_quantile)
+        member, nonmember = _patient_scores(scores, real)
+        result[name] = {**mia.attack_roc(member, nonmember), "radius": radius}
+    result["attack"] = (
+        f"black-box on generated samples: share of samples within the {s.mc_quantile:.0%} quantile of candidate→sample "
+        f"distances ({embedding.name} embedding), averaged over each patient's slices"
+    )
+    return result
+
+
+def _patient_scores(scores: np.ndarray, real: RealData) -> tuple[np.ndarray, np.ndarray]:
+    n_train = len(real.train)
+    _, member = mia.per_patient(scores[:n_train], real.train_patients)
+    _, nonmember = mia.per_patient(scores[n_train:], real.holdout_patients)
+    return member, nonmember
+
+
+def _dp_bound(card: dict) -> dict:
+    if not card.get("dp"):
+        return {"private": False, "statement": "NOT PRIVATE: no differential-privacy bound limits these attacks"}
+    curve = [(float(card["epsilon"]), float(card["delta"]))]
+    for delta in PRIVACY_CURVE_DELTAS:
+        eps = epsilon_spent(
+            noise_multiplier=card["noise_multiplier"],
+            sample_rate=card["sample_rate"],
+            steps=card["steps"],
+            delta=delta,
+            accountant=card.get("accountant", "prv"),
+        )
+        if np.isfinite(eps):
+            curve.append((eps, delta))
+    tpr = mia.dp_tpr_bound(mia.LOW_FPR, curve)
+    single = mia.dp_tpr_bound(mia.LOW_FPR, curve[:1])
+    return {
+        "private": True,
+        "epsilon": card["epsilon"],
+        "delta": card["delta"],
+        "tpr_at_low_fpr": float(tpr),
+        "tpr_at_low_fpr_card_pair_only": float(single),
+        "auc": mia.dp_auc_bound(curve),
+        "auc_card_pair_only": mia.dp_auc_bound(curve[:1]),
+        "low_fpr": mia.LOW_FPR,
+        "privacy_curve": [{"epsilon": e, "delta": d} for e, d in curve],
+        "meaning": "the largest TPR / AUC ANY membership attack on the model can reach, from the model's privacy "
+        "curve (ε(δ) from its accountant over a δ grid; TPR ≤ e^ε·FPR + δ for every pair). Covers the loss attack "
+        "and attacks on unfiltered samples; the filter reads training data, so filtered outputs are not strictly "
+        "covered by ε.",
+    }
+
+
+def _neighbours(real: RealData, raw: Synthetic, raw_scores: np.ndarray, filt: MemorizationFilter, k: int = 8) -> dict:
+    closest = np.argsort(raw_scores)[:k]
+    _, ids = filt.nearest_training_indices(raw.images[closest])
+    return {"synthetic": raw.images[closest], "training": real.train[ids], "scores": raw_scores[closest]}
+
+
+# -------------------------------------------------------------------------------------------- output
+def _model_summary(model_dir: Path, card: dict) -> dict:
+    keys = ("dp", "epsilon", "delta", "target_epsilon", "accountant", "noise_multiplier", "sample_rate", "steps")
+    return {
+        "dir_name": model_dir.name,
+        "training_inputs_digest": card.get("training_inputs_digest"),
+        "preset": (card.get("preset") or {}).get("name"),
+        "image_size": card.get("image_size"),
+        "labels": list(card.get("labels", {})),
+        **{k: card.get(k) for k in keys},
+        "statement": card.get("statement"),
+    }
+
+
+def _store_summary(store: CohortStore, real: RealData) -> dict:
+    return {
+        "fingerprint": store.fingerprint,
+        "n_train_patients": len(np.unique(real.train_patients)),
+        "n_holdout_patients": len(np.unique(real.holdout_patients)),
+        "n_train_slices": len(real.train),
+        "n_holdout_slices": len(real.holdout),
+    }
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _publish(work: Path, out: Path) -> None:
+    """Mark the report private and move it into place (replacing an old report only once complete)."""
+    (work / "PRIVATE").write_text(INTERNAL_NOTICE + "\n")
+    for path in work.rglob("*"):
+        os.chmod(path, 0o700 if path.is_dir() else 0o600)
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(work, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(work, out)

@@ -1,0 +1,276 @@
+"""Figures (PNG) and a self-contained ``report.html`` for an audit report (see :mod:`app.audit`).
+
+The HTML embeds every figure as a base64 data URI, so the single file can be mailed to the privacy office.
+Training images are drawn only into ``figures/neighbours.png``, which exists only when neighbours were asked for.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
+
+from generators.bundle import save_grid
+from privacy_filters.membership_inference import dp_tpr_bound
+
+FIGURES = "figures"
+DPI = 110
+
+
+def write_report(root: Path, report: dict, *, cohort, label_names: list[str], neighbours: dict | None) -> list[str]:
+    """Write ``figures/*.png`` and ``report.html`` under ``root``; returns the figure file names."""
+    figures = root / FIGURES
+    figures.mkdir(parents=True, exist_ok=True)
+    names: list[str] = []
+    for i, label in enumerate(label_names):
+        images = cohort.images[cohort.labels == i][:32]
+        if len(images):
+            save_grid(torch.from_numpy(images), figures / f"samples_{label}.png", columns=8, scale=3)
+            names.append(f"samples_{label}.png")
+    names += [_utility_bars(figures, report), _intensity(figures, report, label_names), _dcr(figures, report)]
+    names.append(_roc(figures, report))
+    if neighbours is not None:
+        names.append(_neighbours(figures, neighbours))
+    (root / "report.html").write_text(_html(root, report, names))
+    return names
+
+
+# -------------------------------------------------------------------------------------------- figures
+def _save(fig, path: Path) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path.name
+
+
+def _utility_bars(figures: Path, report: dict) -> str:
+    u = report["utility"]
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    x = np.arange(2)
+    for k, (name, colour) in enumerate((("trtr", "#4c72b0"), ("tstr", "#dd8452"))):
+        values = [u[name]["accuracy"], u[name]["auc"]]
+        errors = [u[name]["accuracy_sd"], u[name]["auc_sd"]]
+        bars = ax.bar(x + (k - 0.5) * 0.38, values, 0.38, yerr=errors, capsize=3, color=colour, label=name.upper())
+        ax.bar_label(bars, fmt="%.3f", fontsize=8)
+    ax.set_xticks(x, ["accuracy", "ROC AUC"])
+    ax.set_ylim(0, 1.1)
+    ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+    ax.set_title("Utility on the real held-out patients")
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(fig, figures / "utility.png")
+
+
+def _intensity(figures: Path, report: dict, label_names: list[str]) -> str:
+    hist = report["fidelity"]["intensity"]
+    fig = Figure(figsize=(4.2 * len(label_names), 3))
+    axes = fig.subplots(1, len(label_names), squeeze=False)
+    for ax, label in zip(axes[0], label_names, strict=True):
+        if label not in hist:
+            ax.set_axis_off()
+            continue
+        h = hist[label]
+        centres = (np.array(h["edges"][:-1]) + np.array(h["edges"][1:])) / 2
+        ax.plot(centres, h["real_density"], label="real (train)", color="#4c72b0")
+        ax.plot(centres, h["synthetic_density"], label="synthetic", color="#dd8452")
+        ax.set_yscale("log")
+        ax.set_title(f"{label}: W1 = {h['wasserstein']:.3f}", fontsize=9)
+        ax.set_xlabel("pixel value")
+    axes[0][0].legend(fontsize=8)
+    return _save(fig, figures / "intensity.png")
+
+
+def _dcr(figures: Path, report: dict) -> str:
+    d = report["privacy"]["dcr"]["distances_to_train"]
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.subplots()
+    everything = np.concatenate([d["holdout"], d["synthetic_unfiltered"], d["synthetic_filtered"]])
+    bins = np.linspace(0, np.quantile(everything, 0.995), 50)
+    ax.hist(d["holdout"], bins=bins, density=True, alpha=0.5, label="held-out real → train", color="#4c72b0")
+    ax.hist(
+        d["synthetic_unfiltered"],
+        bins=bins,
+        density=True,
+        histtype="step",
+        lw=1.5,
+        label="synthetic, filter off → train",
+        color="#c44e52",
+    )
+    ax.hist(
+        d["synthetic_filtered"],
+        bins=bins,
+        density=True,
+        alpha=0.5,
+        label="synthetic, released → train",
+        color="#dd8452",
+    )
+    ax.axvline(d["filter_threshold"], color="black", ls="--", lw=1, label="filter threshold")
+    ax.set_xlabel("distance to the closest training slice (filter embedding)")
+    ax.set_title("Distance to closest record")
+    ax.legend(fontsize=7)
+    return _save(fig, figures / "dcr.png")
+
+
+def _roc(figures: Path, report: dict) -> str:
+    m = report["privacy"]["membership_inference"]
+    bound = report["privacy"]["dp_bound"]
+    curves = [
+        ("loss attack (white box)", m["loss"], "#4c72b0"),
+        ("Monte-Carlo, released samples", m["monte_carlo"]["filtered"], "#dd8452"),
+        ("Monte-Carlo, filter off", m["monte_carlo"]["unfiltered"], "#c44e52"),
+    ]
+    fig = Figure(figsize=(9, 3.8))
+    axes = fig.subplots(1, 2)
+    grid = np.logspace(-4, 0, 400)
+    for ax, log in zip(axes, (False, True), strict=True):
+        for name, c, colour in curves:
+            ax.plot(c["fpr"], c["tpr"], color=colour, label=f"{name}: AUC {c['auc']:.3f}")
+        ax.plot(grid, grid, color="grey", ls=":", lw=1, label="chance")
+        if bound.get("private"):
+            curve = [(p["epsilon"], p["delta"]) for p in bound["privacy_curve"]]
+            ax.plot(
+                grid,
+                dp_tpr_bound(grid, curve),
+                color="black",
+                ls="--",
+                lw=1,
+                label=f"(ε, δ) bound: AUC ≤ {bound['auc']:.3f}",
+            )
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        if log:
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlim(1e-3, 1)
+            ax.set_ylim(1e-3, 1.05)
+            ax.set_title("log scale (low FPR matters)")
+        else:
+            ax.set_title("Membership inference, per patient")
+    axes[0].legend(fontsize=7, loc="lower right")
+    return _save(fig, figures / "mia_roc.png")
+
+
+def _neighbours(figures: Path, neighbours: dict) -> str:
+    syn, trn, scores = neighbours["synthetic"], neighbours["training"], neighbours["scores"]
+    fig = Figure(figsize=(1.3 * len(syn), 3))
+    axes = fig.subplots(2, len(syn), squeeze=False)
+    for j in range(len(syn)):
+        for row, image in ((0, syn[j]), (1, trn[j])):
+            axes[row][j].imshow(image[0], cmap="gray", vmin=-1, vmax=1)
+            axes[row][j].set_axis_off()
+        axes[0][j].set_title(f"score {scores[j]:.2f}", fontsize=7)
+    fig.suptitle("Closest unfiltered samples (top) and their nearest TRAINING slices (bottom) — PRIVATE", fontsize=8)
+    return _save(fig, figures / "neighbours.png")
+
+
+# ----------------------------------------------------------------------------------------------- HTML
+def _fmt(value: object, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "n/a" if not np.isfinite(value) else f"{value:.{digits}f}"
+    return html.escape(str(value))
+
+
+def _rows(pairs: list[tuple[str, object]]) -> str:
+    return "".join(f"<tr><th>{html.escape(k)}</th><td>{_fmt(v)}</td></tr>" for k, v in pairs)
+
+
+def _img(root: Path, name: str, alt: str) -> str:
+    data = base64.b64encode((root / FIGURES / name).read_bytes()).decode()
+    caption = html.escape(alt)
+    return (
+        f'<figure><img alt="{caption}" src="data:image/png;base64,{data}"><figcaption>{caption}</figcaption></figure>'
+    )
+
+
+def _html(root: Path, r: dict, figures: list[str]) -> str:
+    model, u, f, p = r["model"], r["utility"], r["fidelity"], r["privacy"]
+    mi, bound, dcr = p["membership_inference"], p["dp_bound"], p["dcr"]
+    if model.get("dp"):
+        guarantee = (
+            f"ε = {model['epsilon']:.3g}, δ = {model['delta']:g} per patient ({html.escape(str(model['accountant']))})"
+        )
+    else:
+        guarantee = "NOT PRIVATE — trained without differential privacy"
+    ceiling = (
+        f"{bound['tpr_at_low_fpr']:.3f} TPR at 1% FPR, AUC ≤ {bound['auc']:.3f}"
+        if bound.get("private")
+        else "none (no DP)"
+    )
+    headline = _rows(
+        [
+            ("Privacy guarantee", guarantee),
+            (
+                "TSTR / TRTR accuracy",
+                f"{u['tstr']['accuracy']:.3f} / {u['trtr']['accuracy']:.3f}  (ratio {u['ratio']['accuracy']:.3f})",
+            ),
+            ("TSTR / TRTR AUC", f"{u['tstr']['auc']:.3f} / {u['trtr']['auc']:.3f}  (ratio {u['ratio']['auc']:.3f})"),
+            (
+                "Fréchet distance ratio (synthetic vs real baseline, classifier features)",
+                f["frechet"]["classifier_features"]["ratio"],
+            ),
+            ("DCR share, released samples (target ≈ 0.5)", dcr["share_filtered"]),
+            (
+                "Filter catch rate on unfiltered samples (unseen patients: about q)",
+                f"{p['filter']['catch_rate_unfiltered']:.1%} (q = {p['filter']['quantile']:.0%})",
+            ),
+            ("Loss attack: AUC / TPR at 1% FPR", f"{mi['loss']['auc']:.3f} / {mi['loss']['tpr_at_low_fpr']:.3f}"),
+            (
+                "Monte-Carlo attack on released samples: AUC / TPR at 1% FPR",
+                f"{mi['monte_carlo']['filtered']['auc']:.3f} / {mi['monte_carlo']['filtered']['tpr_at_low_fpr']:.3f}",
+            ),
+            ("Ceiling from (ε, δ) for ANY attack", ceiling),
+        ]
+    )
+    fr = f["frechet"]
+    fidelity_rows = _rows(
+        [
+            ("FD classifier features: synthetic vs holdout", fr["classifier_features"]["synthetic_vs_holdout"]),
+            ("FD classifier features: train vs holdout (baseline)", fr["classifier_features"]["train_vs_holdout"]),
+            ("FD filter embedding: synthetic vs holdout", fr["filter_embedding"]["synthetic_vs_holdout"]),
+            ("FD filter embedding: train vs holdout (baseline)", fr["filter_embedding"]["train_vs_holdout"]),
+            *[(f"MS-SSIM within synthetic, {k}", v) for k, v in f["ms_ssim"]["synthetic"].items()],
+            *[(f"MS-SSIM within real, {k}", v) for k, v in f["ms_ssim"]["real"].items()],
+        ]
+    )
+    images = "".join(_img(root, name, name.removesuffix(".png").replace("_", " ")) for name in figures)
+    notes = "".join(
+        f"<li>{html.escape(text)}</li>"
+        for text in (
+            f["frechet"]["feature_spaces"],
+            f["ms_ssim"]["meaning"],
+            u["classifier"] + "; tested on " + u["test_set"],
+            dcr["reference"],
+            mi["loss"]["attack"],
+            mi["monte_carlo"]["attack"],
+            bound.get("meaning", bound.get("statement", "")),
+            p["filter"]["meaning"],
+        )
+    )
+    timings = ", ".join(f"{k} {v:.0f} s" for k, v in r["timings_s"].items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>synthcohort audit — {html.escape(str(model["dir_name"]))}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 1000px; margin: 2em auto; color: #222; }}
+.notice {{ background: #fde2e1; border: 1px solid #c44e52; padding: .6em 1em; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: .3em .6em; text-align: left; }}
+th {{ background: #f4f4f4; font-weight: 600; }} figure {{ display: inline-block; margin: .5em; }}
+figcaption {{ font-size: .8em; color: #555; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>Privacy and utility audit</h1>
+<p class="notice">{html.escape(r["notice"])}</p>
+<p>Model <code>{html.escape(str(model["dir_name"]))}</code> (preset {html.escape(str(model["preset"]))},
+{model["image_size"]} px), store {html.escape(r["store"]["fingerprint"][:12])}…:
+{r["store"]["n_train_patients"]} training and {r["store"]["n_holdout_patients"]} held-out patients.
+Cohort: {r["settings"]["n"]} samples per label, seed {r["settings"]["seed"]} — {html.escape(r["cohort"]["reproduce"])}.
+Created {html.escape(r["created"])}.</p>
+<h2>Headline numbers</h2><table>{headline}</table>
+<h2>Fidelity and diversity</h2><table>{fidelity_rows}</table>
+<h2>Figures</h2>{images}
+<h2>How each number was measured</h2><ul>{notes}</ul>
+<p><small>Timings: {html.escape(timings)}. Every number is in <code>report.json</code>.</small></p>
+</body></html>
+"""

@@ -1,0 +1,104 @@
+"""`synthcohort audit` end to end on the tiny real model: report contents, privacy of the report, bad input."""
+
+import json
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.audit import AuditSettings, run_audit
+from generators.errors import Conflict, InvalidInput
+
+FAST = {"n": 6, "classifier_steps": 15, "classifier_seeds": 2, "mia_timesteps": (50, 200), "ms_ssim_pairs": 10}
+
+
+@pytest.fixture(scope="module")
+def audited(tiny_model: Path, demo_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("audit") / "report"
+    report = run_audit(demo_store.store.path, tiny_model, out, AuditSettings(**FAST))
+    return out, report
+
+
+def test_report_has_every_number_in_range(audited) -> None:
+    out, report = audited
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["utility"] == report["utility"]
+    u = on_disk["utility"]
+    for name in ("trtr", "tstr"):
+        assert 0.0 <= u[name]["accuracy"] <= 1.0 and 0.0 <= u[name]["auc"] <= 1.0
+        assert len(u[name]["per_seed"]) == 2
+    assert u["ratio"]["accuracy"] == pytest.approx(u["tstr"]["accuracy"] / u["trtr"]["accuracy"])
+    fr = on_disk["fidelity"]["frechet"]
+    for space in ("classifier_features", "filter_embedding"):
+        assert fr[space]["synthetic_vs_holdout"] >= 0 and fr[space]["train_vs_holdout"] > 0
+    assert set(on_disk["fidelity"]["ms_ssim"]["synthetic"]) <= {"healthy", "lesion"}
+    p = on_disk["privacy"]
+    assert 0.0 <= p["dcr"]["share_filtered"] <= 1.0 and 0.0 <= p["filter"]["catch_rate_unfiltered"] <= 1.0
+    # every released sample passed the filter; the unfiltered batch has all 2 × n samples
+    assert all(
+        d >= p["dcr"]["distances_to_train"]["filter_threshold"]
+        for d in p["dcr"]["distances_to_train"]["synthetic_filtered"]
+    )
+    assert len(p["dcr"]["distances_to_train"]["synthetic_unfiltered"]) == 2 * FAST["n"]
+    store = on_disk["store"]
+    loss = p["membership_inference"]["loss"]
+    assert loss["n_members"] == store["n_train_patients"] and loss["n_nonmembers"] == store["n_holdout_patients"]
+    assert 0.0 <= loss["auc"] <= 1.0
+    bound = p["dp_bound"]
+    assert bound["private"] and bound["epsilon"] == pytest.approx(on_disk["model"]["epsilon"])
+    # the curve over δ can only tighten the ceiling given by the card's single (ε, δ)
+    assert bound["tpr_at_low_fpr"] <= bound["tpr_at_low_fpr_card_pair_only"] + 1e-12
+    assert 0.5 <= bound["auc"] <= bound["auc_card_pair_only"] + 1e-12
+    assert on_disk["cohort"]["reproduce"].startswith("synthcohort export MODEL_DIR --n 6 --seed 0")
+    assert on_disk["timings_s"]["total"] > 0
+
+
+def test_report_is_private_self_contained_and_shows_no_training_images(audited) -> None:
+    out, _ = audited
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    assert (out / "PRIVATE").is_file() and stat.S_IMODE((out / "report.json").stat().st_mode) == 0o600
+    figures = sorted(p.name for p in (out / "figures").iterdir())
+    assert "neighbours.png" not in figures
+    assert {"dcr.png", "mia_roc.png", "utility.png", "intensity.png"} <= set(figures)
+    assert any(name.startswith("samples_") for name in figures)
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(figures)
+    assert not re.search(r'(src|href)="(?!data:)', page), "the HTML must not load anything from outside"
+    assert "INTERNAL AUDIT REPORT" in page and "TSTR" in page
+    assert not (out / "cohort").exists() and not list(out.parent.glob(".*.tmp"))
+
+
+def test_existing_report_is_refused_then_replaced_with_force(audited, tiny_model: Path, demo_store) -> None:
+    out, _ = audited
+    before = (out / "report.json").read_text()
+    with pytest.raises(Conflict):
+        run_audit(demo_store.store.path, tiny_model, out, AuditSettings(**FAST))
+    assert (out / "report.json").read_text() == before
+
+
+def test_cli_with_neighbours_and_force(tiny_model: Path, demo_store, tmp_path: Path) -> None:
+    out = tmp_path / "with-neighbours"
+    args = [sys.executable, "-m", "app.cli", "audit", str(demo_store.store.path), str(tiny_model), "--out", str(out)]
+    args += ["--n", "4", "--classifier-steps", "10", "--classifier-seeds", "1", "--include-neighbours"]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "TSTR accuracy" in done.stdout and "membership inference" in done.stdout
+    assert (out / "figures" / "neighbours.png").is_file()
+    assert "neighbours" in (out / "report.html").read_text()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 4 and "already exists" in again.stderr
+
+
+def test_wrong_store_and_bad_settings_are_refused(tiny_model: Path, canary_store, demo_store, tmp_path: Path) -> None:
+    with pytest.raises(InvalidInput, match="not the one the model was trained on"):
+        run_audit(canary_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**FAST))
+    with pytest.raises(InvalidInput, match="--n"):
+        run_audit(demo_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**{**FAST, "n": 1}))
+    with pytest.raises(InvalidInput, match="timesteps"):
+        run_audit(
+            demo_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**{**FAST, "mia_timesteps": (1000,)})
+        )
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".*"))
