@@ -145,9 +145,8 @@ def run_audit(
         step("generating the same first-attempt seeds with the filter off")
         raw = _unfiltered_batch(model, label_names, settings)
         raw_scores = filt.distances(raw.images) / filt.threshold
-        if cohort is None:  # the pipeline stopped on a memorization finding: audit what it would have released
-            keep = raw_scores >= 1.0
-            cohort = Synthetic(raw.images[keep], raw.labels[keep], {"pipeline_stopped": True, "finding": finding})
+        if cohort is None:  # the pipeline refused to release anything: audit the closest stand-in
+            cohort = _stand_in(raw, raw_scores, len(label_names), finding)
         lap("unfiltered_batch")
 
         # 3. utility
@@ -272,8 +271,25 @@ def _filtered_cohort(
     ids = {name: i for i, name in enumerate(label_names)}
     labels = np.array([ids[str(n)] for n in names], dtype=np.int64)
     counts = report["counts"]
-    extra = {"pipeline_stopped": False, "generated": counts["generated"], "rejected": counts["rejected"]}
+    extra = {
+        "pipeline_stopped": False,
+        "generated": counts["generated"],
+        "rejected": counts["rejected"],
+        "source": "the cohort the release pipeline (build_cohort) produced",
+    }
     return Synthetic(images, labels, extra), None
+
+
+def _stand_in(raw: Synthetic, scores: np.ndarray, n_labels: int, finding: str | None) -> Synthetic:
+    """What to measure when the pipeline stopped: the samples the filter accepts, or all samples if too few."""
+    keep = scores >= 1.0
+    if all((raw.labels[keep] == i).sum() >= 2 for i in range(n_labels)):
+        images, labels = raw.images[keep], raw.labels[keep]
+        source = "the unfiltered samples the filter accepts (the pipeline itself released nothing)"
+    else:
+        images, labels = raw.images, raw.labels
+        source = "the whole unfiltered batch: the filter accepts too few samples (the pipeline released nothing)"
+    return Synthetic(images, labels, {"pipeline_stopped": True, "finding": finding, "source": source})
 
 
 def _unfiltered_batch(model: DiffusionModel, label_names: list[str], s: AuditSettings) -> Synthetic:

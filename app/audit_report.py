@@ -249,6 +249,12 @@ def _html(root: Path, r: dict, figures: list[str]) -> str:
             p["filter"]["meaning"],
         )
     )
+    finding = ""
+    if r["cohort"]["pipeline_stopped"]:
+        finding = (
+            '<p class="notice"><b>FINDING: the release pipeline refused this model.</b> '
+            f"{html.escape(str(r['cohort']['finding']))} Measured instead on {html.escape(r['cohort']['source'])}.</p>"
+        )
     timings = ", ".join(f"{k} {v:.0f} s" for k, v in r["timings_s"].items())
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>synthcohort audit — {html.escape(str(model["dir_name"]))}</title>
@@ -261,7 +267,7 @@ th {{ background: #f4f4f4; font-weight: 600; }} figure {{ display: inline-block;
 figcaption {{ font-size: .8em; color: #555; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>Privacy and utility audit</h1>
-<p class="notice">{html.escape(r["notice"])}</p>
+<p class="notice">{html.escape(r["notice"])}</p>{finding}
 <p>Model <code>{html.escape(str(model["dir_name"]))}</code> (preset {html.escape(str(model["preset"]))},
 {model["image_size"]} px), store {html.escape(r["store"]["fingerprint"][:12])}…:
 {r["store"]["n_train_patients"]} training and {r["store"]["n_holdout_patients"]} held-out patients.

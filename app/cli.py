@@ -205,6 +205,8 @@ def audit(
     u, p = report["utility"], report["privacy"]
     mi, bound = p["membership_inference"], p["dp_bound"]
     typer.echo(f"report {out / 'report.html'} and {out / 'report.json'} ({report['timings_s']['total']:.0f} s)")
+    if report["cohort"]["pipeline_stopped"]:
+        typer.echo(f"  FINDING: the release pipeline refused this model: {report['cohort']['finding']}")
     typer.echo(
         f"  utility: TSTR accuracy {u['tstr']['accuracy']:.3f} vs TRTR {u['trtr']['accuracy']:.3f} "
         f"(AUC {u['tstr']['auc']:.3f} vs {u['trtr']['auc']:.3f})"

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -102,3 +103,17 @@ def test_wrong_store_and_bad_settings_are_refused(tiny_model: Path, canary_store
             demo_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**{**FAST, "mia_timesteps": (1000,)})
         )
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_a_model_the_pipeline_refuses_is_still_audited_with_the_finding(tiny_model: Path, demo_store, tmp_path: Path):
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_model, strict)
+    meta_path = strict / "private" / "filter" / "filter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["threshold"] = 1e9  # every output now sits "closer than unseen patients": the pipeline must refuse
+    meta_path.write_text(json.dumps(meta))
+    report = run_audit(demo_store.store.path, strict, tmp_path / "r", AuditSettings(**FAST))
+    assert report["cohort"]["pipeline_stopped"] and "appears to memorize" in report["cohort"]["finding"]
+    assert report["cohort"]["source"].startswith("the whole unfiltered batch")
+    assert report["privacy"]["filter"]["catch_rate_unfiltered"] == 1.0
+    assert "FINDING: the release pipeline refused this model" in (tmp_path / "r" / "report.html").read_text()
