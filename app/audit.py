@@ -31,7 +31,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from app.calibrate import filter_dir, resize_images
-from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, sample_seed
+from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, load_seed_key, sample_seed
 from generators.bundle import DiffusionModel, resolve_device
 from generators.diffusion import noise_schedule
 from generators.errors import Conflict, InvalidInput
@@ -39,7 +39,7 @@ from privacy_filters import MemorizationFilter, fidelity
 from privacy_filters import audit_classifier as clf
 from privacy_filters import membership_inference as mia
 from privacy_filters.embeddings import embed, make_embedding
-from train.accounting import epsilon_spent
+from train.accounting import epsilon_of
 from train.store import CohortStore
 
 REPORT_FORMAT = 1
@@ -125,9 +125,9 @@ def run_audit(
     model = DiffusionModel.load(model_dir, device=str(device))
     card = model.card
     store = CohortStore.open(store_path)
-    if card.get("store_fingerprint") != store.fingerprint:
+    if card.get("store_id") != store.store_id:
         raise InvalidInput(
-            "this store is not the one the model was trained on (fingerprints differ); audit with the training store"
+            "this store is not the one the model was trained on (store ids differ); audit with the training store"
         )
     filt = MemorizationFilter.load(filter_dir(model_dir))
     real = _load_real(store, model)
@@ -143,7 +143,7 @@ def run_audit(
         cohort, finding = _filtered_cohort(model_dir, label_names, settings, work, str(device))
         lap("cohort_pipeline")
         step("generating the same first-attempt seeds with the filter off")
-        raw = _unfiltered_batch(model, label_names, settings)
+        raw = _unfiltered_batch(model, load_seed_key(model_dir), label_names, settings)
         raw_scores = filt.distances(raw.images) / filt.threshold
         if cohort is None:  # the pipeline refused to release anything: audit the closest stand-in
             cohort = _stand_in(raw, raw_scores, len(label_names), finding)
@@ -261,20 +261,24 @@ def _filtered_cohort(
     request = CohortRequest(
         counts={name: s.n for name in label_names}, seed=s.seed, formats=("nifti", "npz"), allow_not_private=True
     )
-    try:
-        build_cohort(model_dir, request, work / "cohort", device=device)
+    totals: dict[str, int] = {}
+    try:  # the filter's totals come through the progress callback: the released dataset does not carry them
+        build_cohort(
+            model_dir,
+            request,
+            work / "cohort",
+            device=device,
+            progress=lambda state: totals.update(generated=state.generated, rejected=state.rejected),
+        )
     except MemorizationSuspected as finding:
-        return None, str(finding)
-    report = json.loads((work / "cohort" / "privacy_report.json").read_text())
+        return None, f"{finding} ({finding.detail})"
     with np.load(work / "cohort" / "cohort.npz") as data:
         images, names = data["images"].astype(np.float32), data["labels"]
     ids = {name: i for i, name in enumerate(label_names)}
     labels = np.array([ids[str(n)] for n in names], dtype=np.int64)
-    counts = report["counts"]
     extra = {
         "pipeline_stopped": False,
-        "generated": counts["generated"],
-        "rejected": counts["rejected"],
+        **totals,
         "source": "the cohort the release pipeline (build_cohort) produced",
     }
     return Synthetic(images, labels, extra), None
@@ -292,9 +296,9 @@ def _stand_in(raw: Synthetic, scores: np.ndarray, n_labels: int, finding: str | 
     return Synthetic(images, labels, {"pipeline_stopped": True, "finding": finding, "source": source})
 
 
-def _unfiltered_batch(model: DiffusionModel, label_names: list[str], s: AuditSettings) -> Synthetic:
+def _unfiltered_batch(model: DiffusionModel, key: bytes, label_names: list[str], s: AuditSettings) -> Synthetic:
     names = [name for name in label_names for _ in range(s.n)]
-    seeds = [sample_seed(s.seed, name, i, 0) for name in label_names for i in range(s.n)]
+    seeds = [sample_seed(key, s.seed, name, i, 0) for name in label_names for i in range(s.n)]
     generated = model.generate(labels=names, seed=0, seeds=seeds)
     labels = np.array([model.label_ids[n] for n in names], dtype=np.int64)
     return Synthetic(generated.images.numpy(), labels)
@@ -474,14 +478,9 @@ def _dp_bound(card: dict) -> dict:
     if not card.get("dp"):
         return {"private": False, "statement": "NOT PRIVATE: no differential-privacy bound limits these attacks"}
     curve = [(float(card["epsilon"]), float(card["delta"]))]
+    history = [tuple(m) for m in card["privacy_history"]]
     for delta in PRIVACY_CURVE_DELTAS:
-        eps = epsilon_spent(
-            noise_multiplier=card["noise_multiplier"],
-            sample_rate=card["sample_rate"],
-            steps=card["steps"],
-            delta=delta,
-            accountant=card.get("accountant", "prv"),
-        )
+        eps = epsilon_of(history, delta=delta, accountant=card.get("accountant", "prv"))
         if np.isfinite(eps):
             curve.append((eps, delta))
     tpr = mia.dp_tpr_bound(mia.LOW_FPR, curve)

@@ -1,13 +1,16 @@
 """Build a model's memorization filter from the cohort store it was trained on.
 
-Everything written here is private: ``MODEL_DIR/private/filter/`` (the index of training embeddings)
-and ``MODEL_DIR/private/calibration.json`` (the calibration record). Neither is ever served.
+Everything written here is private: ``MODEL_DIR/private/filter/`` (the index of training embeddings),
+``MODEL_DIR/private/calibration.json`` (the calibration record) and ``MODEL_DIR/private/seed.key`` (the
+server secret that keys every released sample's seed, see :func:`app.pipeline.sample_seed`). None is ever
+served.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +31,21 @@ def filter_dir(model_dir: Path) -> Path:
 
 def calibration_path(model_dir: Path) -> Path:
     return Path(model_dir) / PRIVATE_DIR / "calibration.json"
+
+
+def seed_key_path(model_dir: Path) -> Path:
+    return Path(model_dir) / PRIVATE_DIR / "seed.key"
+
+
+def ensure_seed_key(model_dir: Path) -> None:
+    """Create the model's seed key once (kept across re-calibration, so manifests stay reproducible)."""
+    path = seed_key_path(model_dir)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_bytes(32))
 
 
 def resize_images(images: np.ndarray, size: int, *, chunk: int = 8192) -> np.ndarray:
@@ -57,10 +75,10 @@ def calibrate(
     size = store.image_size
     if card_path.is_file():
         card = json.loads(card_path.read_text())
-        expected = card.get("store_fingerprint")
-        if expected and expected != store.fingerprint:
+        expected = card.get("store_id")
+        if expected and expected != store.store_id:
             raise InvalidInput(
-                "this model was trained on a different cohort store (fingerprints differ); calibrate with the "
+                "this model was trained on a different cohort store (store ids differ); calibrate with the "
                 "store the model was trained on"
             )
         size = int(card["image_size"])  # the filter compares images at the size the model generates
@@ -77,12 +95,13 @@ def calibrate(
         seed=seed,
         progress=progress,
     )
-    record = {**filt.record, "store_fingerprint": store.fingerprint}
+    record = {**filt.record, "store_id": store.store_id}
     filt.record = record
     private = Path(model_dir) / PRIVATE_DIR
     private.mkdir(parents=True, exist_ok=True)
     os.chmod(private, 0o700)
     filt.save(filter_dir(model_dir))
+    ensure_seed_key(model_dir)
     fd, tmp = tempfile.mkstemp(dir=private, prefix=".calibration.", suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         json.dump(record, handle, indent=2)

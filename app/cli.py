@@ -76,11 +76,16 @@ def demo_data(
 def ingest(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="A scan file or a directory of scans.")],
     out: Annotated[Path, typer.Option("--out", help="Cohort store directory to create.")],
-    labels: Annotated[Path | None, typer.Option(help="CSV with patient_id,label[,age,sex].")] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="CSV with [scan,]patient_id,label[,age,sex] (scan: file stem or folder).")
+    ] = None,
     size: Annotated[int, typer.Option(min=8, max=1024, help="In-plane size of stored slices.")] = 64,
     slices: Annotated[int, typer.Option(min=1, max=512, help="Axial slices taken around each volume's centre.")] = 8,
     holdout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of patients held out (per label).")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
+    store_budget: Annotated[
+        float, typer.Option(min=0.01, help="Total ε every model trained from this store may spend (composed).")
+    ] = 10.0,
     allow_burned_in: Annotated[bool, typer.Option(help="Accept DICOM marked BurnedInAnnotation=YES.")] = False,
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: settings).")] = None,
     force: Annotated[bool, typer.Option(help="Replace an existing store (atomically).")] = False,
@@ -100,6 +105,7 @@ def ingest(
         allow_burned_in=allow_burned_in,
         workers=workers or get_settings().workers,
         overwrite=force,
+        store_budget=store_budget,
     )
     try:
         with _progress(None, "ingest", "input") as bar:
@@ -129,7 +135,7 @@ def _print_skipped(skipped) -> None:
 
 @app.command()
 def info(store: Annotated[Path, typer.Argument(help="A cohort store directory.")]) -> None:
-    """Summarise a cohort store (counts per split and label; no identifiers)."""
+    """Summarise a cohort store: counts per split and label (no identifiers) and its privacy budget."""
     from train.store import CohortStore
 
     _print_store(CohortStore.open(store))
@@ -247,8 +253,13 @@ def train(
     prediction: Annotated[
         str | None, typer.Option(help="Denoiser target: sample (x0), v_prediction or epsilon.")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of initialisation, sampling and noise.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the PUBLIC randomness only (initialisation, public prior, sample grids).")
+    ] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from MODEL_DIR/private/checkpoint.pt.")] = False,
+    allow_over_budget: Annotated[
+        bool, typer.Option(help="Train even if the store's privacy budget would be exceeded (ask first).")
+    ] = False,
     force: Annotated[bool, typer.Option(help="Retrain even if OUT holds a model.")] = False,
     no_dp: Annotated[bool, typer.Option("--no-dp", help="Train WITHOUT differential privacy.")] = False,
     i_understand_not_private: Annotated[
@@ -292,6 +303,7 @@ def train(
         device=device or settings.device,
         resume=resume,
         force=force,
+        allow_over_budget=allow_over_budget,
     )
     bar = _progress(None, "train", "step")
 
@@ -299,9 +311,9 @@ def train(
         bar.total = total_steps
         if plan is not None:
             bar.write(
-                f"privacy plan: ε={plan.target_epsilon} δ={plan.delta:g} ({plan.accountant}), "
-                f"{plan.n_patients} patients, q={plan.sample_rate:.4f}, σ={plan.noise_multiplier:.3f}, "
-                f"{plan.steps} planned steps",
+                f"privacy plan: ε={plan.target_epsilon} δ={plan.delta:g} ({plan.accountant}, add/remove), "
+                f"≈{plan.patients_estimate} patients (DP count), q={plan.sample_rate:.4f}, "
+                f"σ={plan.noise_multiplier:.3f}, {plan.steps} planned steps",
                 file=sys.stderr,
             )
         else:
@@ -330,8 +342,8 @@ def train(
         raise typer.Exit(130)
     if card.get("dp"):
         typer.echo(
-            f"model: {out}  ε={card['epsilon']:.3f} δ={card['delta']:g} ({card['accountant']}, privacy unit: patient), "
-            f"{card['steps']} steps, target met: {card['target_epsilon_met']}, {card['training_wall_time_s']:.0f} s"
+            f"model: {out}  ε={card['epsilon']:.3f} δ={card['delta']:g} ({card['accountant']}, privacy unit: "
+            f"{card['privacy_unit']}), {card['steps']} steps, target met: {card['target_epsilon_met']}"
         )
     else:
         typer.echo(f"model: {out}  NOT PRIVATE (dp: false), {card['steps']} steps")
@@ -347,21 +359,26 @@ def privacy_budget(
     delta: Annotated[float | None, typer.Option(help="δ (default: well below 1/patients).")] = None,
     accountant: Annotated[str, typer.Option(help="prv or rdp.")] = "prv",
 ) -> None:
-    """Print the noise multiplier, steps and sampling rate for a privacy target (no model involved)."""
-    from train.accounting import default_delta, plan_privacy
+    """Print the noise multiplier, steps and sampling rate for a privacy target (no model involved).
+
+    As in training, ε includes the store's DP patient count (one Gaussian release, σ = 10 patients).
+    """
+    from train.accounting import count_mechanism, plan_privacy, public_default_delta
 
     plan = plan_privacy(
         target_epsilon=epsilon,
-        delta=delta if delta is not None else default_delta(patients),
-        n_patients=patients,
-        expected_batch_size=batch_size,
+        delta=delta if delta is not None else public_default_delta(patients),
+        patients_estimate=patients,
+        batch_size=batch_size,
         epochs=epochs,
         accountant=accountant,
+        prior=[count_mechanism()],
     )
     typer.echo(
         f"noise multiplier σ = {plan.noise_multiplier:.4f}\nsteps = {plan.steps}\n"
         f"sampling rate q = {plan.sample_rate:.6f}\nepochs = {plan.epochs:.2f}\n"
-        f"ε = {plan.target_epsilon} at δ = {plan.delta:g} ({plan.accountant} accountant)"
+        f"ε = {plan.target_epsilon} at δ = {plan.delta:g} ({plan.accountant} accountant, add/remove one patient, "
+        "DP patient count included)"
     )
 
 
@@ -453,8 +470,10 @@ def export(
         raise InvalidInput(f"unknown backend {backend!r}; choose local or ray")
     start = time.perf_counter()
     bar = _progress(sum(counts.values()), "export", "sample")
+    totals = {}
 
-    def on_progress(state) -> None:
+    def on_progress(state) -> None:  # the filter's totals reach the operator's terminal, never the dataset
+        totals.update(generated=state.generated, rejected=state.rejected)
         bar.n = state.accepted
         rate = state.rejected / state.generated if state.generated else 0.0
         elapsed = max(time.perf_counter() - start, 1e-9)
@@ -466,12 +485,13 @@ def export(
         )
     report = json.loads((out / "privacy_report.json").read_text())
     counts_done = report["counts"]
-    per_label = ", ".join(f"{label} {c['accepted']}" for label, c in counts_done["per_label"].items())
-    typer.echo(
-        f"dataset {out}: {counts_done['accepted']} samples ({per_label}); "
-        f"{counts_done['generated']} generated, {counts_done['rejected']} rejected by the memorization filter; "
-        f"{time.perf_counter() - start:.1f} s"
-    )
+    per_label = ", ".join(f"{label} {n}" for label, n in counts_done["per_label"].items())
+    typer.echo(f"dataset {out}: {counts_done['samples']} samples ({per_label}); {time.perf_counter() - start:.1f} s")
+    if totals:
+        typer.echo(
+            f"  operator only (not in the dataset): {totals['generated']} generated, {totals['rejected']} rejected "
+            "by the memorization filter in this run"
+        )
     dp = report["differential_privacy"]
     if report["private"]:
         typer.echo(f"  privacy: ε = {dp['epsilon']:.3g}, δ = {dp['delta']:g} per patient ({dp['accountant']})")
@@ -499,7 +519,7 @@ def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.
             f"δ = {model_card['delta']:g} ({model_card['accountant']} accountant), "
             f"σ = {model_card['noise_multiplier']:.3f}, "
             f"C = {model_card['max_grad_norm']}, q = {model_card['sample_rate']:.4f}, {model_card['steps']} steps, "
-            f"{model_card['n_train_patients']} training patients"
+            f"≈{model_card['patients_estimate']['value']} training {model_card['privacy_unit']}s (DP count)"
         )
     else:
         typer.echo(f"model {model_dir}: NOT PRIVATE (trained without differential privacy)")
@@ -509,7 +529,8 @@ def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.
         summary = public_summary(json.loads(calibration.read_text()))
         typer.echo(
             f"  memorization filter: q = {summary['quantile']}, held-out acceptance "
-            f"{summary['holdout_acceptance_rate']:.1%}, canary rejection {summary['canary_rejection_rate']:.1%}"
+            f"{summary['holdout_acceptance_rate']:.0%}, canary rejection {summary['canary_rejection_rate']:.0%} "
+            "(outside ε)"
         )
     else:
         typer.echo("  memorization filter: not calibrated (run `synthcohort calibrate STORE MODEL_DIR`)")
@@ -539,7 +560,10 @@ def serve(
 @keys_app.command("create")
 def keys_create(
     role: Annotated[str, typer.Option(help="researcher or admin.")] = "researcher",
-    quota_samples_per_day: Annotated[int | None, typer.Option(min=1, help="Samples per day for this key.")] = None,
+    quota_samples_per_day: Annotated[
+        int | None,
+        typer.Option(min=1, help="Samples per 24 h for this key (default: SYNTHCOHORT_DEFAULT_DAILY_QUOTA)."),
+    ] = None,
     db: Annotated[
         str | None, typer.Option(help="Database URL (default: SYNTHCOHORT_DB_URL or SQLite in data dir).")
     ] = None,
@@ -562,9 +586,10 @@ def keys_list(db: Annotated[str | None, typer.Option(help="Database URL.")] = No
 
     from app.db import ApiKey, session_factory
 
-    with session_factory(_settings_with(db))() as session:
+    settings = _settings_with(db)
+    with session_factory(settings)() as session:
         for row in session.scalars(select(ApiKey).order_by(ApiKey.id)):
-            quota = row.quota_samples_per_day or "unlimited"
+            quota = row.quota_samples_per_day or f"{settings.default_daily_quota} (default)"
             state = "revoked" if row.revoked else "active"
             typer.echo(f"{row.prefix}  {row.role:10s}  quota/day {quota}  {state}  created {row.created_at:%Y-%m-%d}")
 
@@ -590,13 +615,23 @@ def audit_log(
 
 
 def _print_store(store) -> None:
+    """Exact counts for the operator's terminal (never published), and the store's privacy budget."""
     report = store.report
     typer.echo(f"cohort store {store.path}: {store.n_slices} slices of {store.image_size}x{store.image_size}")
     for split in ("train", "holdout"):
         patients = report["patients"].get(split, {})
         n_slices = report["slices"].get(split, {})
         typer.echo(f"  {split:8s} patients {json.dumps(patients)}  slices {json.dumps(n_slices)}")
-    typer.echo(f"  fingerprint {store.fingerprint[:16]}…  labels {store.label_names}")
+    typer.echo(
+        f"  privacy unit: {store.privacy_unit}; published size: ≈{store.patients_estimate} training "
+        f"{store.privacy_unit}s (DP count, noise σ = {store.meta['patients_estimate']['noise_std']:g})"
+    )
+    budget = store.ledger().budget()
+    typer.echo(
+        f"  privacy budget: spent ε = {budget.spent:.2f} of {budget.epsilon:g} at δ = {budget.delta:g}, remaining "
+        f"{budget.remaining:.2f} ({budget.accountant} composition of {len(store.ledger().counted())} releases)"
+    )
+    typer.echo(f"  store id {store.store_id}  labels {store.label_names}")
 
 
 def main() -> None:

@@ -5,9 +5,9 @@ A dataset directory::
     images/<label>/<label>-<index>.nii.gz   one accepted sample (float32 in [-1, 1], RAS affine, card spacing)
     previews/<label>/<label>-<index>.png    optional 8-bit previews
     cohort.npz                              optional: images [N, 1, H, W], labels, seeds
-    manifest.json, manifest.csv             file, label, seed, attempt, filter score, model id
+    manifest.json, manifest.csv             file, label, index, seed, model id (nothing from the filter)
     datalist.json                           MONAI-style datalist
-    privacy_report.json                     ε/δ/accountant/privacy unit, filter calibration, counts
+    privacy_report.json                     ε/δ/accountant/privacy unit, the filter's public summary, counts
     README.md                               dataset card: synthetic, how it was made
 """
 
@@ -26,7 +26,6 @@ from privacy_filters import public_summary
 from train.scan_io import write_nifti
 
 FORMATS = ("nifti", "png", "npz")
-FILTER_STATEMENT_KEY = "statement"
 
 
 def sample_name(label: str, index: int) -> str:
@@ -113,7 +112,7 @@ def write_documents(
     }
     write_json(root / "manifest.json", manifest)
     buffer = io.StringIO()
-    columns = ["file", "label", "seed", "attempt", "filter_score", "model_id"]
+    columns = ["file", "label", "index", "seed", "model_id"]
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(samples)
@@ -132,13 +131,15 @@ def write_documents(
 
 
 def privacy_report(*, card: dict, calibration: dict, counts: dict) -> dict:
-    """What was guaranteed, in plain numbers. Never contains paths, neighbours or training data."""
+    """What was guaranteed, in plain numbers. Never contains paths, neighbours, scores, rejection counts,
+    exact private counts or training data."""
     private = bool(card.get("dp"))
     return {
         "private": private,
         "warning": None if private else "NOT PRIVATE: the generating model was trained without differential privacy.",
         "differential_privacy": {
             "privacy_unit": card.get("privacy_unit"),
+            "neighbouring_relation": card.get("neighbouring_relation"),
             "epsilon": card.get("epsilon"),
             "delta": card.get("delta"),
             "accountant": card.get("accountant"),
@@ -146,32 +147,41 @@ def privacy_report(*, card: dict, calibration: dict, counts: dict) -> dict:
             "max_grad_norm": card.get("max_grad_norm"),
             "sample_rate": card.get("sample_rate"),
             "steps": card.get("steps"),
-            "n_train_patients": card.get("n_train_patients"),
+            "patients_estimate": card.get("patients_estimate"),
             "target_epsilon_met": card.get("target_epsilon_met"),
             "statement": card.get("statement"),
             "public_pretraining": card.get("public_pretraining"),
         },
-        "memorization_filter": {
-            **public_summary(calibration),
-            "covered_by_epsilon": False,
-        },
+        "memorization_filter": public_summary(calibration),
+        "what_holds": WHAT_HOLDS if private else "Nothing: the model was trained without differential privacy.",
         "counts": counts,
     }
+
+
+WHAT_HOLDS = (
+    "Differential privacy bounds what the model, and anything generated from it, reveals about any one training "
+    "patient by (epsilon, delta). The memorization filter then removed generated images that sat too close to a "
+    "training image; that selection reads private data, so it is NOT covered by epsilon, and the held-out "
+    "patients who calibrate the filter are not protected by epsilon. Nothing about the filter's decisions "
+    "(scores, distances, attempts, rejection counts) is published."
+)
 
 
 def dataset_readme(*, card: dict, calibration: dict, counts: dict, model_id: str) -> str:
     private = bool(card.get("dp"))
     if private:
+        estimate = (card.get("patients_estimate") or {}).get("value")
         guarantee = (
-            f"The generating model was trained with differential privacy where the unit of privacy is the **patient**: "
-            f"(ε = {card['epsilon']:.3g}, δ = {card['delta']:g}), {card['accountant']} accountant, "
-            f"{card['n_train_patients']} training patients. "
+            f"The generating model was trained with differential privacy where the unit of privacy is the "
+            f"**{card.get('privacy_unit', 'patient')}**: (ε = {card['epsilon']:.3g}, δ = {card['delta']:g}), "
+            f"{card['accountant']} accountant, add/remove relation, about {estimate} training "
+            f"{card.get('privacy_unit', 'patient')}s (a differentially private count). "
             "Generating these samples spent no additional privacy budget."
         )
     else:
         guarantee = "**NOT PRIVATE.** The generating model was trained WITHOUT differential privacy."
     summary = public_summary(calibration)
-    per_label = ", ".join(f"{label}: {c['accepted']}" for label, c in counts["per_label"].items())
+    per_label = ", ".join(f"{label}: {n}" for label, n in counts["per_label"].items())
     return f"""# Synthetic imaging cohort
 
 **Every image in this dataset is synthetic.** None is a scan of a real person. They were generated by a
@@ -182,14 +192,16 @@ release.
 {guarantee}
 
 Memorization filter (defence in depth, **not** part of the differential-privacy guarantee): each generated
-image was compared with the training images and rejected when it was closer to one of them than
-{summary.get("quantile", 0.05):.0%} of real held-out patients are; rejected images were regenerated with new
-recorded seeds. {counts["generated"]} generated, {counts["rejected"]} rejected, {counts["accepted"]} released.
+image was compared with the training images and rejected when, allowing for small shifts, flips and contrast
+changes, it was closer to one of them than {summary.get("quantile", 0.05):.0%} of real held-out patients come;
+rejected images were regenerated. Every image here passed it. How many were rejected, and any score or
+distance, is not published: those numbers are computed from the training data. The filter catches copies and
+near-copies of training images; what else a sample may reveal is bounded by ε alone.
 
 ## Contents
-{counts["accepted"]} samples ({per_label}), {card["image_size"]} × {card["image_size"]} axial slices, voxel
+{counts["samples"]} samples ({per_label}), {card["image_size"]} × {card["image_size"]} axial slices, voxel
 spacing {", ".join(f"{v:.3g}" for v in card["voxel_spacing_mm"])} mm, intensities scaled to [-1, 1].
-`manifest.csv` lists every file with its label, seed and filter score (distance to the nearest training
-image divided by the filter threshold; ≥ 1 means accepted). `privacy_report.json` has the numbers above.
-Re-running the same model with a sample's seed reproduces its pixels on the same device.
+`manifest.csv` lists every file with its label, index and seed. `privacy_report.json` has the numbers above.
+The operator of the service can regenerate a sample's pixels from its seed (seeds are keyed with a server
+secret).
 """

@@ -1,4 +1,4 @@
-"""The one place where domain errors become CLI exit codes (and, later, HTTP status codes)."""
+"""The one place where domain errors become CLI exit codes, and job failures become what a researcher may read."""
 
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy, SynthCohortError
 
@@ -18,3 +18,24 @@ def exit_code_for(error: SynthCohortError) -> int:
         if isinstance(error, cls):
             return code
     return 1
+
+
+PUBLIC_JOB_ERRORS: tuple[tuple[type[SynthCohortError], str], ...] = (
+    (PrivacyPolicy, "refused by the service's privacy policy; the operator has been told"),
+    (SynthCohortError, "the job could not be completed; the operator has been told"),
+)
+
+
+def public_job_error(error: BaseException) -> str:
+    """What a researcher may read about a failed job: no paths, counts, scores or stack details.
+
+    Errors that carry a message written for the public (``public_message``) keep it; everything else gets a
+    generic sentence, and the full text goes to the server log and the admin-only audit log.
+    """
+    public = getattr(error, "public_message", None)
+    if public:
+        return str(public)
+    for cls, message in PUBLIC_JOB_ERRORS:
+        if isinstance(error, cls):
+            return message
+    return "internal error; the operator has been told"

@@ -4,10 +4,14 @@ pipeline (:func:`app.pipeline.build_cohort`). No HTTP in here.
 Datasets live in ``DATA_DIR/datasets/<job id>/`` and appear only when complete (the pipeline renames them
 into place). On start-up, jobs left ``queued`` or ``running`` by a stopped server are resumed from their
 finished shards.
+
+What a researcher sees of a job is its progress ("n of N done") and a public error sentence; the filter's
+totals (generated, rejected) and the full error text are for admins and the audit log only.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import uuid
@@ -21,10 +25,12 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.api.metrics import GENERATED, JOBS, REJECTED, SAMPLES
 from app.api.registry import ModelRegistry
 from app.db import ApiKey, Job, record_event, utcnow
+from app.errors import public_job_error
 from app.pipeline import CohortProgress, CohortRequest, build_cohort, partial_dir
 from generators.errors import SynthCohortError
 
 ACTIVE = ("queued", "running")
+log = logging.getLogger("synthcohort.jobs")
 
 
 class JobRunner:
@@ -115,25 +121,26 @@ class JobRunner:
                 progress=on_progress,
                 cancelled=cancelled.is_set,
             )
-        except SynthCohortError as error:
-            if cancelled.is_set():
+        except Exception as error:  # a bug must not leave the job "running" forever either
+            if cancelled.is_set() and isinstance(error, SynthCohortError):
                 self._finish(job_id, key_id, model_id, counts, "cancelled", None)
             else:
-                self._finish(job_id, key_id, model_id, counts, "failed", str(error))
-            return
-        except Exception as error:  # a bug must not leave the job "running" forever
-            self._finish(job_id, key_id, model_id, counts, "failed", f"internal error: {type(error).__name__}")
+                log.error("cohort job %s failed", job_id, exc_info=error)
+                self._finish(job_id, key_id, model_id, counts, "failed", error)
             return
         self._finish(job_id, key_id, model_id, counts, "succeeded", None, dataset_id=job_id)
 
-    def _finish(self, job_id, key_id, model_id, counts, status, error, dataset_id=None) -> None:
+    def _finish(self, job_id, key_id, model_id, counts, status, error: BaseException | None, dataset_id=None) -> None:
         if status != "succeeded":
             shutil.rmtree(partial_dir(self.datasets / job_id), ignore_errors=True)
         JOBS.labels(status).inc()
-        fields = {"status": status, "error": error, "dataset_id": dataset_id}
+        fields = {"status": status, "error": public_job_error(error) if error else None, "dataset_id": dataset_id}
         if status == "succeeded":
             fields["progress"] = 1.0
         self._update(job_id, **fields)
+        detail = None
+        if error is not None:  # the full text, for admins only
+            detail = f"{type(error).__name__}: {error}" + (f" ({error.detail})" if getattr(error, "detail", "") else "")
         with self.sessions() as session:
             record_event(
                 session,
@@ -143,7 +150,7 @@ class JobRunner:
                 model=model_id,
                 counts=counts,
                 dataset_id=dataset_id,
-                detail=error,
+                detail=detail,
             )
 
 
@@ -158,12 +165,31 @@ def create_job(
 
 
 def samples_requested_today(session: Session, key: ApiKey) -> int:
-    """Samples this key asked for in the last 24 h (failed and cancelled jobs excluded)."""
+    """Samples this key asked for in the last 24 h: every job counts, failed and cancelled ones included
+    (a failed or cancelled job still ran the filter on the key's behalf)."""
     since = utcnow() - timedelta(days=1)
-    jobs = session.scalars(
-        select(Job).where(Job.key_id == key.id, Job.created_at >= since, Job.status.not_in(("failed", "cancelled")))
-    )
+    jobs = session.scalars(select(Job).where(Job.key_id == key.id, Job.created_at >= since))
     return sum(sum(job.counts.values()) for job in jobs)
+
+
+def job_status(job: Job, key: ApiKey) -> dict:
+    """A job as its viewer may see it: researchers get progress only; admins also the filter's totals."""
+    total = sum(job.counts.values())
+    status = {
+        "id": job.id,
+        "model": job.model,
+        "counts": job.counts,
+        "seed": job.seed,
+        "status": job.status,
+        "progress": job.progress,
+        "done": job.accepted,
+        "total": total,
+        "error": job.error,
+        "dataset_id": job.dataset_id,
+    }
+    if key.role == "admin":
+        status.update(generated=job.generated, rejected=job.rejected)
+    return status
 
 
 def visible_job(session: Session, key: ApiKey, job_id: str) -> Job | None:

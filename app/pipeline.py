@@ -2,16 +2,22 @@
 :func:`build_cohort`; only the front door (HTTP, CLI, Ray) differs.
 
 The work is cut into deterministic shards of ``(label, sample index range)``. Sample ``i`` of a label first
-uses seed ``sample_seed(seed, label, i, 0)``; if the memorization filter rejects it, attempt ``a`` uses
-``sample_seed(seed, label, i, a)``. Seeds therefore depend only on the request, never on scheduling, so
-any worker count or backend produces the same dataset, and a resumed export redoes exactly the shards
-that had not finished. Everything happens in ``.<name>.partial`` next to the output; the final directory
-appears (by rename) only when every shard is done.
+uses seed ``sample_seed(key, seed, label, i, 0)``; if the memorization filter rejects it, attempt ``a`` uses
+``sample_seed(key, seed, label, i, a)``, an HMAC keyed with the model's private seed key. Seeds depend only
+on the request and the key, never on scheduling, so any worker count or backend produces the same dataset
+and a resumed export redoes exactly the shards that had not finished. The operator (who holds the key) can
+reproduce a cohort; nobody else can tell from a recorded seed whether an earlier draw was rejected.
+
+The filter's decisions are outside ε, so a released dataset carries nothing beyond "passed the filter": no
+score, distance, attempt number or rejection count. Those totals reach only the caller's ``progress``
+callback (the operator's terminal, admins, the internal audit). Everything happens in ``.<name>.partial``
+next to the output; the final directory appears (by rename) only when every shard is done.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import shutil
 from collections.abc import Callable, Iterable
@@ -20,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from app.calibrate import calibration_path, filter_dir
+from app.calibrate import calibration_path, filter_dir, seed_key_path
 from app.dataset_writer import FORMATS, write_documents, write_json, write_sample
-from generators.bundle import DiffusionModel
+from generators.bundle import CARD_FORMAT, DiffusionModel
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy
 from privacy_filters import MemorizationFilter
 
@@ -32,7 +38,18 @@ SHARDS_DIR = ".shards"
 
 
 class MemorizationSuspected(PrivacyPolicy):
-    """Too many generated samples sit closer to training images than unseen patients do: a finding."""
+    """Too many generated samples sit closer to training images than unseen patients do: a finding.
+
+    ``str(error)`` says so without numbers; ``detail`` has the counts, for the operator and admins only.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message, detail)  # both in args, so the error survives pickling (process pools, Ray)
+        self.detail = detail
+        self.public_message = message  # written for researchers: no numbers, no paths
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -86,10 +103,17 @@ class CohortProgress:
     per_label: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
-def sample_seed(seed: int, label: str, index: int, attempt: int) -> int:
-    """The recorded seed of a sample's ``attempt``-th try: a 60-bit hash of the request coordinates."""
-    digest = hashlib.sha256(f"{seed}:{label}:{index}:{attempt}".encode()).hexdigest()
+def sample_seed(key: bytes, seed: int, label: str, index: int, attempt: int) -> int:
+    """The recorded seed of a sample's ``attempt``-th try: 60 bits of HMAC-SHA256(key, request coordinates)."""
+    digest = hmac.new(key, f"{seed}:{label}:{index}:{attempt}".encode(), hashlib.sha256).hexdigest()
     return int(digest[:15], 16)
+
+
+def load_seed_key(model_dir: Path) -> bytes:
+    path = seed_key_path(model_dir)
+    if not path.is_file():
+        raise NotFound(f"{model_dir} has no seed key; run `synthcohort calibrate STORE {model_dir}` first")
+    return path.read_bytes()
 
 
 def plan_shards(counts: dict[str, int], shard_size: int) -> list[Shard]:
@@ -130,6 +154,11 @@ class CohortWorker:
         self.model_dir = Path(model_dir)
         self.model = DiffusionModel.load(self.model_dir, device=device)
         self.card = self.model.card
+        if self.card.get("format") != CARD_FORMAT:
+            raise InvalidInput(
+                f"{self.model_dir.name} was trained by an older synthcohort whose card published exact private "
+                "counts and seeded its DP noise; retrain it with this version before releasing anything"
+            )
         if not self.card.get("dp") and not allow_not_private:
             raise PrivacyPolicy(
                 "this model was trained WITHOUT differential privacy (dp: false); refusing to generate a cohort "
@@ -141,7 +170,8 @@ class CohortWorker:
             )
         self.filter = MemorizationFilter.load(filter_dir(self.model_dir))
         self.calibration = json.loads(calibration_path(self.model_dir).read_text())
-        if self.calibration.get("store_fingerprint") != self.card.get("store_fingerprint"):
+        self.seed_key = load_seed_key(self.model_dir)
+        if self.calibration.get("store_id") != self.card.get("store_id"):
             raise PrivacyPolicy(
                 "the memorization filter was calibrated on a different cohort store than the model was trained on; "
                 "re-run calibrate with the model's training store"
@@ -163,7 +193,7 @@ class CohortWorker:
         for attempt in range(request.max_attempts):
             if not pending:
                 break
-            seeds = [sample_seed(request.seed, shard.label, i, attempt) for i in pending]
+            seeds = [sample_seed(self.seed_key, request.seed, shard.label, i, attempt) for i in pending]
             out = self.model.generate(
                 labels=[shard.label] * len(pending), seed=0, seeds=seeds, steps=steps, guidance=guidance
             )
@@ -175,13 +205,11 @@ class CohortWorker:
                     rejected += 1
                     still.append(i)
                     continue
-                rows[i] = {
+                rows[i] = {  # nothing about the filter's decision beyond "accepted"
                     "file": write_sample(root, image, shard.label, i, request.formats, spacing),
                     "label": shard.label,
                     "index": i,
                     "seed": int(seed),
-                    "attempt": attempt,
-                    "filter_score": round(decision.score, 6),
                     "model_id": self.model_id,
                 }
                 arrays[i] = image
@@ -190,10 +218,11 @@ class CohortWorker:
                 break
         if pending or _too_many_rejections(generated, rejected, request):
             raise MemorizationSuspected(
-                f"the model appears to memorize: {rejected} of {generated} samples of label {shard.label!r} "
-                f"were closer to a training image than unseen patients are (limit {request.max_rejection_rate:.0%}, "
-                f"{request.max_attempts} attempts per sample). This is a finding about the model, not a crash: "
-                "retrain with a smaller epsilon or audit the model before releasing anything."
+                "the model appears to memorize: too many of its samples were closer to a training image than "
+                "unseen patients are, so nothing was released. This is a finding about the model, not a crash: "
+                "the operator should audit it (`synthcohort audit`) and retrain with a smaller epsilon.",
+                detail=f"{rejected} of {generated} samples of label {shard.label!r} rejected (limit "
+                f"{request.max_rejection_rate:.0%}, {request.max_attempts} attempts per sample)",
             )
         samples = [rows[i] for i in sorted(rows)]
         if "npz" in request.formats:
@@ -321,14 +350,9 @@ def build_cohort(
         if cancelled and cancelled():
             raise Conflict("the export was cancelled; rerun with --resume to continue")
 
-    # 4. documents, then the atomic rename
+    # 4. documents (released counts only: how many were rejected stays here), then the atomic rename
     samples = [row for shard in shards for row in results[shard.name].samples]
-    counts = {
-        "generated": state.generated,
-        "rejected": state.rejected,
-        "accepted": len(samples),
-        "per_label": state.per_label,
-    }
+    counts = {"samples": len(samples), "per_label": {label: n for label, n in request.counts.items()}}
     if "npz" in request.formats:
         _merge_npz(tmp, shards)
     manifest = write_documents(

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     workers: int = Field(2, ge=1, le=256, description="Worker processes for data preparation and exports.")
     job_workers: int = Field(1, ge=1, le=64, description="Cohort jobs the service runs at once.")
     max_samples_per_request: int = Field(10_000, ge=1, description="Largest cohort one REST request may ask for.")
+    default_daily_quota: int = Field(
+        10_000, ge=1, description="Samples per 24 h for keys created without their own quota (every job counts)."
+    )
 
 
 @lru_cache

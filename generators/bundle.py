@@ -27,6 +27,7 @@ from generators.errors import InvalidInput, NotFound
 from generators.unet import null_class
 
 CARD_FILE = "model_card.json"
+CARD_FORMAT = 2  # 2: no exact private counts, a privacy history, the neighbouring relation, keyed randomness
 MAX_SAMPLES_PER_CALL = 100_000
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 2.0

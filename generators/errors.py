@@ -24,3 +24,7 @@ class Conflict(SynthCohortError):
 
 class PrivacyPolicy(SynthCohortError):
     """The operation would break a privacy rule (e.g. serving a model without a DP guarantee)."""
+
+
+class PrivacyWarning(UserWarning):
+    """A privacy choice that is allowed but weaker than recommended (e.g. δ above 1/(10·N))."""

@@ -1,9 +1,10 @@
 """Threshold calibration for the memorization filter: pure functions over distances, no I/O.
 
 Rule: an output is rejected when its distance to the nearest training image is below the ``q``-th
-quantile of real held-out patients' nearest-training distances, i.e. when it is closer to a training
-image than an unseen real patient typically is. The published score is ``distance / threshold``
-(≥ 1 means accepted), which reveals neither the embedding space nor the neighbour.
+quantile of real held-out *patients'* nearest-training distances (a patient's distance is the smallest
+over their slices), i.e. when it is closer to a training image than an unseen real patient comes. The
+quantile rests on at least ``MIN_HOLDOUT_PATIENTS`` people. Scores (``distance / threshold``) are internal:
+only accept/reject ever leaves the server.
 """
 
 from __future__ import annotations
@@ -12,16 +13,38 @@ import numpy as np
 
 from generators.errors import InvalidInput
 
+MIN_HOLDOUT_PATIENTS = 50
 STATEMENT = (
     "The memorization filter is defence in depth and is NOT part of the differential-privacy guarantee: "
-    "it reads the private training and held-out images, so its accept/reject decisions are not covered by "
-    "epsilon. A generated image is rejected when it is closer to some training image than {q:.0%} of real "
-    "held-out (unseen) patients' images are to their nearest training image."
+    "it reads the private training and held-out images, so its accept/reject decisions, and which samples "
+    "were released, are not covered by epsilon; the held-out patients who calibrate it are not protected by "
+    "epsilon at all. A generated image is rejected when, after allowing for small shifts, flips and contrast "
+    "changes, it is closer to some training image than {q:.0%} of real held-out (unseen) patients come. It "
+    "catches copies and near-copies of single training images; it does not detect a sample that reveals a "
+    "patient in other ways (for example a rare feature reproduced on a different anatomy), which is what "
+    "epsilon bounds."
 )
 
 
+def per_patient(distances: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each patient's nearest-training distance: the smallest over their slices (one value per patient)."""
+    keys, inverse = np.unique(np.asarray(groups), return_inverse=True)
+    out = np.full(len(keys), np.inf)
+    np.minimum.at(out, inverse, np.asarray(distances, dtype=np.float64))
+    return out
+
+
+def require_patients(n_patients: int, *, minimum: int = MIN_HOLDOUT_PATIENTS) -> None:
+    """The threshold must not rest on a handful of people."""
+    if n_patients < minimum:
+        raise InvalidInput(
+            f"the memorization filter needs at least {minimum} held-out patients to calibrate its threshold, "
+            f"found {n_patients}; re-ingest with a larger --holdout (or more patients)"
+        )
+
+
 def threshold(holdout_distances: np.ndarray, quantile: float) -> float:
-    """The ``quantile`` of held-out nearest-training distances; must be positive."""
+    """The ``quantile`` of held-out (per-patient) nearest-training distances; must be positive."""
     if not 0.0 < quantile < 0.5:
         raise InvalidInput(f"quantile must be in (0, 0.5), got {quantile}")
     if len(holdout_distances) == 0:
@@ -43,21 +66,17 @@ def acceptance_rate(distances: np.ndarray, threshold_value: float) -> float:
     return float(np.mean(scores(distances, threshold_value) >= 1.0)) if len(distances) else float("nan")
 
 
-def cross_validated_acceptance(distances: np.ndarray, groups: np.ndarray, quantile: float, *, seed: int = 0) -> float:
-    """Held-out acceptance estimated out of sample: calibrate on half the patients, test on the other half.
+def cross_validated_acceptance(patient_distances: np.ndarray, quantile: float, *, seed: int = 0) -> float:
+    """Share of held-out *patients* accepted, out of sample: calibrate on half of them, test on the rest.
 
-    Two folds split by ``groups`` (patient keys), so a patient's slices never calibrate their own test.
+    ``patient_distances`` has one value per patient (:func:`per_patient`); two folds, each calibrating the other.
     """
-    patients = np.unique(groups)
-    if len(patients) < 2:
+    if len(patient_distances) < 2:
         return float("nan")
-    order = np.random.default_rng(seed).permutation(patients)
-    halves = (set(order[: len(order) // 2]), set(order[len(order) // 2 :]))
-    accepted = total = 0
+    order = np.random.default_rng(seed).permutation(len(patient_distances))
+    halves = (order[: len(order) // 2], order[len(order) // 2 :])
+    accepted = 0
     for calibrate, test in (halves, halves[::-1]):
-        in_calibrate = np.array([g in calibrate for g in groups])
-        in_test = np.array([g in test for g in groups])
-        t = threshold(distances[in_calibrate], quantile)
-        accepted += int(np.sum(scores(distances[in_test], t) >= 1.0))
-        total += int(in_test.sum())
-    return accepted / total
+        t = threshold(patient_distances[calibrate], quantile)
+        accepted += int(np.sum(patient_distances[test] >= t))
+    return accepted / len(patient_distances)

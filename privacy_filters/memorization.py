@@ -105,13 +105,16 @@ class MemorizationFilter:
         index: str = "flat",
         self_test: bool = True,
         seed: int = 0,
+        min_holdout_patients: int = calibration.MIN_HOLDOUT_PATIENTS,
         progress: Callable[[int], None] | None = None,
     ) -> MemorizationFilter:
         """Index ``train_images`` and calibrate the threshold on ``holdout_images``.
 
         Args:
-            holdout_groups: patient key per held-out image, for the cross-validated acceptance estimate
+            holdout_groups: patient key per held-out image; the threshold is a quantile over patients
                 (defaults to one group per image).
+            min_holdout_patients: refuse to calibrate on fewer held-out patients (tests of the filter's
+                mechanics on synthetic arrays may lower it; real calibration never does).
             self_test: plant canaries (near-copies of training images) and record how many are rejected.
         """
         train = validate_images(train_images, what="training images")
@@ -131,10 +134,11 @@ class MemorizationFilter:
         record = {"quantile": quantile, "threshold": float("nan")}
         filt = cls(emb, nn_index, size, record)
 
-        holdout_distances = filt.distances(holdout)
         groups = np.arange(len(holdout)) if holdout_groups is None else np.asarray(holdout_groups)
         if len(groups) != len(holdout):
             raise InvalidInput("holdout_groups must have one entry per held-out image")
+        patient_distances = calibration.per_patient(filt.distances(holdout), groups)
+        calibration.require_patients(len(patient_distances), minimum=min_holdout_patients)
         record.update(
             format=FILTER_FORMAT,
             embedding=emb.name,
@@ -142,10 +146,11 @@ class MemorizationFilter:
             image_size=size,
             n_train=len(train),
             n_holdout=len(holdout),
-            n_holdout_patients=len(np.unique(groups)),
-            threshold=calibration.threshold(holdout_distances, quantile),
-            holdout_acceptance_rate=calibration.cross_validated_acceptance(holdout_distances, groups, quantile),
-            holdout_acceptance_method="2-fold by patient: calibrate on half the held-out patients, test on the rest",
+            n_holdout_patients=len(patient_distances),
+            threshold=calibration.threshold(patient_distances, quantile),
+            holdout_acceptance_rate=calibration.cross_validated_acceptance(patient_distances, quantile),
+            holdout_acceptance_method="share of held-out patients accepted, 2-fold by patient: calibrate on half "
+            "the held-out patients, test on the rest",
             statement=calibration.STATEMENT.format(q=quantile),
         )
         if self_test:
@@ -254,17 +259,15 @@ class MemorizationFilter:
 
 
 def public_summary(record: dict) -> dict:
-    """What may be published about a filter: no threshold in embedding units, no paths, no neighbours."""
-    keys = (
-        "quantile",
-        "embedding",
-        "n_train",
-        "n_holdout",
-        "n_holdout_patients",
-        "holdout_acceptance_rate",
-        "canary_rejection_rate",
-        "canary_rejection_by_kind",
-        "blend_rejection_rate",
-        "statement",
-    )
-    return {k: record[k] for k in keys if k in record}
+    """What may be published about a filter: its rule and coarse rates (whole percent), no counts computed
+    from the store, no threshold in embedding units, no paths, no neighbours."""
+    summary: dict = {k: record[k] for k in ("quantile", "embedding", "statement") if k in record}
+    for key in ("holdout_acceptance_rate", "canary_rejection_rate", "blend_rejection_rate"):
+        if record.get(key) is not None:
+            summary[key] = round(float(record[key]), 2)
+    if "canary_rejection_by_kind" in record:
+        summary["canary_rejection_by_kind"] = {
+            k: round(float(v), 2) for k, v in record["canary_rejection_by_kind"].items()
+        }
+    summary["covered_by_epsilon"] = False
+    return summary

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from train.demo_cohort import DemoPatient, make_demo_cohort
 from train.ingest import IngestOptions, IngestResult, ingest
+from train.store import CohortStore
 
 
 @pytest.fixture(scope="session")
@@ -18,11 +20,25 @@ def demo_raw(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[DemoP
     return out, plan
 
 
+def pin_patient_estimate(store_path: Path, value: int) -> None:
+    """Tests only: replace a store's DP patient estimate N̂ (drawn from OS entropy) with a known value, so that
+    q = B / N̂ and step counts are deterministic."""
+    meta_path = store_path / "store.json"
+    meta = json.loads(meta_path.read_text())
+    meta["patients_estimate"]["value"] = value
+    meta_path.write_text(json.dumps(meta))
+
+
 @pytest.fixture(scope="session")
 def demo_store(demo_raw, tmp_path_factory: pytest.TempPathFactory) -> IngestResult:
+    """The 16-patient store many training tests share: N̂ pinned to the 12 training patients, and a privacy
+    budget large enough for all of them."""
     raw, _ = demo_raw
     out = tmp_path_factory.mktemp("store") / "store"
-    return ingest(raw, out, labels_path=raw / "labels.csv", options=IngestOptions(size=32, slices=4, holdout=0.25))
+    options = IngestOptions(size=32, slices=4, holdout=0.25, store_budget=1e6)
+    result = ingest(raw, out, labels_path=raw / "labels.csv", options=options)
+    pin_patient_estimate(out, 12)
+    return IngestResult(store=CohortStore.open(out), report=result.report, skipped=result.skipped)
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +60,9 @@ def unseen_store(tmp_path_factory: pytest.TempPathFactory) -> IngestResult:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(demo_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny real DP model (16 px, a few steps) trained on the demo store, with its calibrated filter."""
+def tiny_model(canary_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real DP model (16 px, a few steps) trained on the canary store (60 held-out patients, enough to
+    calibrate a filter), with its calibrated filter."""
     from app.calibrate import calibrate
     from generators.unet import UNetSize
     from train.dp_training import TrainConfig, train_model
@@ -56,12 +73,12 @@ def tiny_model(demo_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
         "cpu-small",
         image_size=16,
         unet=UNetSize(block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4),
-        batch_size=6,
-        physical_batch_size=6,
-        epochs=3,
+        batch_size=8,
+        physical_batch_size=8,
+        epochs=1,
         public_pretrain_steps=20,
         public_batch_size=16,
     )
-    train_model(TrainConfig(store=demo_store.store.path, out=out, preset=preset, epsilon=8.0, samples_per_label=2))
-    calibrate(demo_store.store.path, out)
+    train_model(TrainConfig(store=canary_store.store.path, out=out, preset=preset, epsilon=8.0, samples_per_label=2))
+    calibrate(canary_store.store.path, out)
     return out

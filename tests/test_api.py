@@ -93,9 +93,13 @@ def test_model_cards_need_a_key_and_hide_private_fields(server, tiny_model: Path
     card = httpx.get(f"{base}/v1/models/demo", headers=headers).json()
     expected = json.loads((tiny_model / "model_card.json").read_text())
     assert card["epsilon"] == expected["epsilon"] and card["privacy_unit"] == "patient" and card["private"]
+    assert card["neighbouring_relation"] == "add/remove one patient"
+    assert card["patients_estimate"]["value"] == expected["patients_estimate"]["value"]
     assert card["memorization_filter"]["quantile"] == 0.05
+    assert card["memorization_filter"]["covered_by_epsilon"] is False
     body = json.dumps(card)
-    assert "threshold" not in body and "store_fingerprint" not in body and str(tiny_model) not in body
+    for private in ("threshold", "store_fingerprint", "n_train", "n_holdout", str(tiny_model)):
+        assert private not in body, private
     missing = httpx.get(f"{base}/v1/models/nope", headers=headers)
     assert missing.status_code == 404 and "available" in missing.json()["detail"]
     assert httpx.get(f"{base}/v1/models/..%2Fdemo", headers=headers).status_code == 404
@@ -133,11 +137,12 @@ def test_cohort_job_flow_to_nifti_files(server, tmp_path: Path) -> None:
     job_id = created.json()["id"]
     assert created.headers["location"] == f"/v1/cohorts/{job_id}"
     job = wait_for(base, headers, job_id)
-    assert job["status"] == "succeeded" and job["accepted"] == 5 and job["dataset_id"] == job_id
+    assert job["status"] == "succeeded" and job["done"] == job["total"] == 5 and job["dataset_id"] == job_id
+    assert "generated" not in job and "rejected" not in job  # the filter's totals are for admins only
 
     dataset = httpx.get(f"{base}/v1/datasets/{job_id}", headers=headers).json()
     samples = dataset["manifest"]["samples"]
-    assert len(samples) == 5 and all(s["filter_score"] >= 1 for s in samples)
+    assert len(samples) == 5 and all(set(s) == {"file", "label", "index", "seed", "model_id"} for s in samples)
     assert dataset["privacy_report"]["differential_privacy"]["privacy_unit"] == "patient"
     one = httpx.get(f"{base}/v1/datasets/{job_id}/files/{samples[0]['file']}", headers=headers)
     assert one.status_code == 200
@@ -196,6 +201,9 @@ def test_researchers_see_only_their_jobs_and_quotas_apply(service) -> None:
     )
     refused = httpx.post(f"{base}/v1/cohorts", headers=other, json={"model": "demo", "counts": {"lesion": 2}})
     assert refused.status_code == 429 and "daily quota" in refused.json()["detail"]
+    # admins see the filter's totals; researchers do not
+    as_admin = httpx.get(f"{base}/v1/cohorts/{job['id']}", headers=admin).json()
+    assert {"generated", "rejected"} <= set(as_admin) and as_admin["generated"] >= as_admin["done"]
     log = subprocess.run([sys.executable, "-m", "app.cli", "audit-log"], capture_output=True, text=True, env=env)
     assert "refused: daily quota" in log.stdout and "cohort.finish" in log.stdout
 
@@ -209,9 +217,7 @@ def test_restart_resumes_a_killed_job_and_never_shows_a_partial_dataset(tiny_mod
     proc = start_server(models, env, port)
     job = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"healthy": 320}}).json()
     deadline = time.time() + 120
-    while (
-        time.time() < deadline and httpx.get(f"{base}/v1/cohorts/{job['id']}", headers=headers).json()["accepted"] == 0
-    ):
+    while time.time() < deadline and httpx.get(f"{base}/v1/cohorts/{job['id']}", headers=headers).json()["done"] == 0:
         time.sleep(0.05)
     proc.kill()
     proc.wait(timeout=30)
@@ -223,7 +229,7 @@ def test_restart_resumes_a_killed_job_and_never_shows_a_partial_dataset(tiny_mod
     try:
         assert httpx.get(f"{base}/v1/datasets/{job['id']}", headers=headers).status_code == 404
         finished = wait_for(base, headers, job["id"])
-        assert finished["status"] == "succeeded" and finished["accepted"] == 320
+        assert finished["status"] == "succeeded" and finished["done"] == 320
         manifest = httpx.get(f"{base}/v1/datasets/{job['id']}", headers=headers).json()["manifest"]
         assert len(manifest["samples"]) == 320 and len({s["seed"] for s in manifest["samples"]}) == 320
     finally:
@@ -243,7 +249,9 @@ def test_roles_body_limit_and_metrics(service) -> None:
     )
     assert big.status_code == 413
     httpx.get(f"{base}/v1/models", headers=researcher)
-    metrics = httpx.get(f"{base}/metrics").text
+    assert httpx.get(f"{base}/metrics").status_code == 401  # the filter's totals are not for everyone
+    assert httpx.get(f"{base}/metrics", headers=researcher).status_code == 403
+    metrics = httpx.get(f"{base}/metrics", headers=admin).text
     assert 'synthcohort_http_requests_total{method="GET",route="/v1/models",status="200"}' in metrics
     assert "synthcohort_http_request_seconds_bucket" in metrics
     assert "synthcohort_jobs_total" in metrics
@@ -291,7 +299,71 @@ def test_cancel_stops_a_running_job_and_leaves_nothing(service) -> None:
         time.sleep(0.05)
     assert httpx.delete(f"{base}/v1/cohorts/{job['id']}", headers=headers).status_code == 200
     final = wait_for(base, headers, job["id"])
-    assert final["status"] == "cancelled" and final["accepted"] < 480
+    assert final["status"] == "cancelled" and final["done"] < 480
     assert httpx.get(f"{base}/v1/datasets/{job['id']}", headers=headers).status_code == 404
     datasets = Path(env["SYNTHCOHORT_DATA_DIR"]) / "datasets"
     assert not (datasets / job["id"]).exists() and not (datasets / f".{job['id']}.partial").exists()
+
+
+def test_every_job_counts_against_a_default_daily_quota(tiny_model: Path, tmp_path: Path) -> None:
+    """Keys without their own quota get the default; cancelled and failed jobs are charged too."""
+    models = make_models(tiny_model, tmp_path)
+    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(tmp_path / "data"), "SYNTHCOHORT_DEFAULT_DAILY_QUOTA": "300"}
+    headers = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(models, env, port)
+    try:
+        job = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"lesion": 250}})
+        assert job.status_code == 202
+        assert httpx.delete(f"{base}/v1/cohorts/{job.json()['id']}", headers=headers).status_code == 200
+        assert wait_for(base, headers, job.json()["id"])["status"] == "cancelled"
+        again = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"lesion": 60}})
+        assert again.status_code == 429 and "250 of 300" in again.json()["detail"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_failed_jobs_and_server_errors_reveal_no_detail(tiny_model: Path, tmp_path: Path) -> None:
+    """A job that fails tells the researcher a plain sentence (no path, no counts); admins get the detail in the
+    audit log; an unexpected server error is a generic 500 with a request id."""
+    models = make_models(tiny_model, tmp_path)
+    shutil.copytree(models / "demo", models / "ok")
+    strict = models / "demo" / "private" / "filter" / "filter.json"
+    meta = json.loads(strict.read_text())
+    meta["threshold"] = 1e9  # every sample rejected: the pipeline stops with a memorization finding
+    strict.write_text(json.dumps(meta))
+    (models / "demo" / "private" / "seed.key").rename(models / "nokey")  # and a second model cannot load at all
+    shutil.copytree(models / "demo", models / "broken")
+    (models / "nokey").rename(models / "demo" / "private" / "seed.key")
+    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(tmp_path / "data")}
+    researcher = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
+    admin = {"Authorization": f"Bearer {new_key(env, '--role', 'admin')}"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(models, env, port)
+    try:
+        memorizing = httpx.post(
+            f"{base}/v1/cohorts", headers=researcher, json={"model": "demo", "counts": {"healthy": 30}}
+        ).json()
+        broken = httpx.post(
+            f"{base}/v1/cohorts", headers=researcher, json={"model": "broken", "counts": {"healthy": 2}}
+        ).json()
+        for job, expected in ((memorizing, "appears to memorize"), (broken, "operator has been told")):
+            done = wait_for(base, researcher, job["id"])
+            assert done["status"] == "failed" and expected in done["error"]
+            assert str(tmp_path) not in done["error"] and not any(ch.isdigit() for ch in done["error"])
+        log = httpx.get(f"{base}/v1/audit-log", headers=admin).json()
+        details = [e["detail"] for e in log if e["action"] == "cohort.finish" and e["outcome"] == "failed"]
+        assert any("rejected" in d for d in details) and any("seed key" in d for d in details)
+        ok = httpx.post(f"{base}/v1/cohorts", headers=researcher, json={"model": "ok", "counts": {"healthy": 2}})
+        assert wait_for(base, researcher, ok.json()["id"])["status"] == "succeeded"
+        (tmp_path / "data" / "datasets" / ok.json()["id"] / "manifest.json").write_text("{corrupt")  # a server fault
+        crashed = httpx.get(f"{base}/v1/datasets/{ok.json()['id']}", headers=researcher)
+        assert crashed.status_code == 500 and crashed.json()["request_id"] == crashed.headers["x-request-id"]
+        assert "internal error" in crashed.json()["detail"] and str(tmp_path) not in crashed.text
+        assert "Traceback" not in crashed.text and "JSONDecodeError" not in crashed.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

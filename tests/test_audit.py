@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from app.audit import AuditSettings, run_audit
@@ -17,43 +18,59 @@ FAST = {"n": 6, "classifier_steps": 15, "classifier_seeds": 2, "mia_timesteps": 
 
 
 @pytest.fixture(scope="module")
-def audited(tiny_model: Path, demo_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def audited(tiny_model: Path, canary_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("audit") / "report"
-    report = run_audit(demo_store.store.path, tiny_model, out, AuditSettings(**FAST))
+    report = run_audit(canary_store.store.path, tiny_model, out, AuditSettings(**FAST))
     return out, report
 
 
-def test_report_has_every_number_in_range(audited) -> None:
+def _is_multiple(value: float, unit: float) -> bool:
+    return abs(value / unit - round(value / unit)) < 1e-6
+
+
+def test_report_numbers_have_the_structure_their_definitions_force(audited) -> None:
+    """Properties a broken metric would violate (not just "between 0 and 1"): an accuracy is a count of correct
+    test slices, an AUC is a Mann–Whitney count over member × non-member pairs, a DCR share counts samples."""
     out, report = audited
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["utility"] == report["utility"]
-    u = on_disk["utility"]
+    u, store = on_disk["utility"], on_disk["store"]
+    n_test = store["n_holdout_slices"]
     for name in ("trtr", "tstr"):
-        assert 0.0 <= u[name]["accuracy"] <= 1.0 and 0.0 <= u[name]["auc"] <= 1.0
-        assert len(u[name]["per_seed"]) == 2
+        runs = u[name]["per_seed"]
+        assert len(runs) == 2 and all(_is_multiple(r["accuracy"], 1 / n_test) for r in runs)
+        assert u[name]["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in runs]))
+        assert u[name]["accuracy_sd"] == pytest.approx(np.std([r["accuracy"] for r in runs]))
     assert u["ratio"]["accuracy"] == pytest.approx(u["tstr"]["accuracy"] / u["trtr"]["accuracy"])
     fr = on_disk["fidelity"]["frechet"]
     for space in ("classifier_features", "filter_embedding"):
-        assert fr[space]["synthetic_vs_holdout"] >= 0 and fr[space]["train_vs_holdout"] > 0
+        f = fr[space]
+        assert f["train_vs_holdout"] > 0 and f["ratio"] == pytest.approx(
+            f["synthetic_vs_holdout"] / f["train_vs_holdout"]
+        )
     assert set(on_disk["fidelity"]["ms_ssim"]["synthetic"]) <= {"healthy", "lesion"}
     p = on_disk["privacy"]
-    assert 0.0 <= p["dcr"]["share_filtered"] <= 1.0 and 0.0 <= p["filter"]["catch_rate_unfiltered"] <= 1.0
-    # every released sample passed the filter; the unfiltered batch has all 2 × n samples
-    assert all(
-        d >= p["dcr"]["distances_to_train"]["filter_threshold"]
-        for d in p["dcr"]["distances_to_train"]["synthetic_filtered"]
-    )
-    assert len(p["dcr"]["distances_to_train"]["synthetic_unfiltered"]) == 2 * FAST["n"]
-    store = on_disk["store"]
+    distances = p["dcr"]["distances_to_train"]
+    n_filtered, n_raw = len(distances["synthetic_filtered"]), len(distances["synthetic_unfiltered"])
+    assert _is_multiple(p["dcr"]["share_filtered"], 0.5 / n_filtered)
+    # every released sample passed the filter; the unfiltered batch has all 2 × n samples and its catch rate
+    # is exactly the share of it below the threshold
+    threshold = distances["filter_threshold"]
+    assert all(d >= threshold for d in distances["synthetic_filtered"])
+    assert n_raw == 2 * FAST["n"]
+    below = np.mean(np.array(distances["synthetic_unfiltered"]) < threshold)
+    assert p["filter"]["catch_rate_unfiltered"] == pytest.approx(below)
     loss = p["membership_inference"]["loss"]
     assert loss["n_members"] == store["n_train_patients"] and loss["n_nonmembers"] == store["n_holdout_patients"]
-    assert 0.0 <= loss["auc"] <= 1.0
+    assert _is_multiple(loss["auc"], 0.5 / (loss["n_members"] * loss["n_nonmembers"]))
+    assert loss["fpr"][0] == 0.0 and loss["tpr"][-1] == 1.0 and loss["fpr"] == sorted(loss["fpr"])
     bound = p["dp_bound"]
     assert bound["private"] and bound["epsilon"] == pytest.approx(on_disk["model"]["epsilon"])
     # the curve over δ can only tighten the ceiling given by the card's single (ε, δ)
     assert bound["tpr_at_low_fpr"] <= bound["tpr_at_low_fpr_card_pair_only"] + 1e-12
     assert 0.5 <= bound["auc"] <= bound["auc_card_pair_only"] + 1e-12
     assert on_disk["cohort"]["reproduce"].startswith("synthcohort export MODEL_DIR --n 6 --seed 0")
+    assert on_disk["cohort"]["generated"] >= on_disk["cohort"]["accepted"] == 2 * FAST["n"]
     assert on_disk["timings_s"]["total"] > 0
 
 
@@ -72,17 +89,17 @@ def test_report_is_private_self_contained_and_shows_no_training_images(audited) 
     assert not (out / "cohort").exists() and not list(out.parent.glob(".*.tmp"))
 
 
-def test_existing_report_is_refused_then_replaced_with_force(audited, tiny_model: Path, demo_store) -> None:
+def test_existing_report_is_refused_then_replaced_with_force(audited, tiny_model: Path, canary_store) -> None:
     out, _ = audited
     before = (out / "report.json").read_text()
     with pytest.raises(Conflict):
-        run_audit(demo_store.store.path, tiny_model, out, AuditSettings(**FAST))
+        run_audit(canary_store.store.path, tiny_model, out, AuditSettings(**FAST))
     assert (out / "report.json").read_text() == before
 
 
-def test_cli_with_neighbours_and_force(tiny_model: Path, demo_store, tmp_path: Path) -> None:
+def test_cli_with_neighbours_and_force(tiny_model: Path, canary_store, tmp_path: Path) -> None:
     out = tmp_path / "with-neighbours"
-    args = [sys.executable, "-m", "app.cli", "audit", str(demo_store.store.path), str(tiny_model), "--out", str(out)]
+    args = [sys.executable, "-m", "app.cli", "audit", str(canary_store.store.path), str(tiny_model), "--out", str(out)]
     args += ["--n", "4", "--classifier-steps", "10", "--classifier-seeds", "1", "--include-neighbours"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
@@ -95,24 +112,24 @@ def test_cli_with_neighbours_and_force(tiny_model: Path, demo_store, tmp_path: P
 
 def test_wrong_store_and_bad_settings_are_refused(tiny_model: Path, canary_store, demo_store, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="not the one the model was trained on"):
-        run_audit(canary_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**FAST))
+        run_audit(demo_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**FAST))
     with pytest.raises(InvalidInput, match="--n"):
-        run_audit(demo_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**{**FAST, "n": 1}))
+        run_audit(canary_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**{**FAST, "n": 1}))
     with pytest.raises(InvalidInput, match="timesteps"):
         run_audit(
-            demo_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**{**FAST, "mia_timesteps": (1000,)})
+            canary_store.store.path, tiny_model, tmp_path / "r", AuditSettings(**{**FAST, "mia_timesteps": (1000,)})
         )
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".*"))
 
 
-def test_a_model_the_pipeline_refuses_is_still_audited_with_the_finding(tiny_model: Path, demo_store, tmp_path: Path):
+def test_a_model_the_pipeline_refuses_is_still_audited_with_the_finding(tiny_model: Path, canary_store, tmp_path: Path):
     strict = tmp_path / "strict"
     shutil.copytree(tiny_model, strict)
     meta_path = strict / "private" / "filter" / "filter.json"
     meta = json.loads(meta_path.read_text())
     meta["threshold"] = 1e9  # every output now sits "closer than unseen patients": the pipeline must refuse
     meta_path.write_text(json.dumps(meta))
-    report = run_audit(demo_store.store.path, strict, tmp_path / "r", AuditSettings(**FAST))
+    report = run_audit(canary_store.store.path, strict, tmp_path / "r", AuditSettings(**FAST))
     assert report["cohort"]["pipeline_stopped"] and "appears to memorize" in report["cohort"]["finding"]
     assert report["cohort"]["source"].startswith("the whole unfiltered batch")
     assert report["privacy"]["filter"]["catch_rate_unfiltered"] == 1.0

@@ -49,7 +49,15 @@ def test_store_layout_permissions_and_split(demo_raw, demo_store) -> None:
     store = demo_store.store
     assert stat.S_IMODE(os.stat(store.path).st_mode) == 0o700
     names = {p.name for p in store.path.iterdir()}
-    assert names == {"PRIVATE", "store.json", "images.npy", "index.csv", "ingest_report.json", "secret.key"}
+    assert names == {
+        "PRIVATE",
+        "store.json",
+        "images.npy",
+        "index.csv",
+        "ingest_report.json",
+        "privacy_ledger.jsonl",
+        "secret.key",
+    }
     for path in store.path.iterdir():
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path.name
 
@@ -70,7 +78,7 @@ def test_store_layout_permissions_and_split(demo_raw, demo_store) -> None:
     rows = store.index()
     assert {r["sex"] for r in rows} <= {"F", "M"}
     assert max(int(r["age"]) for r in rows) <= 90
-    assert store.spacing() == pytest.approx((234 / 32, 234 / 32, 2.0))
+    assert store.spacing() == (7.3, 7.3, 2.0)  # 234 mm / 32 px, rounded to 0.1 mm for the public card
 
 
 def test_labels_follow_the_patient(demo_raw, demo_store) -> None:
@@ -132,6 +140,62 @@ def test_mixed_shapes_and_medmnist(tmp_path: Path) -> None:
     store = result.store
     assert store.n_slices == 10 and store.label_names == ["0", "1"]
     assert store.read("train").images.shape[1:] == (1, 32, 32)
+    # nothing says which images share a person: the unit of privacy is the image, and the store says so
+    assert store.privacy_unit == "image" and result.report["privacy_unit"] == "image"
+
+
+def test_a_scan_column_maps_archive_images_to_patients(tmp_path: Path) -> None:
+    """Several MedMNIST images of one person: a `scan` column makes the person the unit again."""
+    rng = np.random.default_rng(1)
+    np.savez(
+        tmp_path / "organmnist.npz",
+        train_images=rng.integers(0, 255, (6, 28, 28), dtype=np.uint8),
+        train_labels=np.array([[0], [0], [0], [1], [1], [1]]),
+    )
+    rows = ["scan,patient_id,label"]
+    rows += [f"organmnist/train-{i:06d},{'A' if i < 3 else 'B'},{'0' if i < 3 else '1'}" for i in range(6)]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    result = ingest(
+        tmp_path / "organmnist.npz",
+        tmp_path / "s",
+        labels_path=tmp_path / "labels.csv",
+        options=IngestOptions(size=16, slices=1, holdout=0.0),
+    )
+    assert result.store.privacy_unit == "patient"
+    assert len(set(result.store.read("train").patients)) == 2 and result.store.n_slices == 6
+
+
+def test_patient_ids_are_normalised(demo_raw, tmp_path: Path) -> None:
+    """Case, whitespace and zero padding do not split one patient in two, nor lose their label."""
+    from train.deidentify import normalise_patient_id
+
+    assert normalise_patient_id(" MRN 000123 ") == normalise_patient_id("mrn123") == "mrn123"
+    assert normalise_patient_id("p-007b") == "p-7b" and normalise_patient_id("0") == "0"
+    raw, plan = demo_raw
+    lines = (raw / "labels.csv").read_text().splitlines()
+    messy = [lines[0]]
+    for line in lines[1:]:
+        patient, rest = line.split(",", 1)
+        messy.append(f"  {patient.lower().replace('mrn', 'mrn00')} ,{rest}")  # other case, padding, spaces
+    (tmp_path / "labels.csv").write_text("\n".join(messy) + "\n")
+    result = ingest(
+        raw / "nifti", tmp_path / "s", labels_path=tmp_path / "labels.csv", options=IngestOptions(size=16, slices=1)
+    )
+    assert not result.skipped
+    assert sum(sum(v.values()) for v in result.report["patients"].values()) == len(plan)
+
+
+def test_the_store_publishes_a_dp_count_and_starts_its_ledger(demo_store) -> None:
+    store = demo_store.store
+    meta = json.loads((store.path / "store.json").read_text())
+    assert (
+        meta["patients_estimate"]["noise_std"] == 10.0
+        and "Gaussian mechanism" in meta["patients_estimate"]["mechanism"]
+    )
+    assert len(store.store_id) == 32 and store.store_id not in store.fingerprint
+    first = store.ledger().entries()[0]
+    assert first["release"] == "patient-count" and first["history"] == [[10.0, 1.0, 1]]
+    assert stat.S_IMODE((store.path / "privacy_ledger.jsonl").stat().st_mode) == 0o600
 
 
 def test_nothing_usable_is_an_error_and_leaves_no_store(demo_raw, tmp_path: Path) -> None:

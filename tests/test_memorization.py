@@ -143,7 +143,14 @@ def test_calibration_math() -> None:
     assert cal.acceptance_rate(distances, cal.threshold(distances, 0.05)) == pytest.approx(0.95)
     np.testing.assert_allclose(cal.scores(np.array([2.0, 4.0]), 2.0), [1.0, 2.0])
     groups = np.repeat(np.arange(20), 5)
-    assert 0.85 <= cal.cross_validated_acceptance(distances, groups, 0.05) <= 1.0
+    per_patient = cal.per_patient(distances, groups)
+    np.testing.assert_array_equal(per_patient, np.arange(1, 101, 5))  # each patient's closest slice
+    rng = np.random.default_rng(0)
+    many = rng.exponential(size=2000)
+    assert cal.cross_validated_acceptance(many, 0.05) == pytest.approx(0.95, abs=0.02)  # out of sample ≈ 1 − q
+    with pytest.raises(InvalidInput, match="at least 50 held-out patients"):
+        cal.require_patients(49)
+    cal.require_patients(50)
     with pytest.raises(InvalidInput):
         cal.threshold(np.zeros(10), 0.05)
     with pytest.raises(InvalidInput):
@@ -164,10 +171,11 @@ def test_calibrate_cli_writes_private_record(canary_store, tmp_path: Path) -> No
     record = json.loads((model_dir / "private" / "calibration.json").read_text())
     for key in ("quantile", "n_holdout", "threshold", "embedding", "holdout_acceptance_rate", "canary_rejection_rate"):
         assert key in record
-    assert record["store_fingerprint"] == canary_store.store.fingerprint
+    assert record["store_id"] == canary_store.store.store_id
+    assert (model_dir / "private" / "seed.key").stat().st_mode & 0o777 == 0o600
     assert (model_dir / "private" / "filter" / "index.faiss").is_file()
 
-    (model_dir / "model_card.json").write_text(json.dumps({"store_fingerprint": "0" * 64}))
+    (model_dir / "model_card.json").write_text(json.dumps({"store_id": "0" * 32}))
     mismatch = subprocess.run(
         [sys.executable, "-m", "app.cli", "calibrate", store_path, str(model_dir)], capture_output=True, text=True
     )

@@ -12,7 +12,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, local_runner, sample_seed
+from app.pipeline import (
+    CohortRequest,
+    MemorizationSuspected,
+    build_cohort,
+    load_seed_key,
+    local_runner,
+    sample_seed,
+)
 from generators.bundle import DiffusionModel
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy
 
@@ -54,7 +61,7 @@ def test_export_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     manifest = read_manifest(out)
     samples = manifest["samples"]
     assert [s["label"] for s in samples].count("healthy") == 5 and [s["label"] for s in samples].count("lesion") == 3
-    assert all(s["filter_score"] >= 1.0 for s in samples)
+    assert all(set(s) == {"file", "label", "index", "seed", "model_id"} for s in samples)  # nothing from the filter
     assert len({s["seed"] for s in samples}) == 8
     card = json.loads((tiny_model / "model_card.json").read_text())
     for s in samples:
@@ -66,7 +73,7 @@ def test_export_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     assert {"manifest.json", "manifest.csv", "datalist.json", "privacy_report.json", "README.md", "cohort.npz"} <= names
     assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no temp files or shard records left
     csv_rows = (out / "manifest.csv").read_text().strip().splitlines()
-    assert csv_rows[0] == "file,label,seed,attempt,filter_score,model_id" and len(csv_rows) == 9
+    assert csv_rows[0] == "file,label,index,seed,model_id" and len(csv_rows) == 9
     datalist = json.loads((out / "datalist.json").read_text())
     assert len(datalist["training"]) == 8 and {d["label"] for d in datalist["training"]} <= {0, 1}
     report = json.loads((out / "privacy_report.json").read_text())
@@ -74,7 +81,8 @@ def test_export_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     assert report["differential_privacy"]["privacy_unit"] == "patient"
     assert report["memorization_filter"]["covered_by_epsilon"] is False
     assert "NOT part of the differential-privacy guarantee" in report["memorization_filter"]["statement"]
-    assert report["counts"]["accepted"] == 8 and report["counts"]["generated"] >= 8
+    assert report["counts"] == {"samples": 8, "per_label": {"healthy": 5, "lesion": 3}}
+    assert "not protected by epsilon" in report["what_holds"]
     assert "threshold" not in report["memorization_filter"]  # nothing in embedding units leaves the server
     readme = (out / "README.md").read_text()
     assert "synthetic" in readme and "ε" in readme
@@ -87,7 +95,9 @@ def test_export_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     again = model.generate(labels=[first["label"]], seed=0, seeds=[first["seed"]])
     stored = np.asarray(nib.load(out / first["file"]).dataobj)[:, :, 0]
     np.testing.assert_allclose(stored, again.images[0, 0].numpy()[::-1, :].T, atol=1e-5)
-    assert first["seed"] == sample_seed(11, first["label"], first["index"], first["attempt"])
+    key = load_seed_key(tiny_model)  # the operator holds the key and can tell which attempt a seed was
+    attempts = range(5)
+    assert first["seed"] in {sample_seed(key, 11, first["label"], first["index"], a) for a in attempts}
 
 
 def test_same_dataset_whatever_the_worker_count(tiny_model: Path, tmp_path: Path) -> None:
@@ -204,3 +214,82 @@ def test_cli_n_per_label_with_worker_processes(tiny_model: Path, tmp_path: Path)
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     assert [s["label"] for s in read_manifest(tmp_path / "c")["samples"]] == ["healthy", "healthy", "lesion", "lesion"]
+
+
+def _published_numbers(dataset: Path) -> dict[str, list]:
+    """Every per-sample number a holder of the released dataset can read, by field name."""
+    manifest = read_manifest(dataset)
+    numbers: dict[str, list] = {}
+    for sample in manifest["samples"]:
+        for name, value in sample.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                numbers.setdefault(name, []).append(value)
+    return numbers
+
+
+def test_a_released_dataset_is_no_membership_oracle(tiny_model: Path, tmp_path: Path) -> None:
+    """The review's attack, on a real export whose filter rejects about a third of first draws.
+
+    The attack: with the public embedding, a per-sample `filter_score = d(sample, nearest training) / threshold`
+    gives the threshold (d / score, the same for every sample), and then each score says how close some
+    training slice sits to the sample: a candidate's slice at exactly that distance is a member. It needs a
+    per-sample number computed from training data (a score, distance or attempt count) or seeds that show which
+    draws were rejected. The released dataset must offer neither.
+    """
+    import hashlib
+
+    from privacy_filters import MemorizationFilter
+
+    strict = tmp_path / "strict"
+    shutil.copytree(tiny_model, strict)
+    filt = MemorizationFilter.load(strict / "private" / "filter")
+    model = DiffusionModel.load(strict, device="cpu")
+    key = load_seed_key(strict)
+    first = model.generate(
+        labels=["healthy"] * 40, seed=0, seeds=[sample_seed(key, 5, "healthy", i, 0) for i in range(40)]
+    )
+    meta_path = strict / "private" / "filter" / "filter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["threshold"] = float(np.quantile(filt.distances(first.images), 0.25))  # about a quarter rejected
+    meta_path.write_text(json.dumps(meta))
+
+    totals: dict = {}
+    out = tmp_path / "released"
+    build_cohort(
+        strict,
+        CohortRequest(counts={"healthy": 40}, seed=5, shard_size=8, max_attempts=20, max_rejection_rate=0.9),
+        out,
+        device="cpu",
+        progress=lambda state: totals.update(generated=state.generated, rejected=state.rejected),
+    )
+    assert totals["rejected"] >= 4  # regenerations did happen (the operator sees how many) ...
+
+    # ... and the dataset has no per-sample number but its index and seed: nothing to solve a threshold from
+    numbers = _published_numbers(out)
+    assert set(numbers) == {"index", "seed"}
+    assert sorted(numbers["index"]) == list(range(40))
+    # the seeds do not say which samples were regenerated: without the key no attempt's seed can be recomputed
+    samples = read_manifest(out)["samples"]
+    public_guess = {
+        int(hashlib.sha256(f"5:healthy:{s['index']}:{a}".encode()).hexdigest()[:15], 16)
+        for s in samples
+        for a in range(5)
+    }
+    assert not public_guess & {s["seed"] for s in samples}
+    regenerated = [s for s in samples if s["seed"] != sample_seed(key, 5, "healthy", s["index"], 0)]
+    assert len(regenerated) >= 4  # the operator, holding the key, can tell them apart; the public cannot
+    assert all(set(s) == set(samples[0]) for s in regenerated)
+    # no field of the dataset's documents is a filter total, score, distance, threshold or exact private count
+    fields = set((out / "manifest.csv").read_text().splitlines()[0].split(","))
+    for name in ("manifest.json", "privacy_report.json", "datalist.json"):
+        fields |= _keys(json.loads((out / name).read_text()))
+    for word in ("rejected", "generated", "attempt", "score", "distance", "threshold", "n_train", "n_holdout"):
+        assert not [f for f in fields if word in f.lower() and not f.startswith("max_")], word  # max_*: the request
+
+
+def _keys(value: object) -> set[str]:
+    if isinstance(value, dict):
+        return set(value) | {k for v in value.values() for k in _keys(v)}
+    if isinstance(value, list):
+        return {k for v in value for k in _keys(v)}
+    return set()

@@ -1,45 +1,143 @@
 """Privacy accounting for patient-level DP-SGD: pure functions over numbers, no training, no I/O.
 
-The mechanism is the sampled Gaussian mechanism: each step Poisson-samples *patients* with rate
-``q = expected batch / N_patients``, clips each sampled patient's gradient to ``C`` and adds
-``N(0, (σC)²)`` noise. Opacus' accountants (PRV: Gopi et al. 2021; RDP: Mironov et al. 2019) turn
-``(σ, q, steps)`` into ``(ε, δ)``. Sampling from the trained model is post-processing and costs nothing.
+Neighbouring relation: **add/remove one patient**. Everything a model's card publishes is a function of
+public choices and of one differentially private release, never of the exact patient count ``N``:
+
+1. At ingestion the store releases ``N̂ = N + 𝒩(0, s²)`` (the Gaussian mechanism on a count of
+   sensitivity 1; ``s = COUNT_NOISE`` patients). That is one entry ``(s, 1, 1)`` of the privacy history.
+2. Training Poisson-samples each patient with rate ``q = B / N̂`` (``B`` the public expected batch size),
+   clips each sampled patient's gradient to ``C`` and adds ``𝒩(0, (σC)²)``: ``T`` entries ``(σ, q, 1)``.
+   The DP-SGD guarantee under add/remove depends only on ``(σ, q, T)``, and all three come from ``N̂``.
+
+A history is a list of Opacus accountant entries ``(noise multiplier, sample rate, steps)``; its (ε, δ) is
+the composition computed by Opacus' PRV accountant (Gopi et al. 2021) or RDP accountant (Mironov et al.
+2019). Composition across several models trained on one store uses the same call on the concatenated
+histories (the ledger). Sampling from a trained model is post-processing and costs nothing.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 
+import numpy as np
 from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
 
 from generators.errors import InvalidInput
 
 ACCOUNTANTS = ("prv", "rdp")
+RELATION = "add/remove one patient"
+COUNT_NOISE = 10.0  # std (patients) of the DP patient count; costs ≈ +0.02 ε at ε = 8 (see BENCHMARKS.md)
+MAX_SIGMA = 1e4
+EPSILON_TOLERANCE = 0.01
+
+Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one Opacus history entry
 
 
-def default_delta(n_patients: int) -> float:
+def count_mechanism(noise: float = COUNT_NOISE) -> Mechanism:
+    """The Gaussian mechanism on a count of sensitivity 1, as a history entry."""
+    return (float(noise), 1.0, 1)
+
+
+def noisy_count(n: int, *, noise: float = COUNT_NOISE, rng: random.Random | None = None) -> int:
+    """``round(n + 𝒩(0, noise²))``, at least 1. ``rng`` defaults to OS entropy (``random.SystemRandom``)."""
+    draw = (rng or random.SystemRandom()).gauss(0.0, noise)
+    return max(1, round(n + draw))
+
+
+def epsilon_of(history: Sequence[Mechanism], *, delta: float, accountant: str = "prv") -> float:
+    """ε of the composition of every mechanism in ``history`` at ``delta`` (0 for an empty history)."""
+    entries = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
+    if not entries:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = entries
+    # RDP's "optimal order is the largest alpha" note is not actionable here; PRV takes log(1 - q) = -inf for
+    # the count release (q = 1) on purpose
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
+        warnings.simplefilter("ignore", UserWarning)
+        return float(acc.get_epsilon(delta=delta))
+
+
+def solve_noise_multiplier(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    prior: Sequence[Mechanism] = (),
+) -> float:
+    """The smallest σ (to ``EPSILON_TOLERANCE``) such that ``prior + (σ, q, steps)`` spends ≤ ``target_epsilon``."""
+    if epsilon_of(prior, delta=delta, accountant=accountant) >= target_epsilon:
+        raise InvalidInput(f"ε = {target_epsilon} is already spent by the releases before training")
+    low, high = 0.0, 1.0
+
+    def eps(sigma: float) -> float:
+        return epsilon_of([*prior, (sigma, sample_rate, steps)], delta=delta, accountant=accountant)
+
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
+        if high > MAX_SIGMA:
+            raise InvalidInput(f"ε = {target_epsilon} is too small for {steps} steps at q = {sample_rate:.3g}")
+    while high - low > 1e-4 * high:
+        mid = (low + high) / 2
+        spent = eps(mid)
+        if spent <= target_epsilon:
+            high = mid
+            if target_epsilon - spent <= EPSILON_TOLERANCE:
+                break
+        else:
+            low = mid
+    return high
+
+
+def default_delta(n_patients: float) -> float:
     """δ well below 1/N: the largest power of ten ≤ 1/(10·N), capped at 1e-5."""
     if n_patients < 1:
         raise InvalidInput("need at least one training patient")
     return min(1e-5, 10.0 ** math.floor(math.log10(1.0 / (10.0 * n_patients))))
 
 
+def public_default_delta(patients_estimate: int, noise: float = COUNT_NOISE) -> float:
+    """Default δ from the DP estimate ``N̂``: sized for ``N̂ + 4·noise`` so that δ < 1/(10 N) almost surely."""
+    return default_delta(patients_estimate + 4.0 * noise)
+
+
+def check_delta(delta: float, n_patients: int) -> str | None:
+    """Refuse δ ≥ 1/N; return a warning for δ > 1/(10 N) (operator-side: uses the exact, private N)."""
+    if not 0 < delta < 1.0 / n_patients:
+        raise InvalidInput(
+            f"delta must be in (0, 1/N_patients): {delta:g} is not below 1/{n_patients} — a mechanism with "
+            "δ ≥ 1/N may publish one patient's data outright; choose a smaller --delta"
+        )
+    if delta > 0.1 / n_patients:
+        return f"delta {delta:g} is above 1/(10·N_patients) = {0.1 / n_patients:.2g}; a smaller δ is recommended"
+    return None
+
+
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """What a DP training run will do, solved before the first step."""
+    """What a DP training run will do, solved before the first step from public numbers only."""
 
     target_epsilon: float
     delta: float
     accountant: str
-    n_patients: int
-    expected_batch_size: int
+    patients_estimate: int  # N̂, the store's DP patient count
+    expected_batch_size: float  # q·N̂: the normaliser of the noised gradient sum
     sample_rate: float
     steps: int
     epochs: float
     noise_multiplier: float
+    prior: tuple[Mechanism, ...] = field(default=())
+
+    def history(self, steps: int | None = None) -> list[Mechanism]:
+        """The whole privacy history of a model trained for ``steps`` (default: the planned steps)."""
+        done = self.steps if steps is None else steps
+        return [*self.prior, (self.noise_multiplier, self.sample_rate, done)]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -49,54 +147,52 @@ def plan_privacy(
     *,
     target_epsilon: float,
     delta: float,
-    n_patients: int,
-    expected_batch_size: int,
+    patients_estimate: int,
+    batch_size: int,
     epochs: float | None = None,
     steps: int | None = None,
     accountant: str = "prv",
+    prior: Sequence[Mechanism] = (),
 ) -> PrivacyPlan:
-    """Solve the noise multiplier σ that spends exactly ``target_epsilon`` over the planned steps."""
+    """Solve σ so that ``prior`` plus the planned DP-SGD steps spend exactly ``target_epsilon``.
+
+    ``q = min(1, batch_size / patients_estimate)``; ``steps = round(epochs / q)`` when epochs are given.
+    """
     if target_epsilon <= 0 or not math.isfinite(target_epsilon):
         raise InvalidInput(f"epsilon must be a positive number, got {target_epsilon}")
-    if not 0 < delta < 1.0 / n_patients:
-        raise InvalidInput(f"delta must be in (0, 1/N_patients = {1.0 / n_patients:.2g}), got {delta}")
+    if not 0 < delta < 1:
+        raise InvalidInput(f"delta must be in (0, 1), got {delta}")
     if accountant not in ACCOUNTANTS:
         raise InvalidInput(f"unknown accountant {accountant!r}; choose one of {list(ACCOUNTANTS)}")
-    if not 1 <= expected_batch_size <= n_patients:
-        raise InvalidInput(f"batch size must be between 1 and the {n_patients} training patients")
-    sample_rate = expected_batch_size / n_patients
+    if patients_estimate < 1 or batch_size < 1:
+        raise InvalidInput("the patient estimate and the batch size must be positive")
+    sample_rate = min(1.0, batch_size / patients_estimate)
     if steps is None:
         if epochs is None or epochs <= 0:
             raise InvalidInput("give a positive number of epochs or steps")
         steps = max(1, round(epochs / sample_rate))
-    with warnings.catch_warnings():  # RDP's "optimal order is the largest alpha" note is not actionable here
-        warnings.simplefilter("ignore", UserWarning)
-        sigma = get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
-        )
+    sigma = solve_noise_multiplier(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+        prior=prior,
+    )
     return PrivacyPlan(
         target_epsilon=target_epsilon,
         delta=delta,
         accountant=accountant,
-        n_patients=n_patients,
-        expected_batch_size=expected_batch_size,
+        patients_estimate=patients_estimate,
+        expected_batch_size=sample_rate * patients_estimate,
         sample_rate=sample_rate,
         steps=steps,
         epochs=steps * sample_rate,
         noise_multiplier=sigma,
+        prior=tuple(prior),
     )
 
 
 def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
-    """ε after ``steps`` steps of the sampled Gaussian mechanism (0 before the first step)."""
-    if steps == 0:
-        return 0.0
-    acc = create_accountant(mechanism=accountant)
-    acc.history = [(noise_multiplier, sample_rate, steps)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return float(acc.get_epsilon(delta=delta))
+    """ε after ``steps`` steps of the sampled Gaussian mechanism alone (0 before the first step)."""
+    return epsilon_of([(noise_multiplier, sample_rate, steps)], delta=delta, accountant=accountant)

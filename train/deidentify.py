@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
+import unicodedata
 
 from generators.errors import InvalidInput
 
 SECRET_BYTES = 32
 MAX_REPORTED_AGE = 90  # HIPAA Safe Harbor: ages over 89 are aggregated into one "90 or older" bucket.
 SEX_CODES = {"f": "F", "female": "F", "m": "M", "male": "M", "o": "O", "other": "O", "u": "U", "unknown": "U", "": "U"}
+
+
+def normalise_patient_id(value: str) -> str:
+    """The canonical form of a patient id: Unicode NFKC, whitespace removed, case-folded, and leading zeros
+    dropped from every run of digits, so ``" MRN 000123"``, ``"mrn123"`` and ``"MRN-0123"`` → ``"mrn123"``,
+    ``"mrn123"`` and ``"mrn-123"``."""
+    text = "".join(unicodedata.normalize("NFKC", value).split()).casefold()
+    return re.sub(r"\d+", lambda m: str(int(m.group())), text)
 
 
 def new_secret() -> bytes:
@@ -39,8 +49,8 @@ class Pseudonymizer:
         return hmac.new(self._secret, f"{domain}\x00{value}".encode(), hashlib.sha256).hexdigest()
 
     def patient(self, real_id: str) -> str:
-        """Pseudonym for a patient id, e.g. ``p-3fa85f6457174562``."""
-        return "p-" + self._digest("patient", real_id.strip())[:16]
+        """Pseudonym for a patient id (after :func:`normalise_patient_id`), e.g. ``p-3fa85f6457174562``."""
+        return "p-" + self._digest("patient", normalise_patient_id(real_id))[:16]
 
     def reference(self, text: str) -> str:
         """Pseudonym for anything else that may carry identifiers (file paths, CSV rows)."""

@@ -1,17 +1,24 @@
 """Patient-level DP-SGD training of the class-conditional diffusion model (Opacus).
 
 One step:
-1. Opacus' ``UniformWithReplacementSampler`` Poisson-samples *patients* with rate ``q``; Opacus'
-   ``BatchMemoryManager`` splits the logical batch into physical batches (an empty batch still steps).
-2. Each sampled patient contributes one uniformly chosen slice, seen under ``K`` (timestep, noise) draws
-   with label dropout (null class) for classifier-free guidance.
+1. Opacus' ``UniformWithReplacementSampler`` Poisson-samples *patients* with rate ``q = B / N̂`` (``N̂`` the
+   store's DP patient count); Opacus' ``BatchSplittingSampler`` splits the logical batch into physical
+   batches (an empty batch still steps).
+2. Each sampled patient contributes one uniformly chosen slice (over all of the patient's scans), seen under
+   ``K`` (timestep, noise) draws with label dropout (null class) for classifier-free guidance.
 3. Exact per-patient gradients (``train.per_patient_grads``) go into ``p.grad_sample``; Opacus'
-   ``DPOptimizer`` clips each patient to ``C``, adds ``N(0, σ²C²)`` and averages over the expected batch;
-   the accountant hook records the step.
+   ``DPOptimizer`` clips each patient to ``C``, adds ``N(0, σ²C²)`` (``secure_mode``: robust to floating-point
+   attacks) and averages over the expected batch; its step hook feeds the accountant.
 4. An EMA of the weights is kept (post-processing of DP iterates: free).
 
-Checkpoints (``MODEL_DIR/private/checkpoint.pt``) hold weights, EMA, optimiser, accountant and every random
-generator, so ``resume`` continues exactly; Ctrl-C finishes the current step and writes one.
+Randomness: ``--seed`` fixes only what is public (initialisation, the public-prior phase, the sample grids).
+Everything that touches private data — Poisson masks, slice choice, timesteps, noise draws, label dropout and
+the DP noise — comes from generators seeded from OS entropy on every run, so it is unpredictable and not
+reproducible. Their states live only in the private checkpoint (``MODEL_DIR/private/checkpoint.pt``, 0600),
+so ``resume`` continues exactly; Ctrl-C finishes the current step and writes one.
+
+Every DP run is recorded in the store's privacy ledger (``train.ledger``) before its first step, and refused
+when it would take the store past its budget.
 """
 
 from __future__ import annotations
@@ -22,10 +29,13 @@ import json
 import math
 import os
 import platform
+import secrets
 import signal
 import tempfile
 import threading
 import time
+import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -38,11 +48,19 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from generators.bundle import CARD_FILE, DEFAULT_GUIDANCE, DEFAULT_STEPS, DiffusionModel, resolve_device, save_grid
+from generators.bundle import (
+    CARD_FILE,
+    CARD_FORMAT,
+    DEFAULT_GUIDANCE,
+    DEFAULT_STEPS,
+    DiffusionModel,
+    resolve_device,
+    save_grid,
+)
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
-from generators.errors import Conflict, InvalidInput, PrivacyPolicy
+from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarning
 from generators.unet import build_unet, null_class, use_plain_attention
-from train.accounting import PrivacyPlan, default_delta, epsilon_spent, plan_privacy
+from train.accounting import RELATION, PrivacyPlan, check_delta, count_mechanism, epsilon_of, plan_privacy
 from train.per_patient_grads import make_per_patient_grad_fn
 from train.preprocess import resize_slices
 from train.presets import Preset
@@ -51,13 +69,34 @@ from train.public_prior import cosine_lr, pretrain
 from train.store import CohortStore
 
 CHECKPOINT = "checkpoint.pt"
+TRAINING_RECORD = "training_record.json"
+UNIT_MEANING = {
+    "patient": "the PATIENT: any single patient's entire data (all of their slices and scans)",
+    "image": "the IMAGE: the inputs did not say which images belong to one person, so a person with several "
+    "images is protected only per image (k images: roughly k·ε)",
+}
 PRIVACY_STATEMENT = (
-    "Differential privacy with the PATIENT as the unit: any single patient's entire data (all of their slices "
-    "and scans) changes the distribution of the released model by at most (epsilon, delta). Each training step "
-    "Poisson-sampled patients, used one slice per sampled patient, clipped each patient's gradient and added "
-    "Gaussian noise (DP-SGD). Generating samples from the model is post-processing and spends no budget."
+    "Differential privacy with {unit} changes the distribution of the released model by at most (epsilon, "
+    "delta), under the add/remove neighbouring relation. The guarantee covers the model and anything generated "
+    "from it (sampling is post-processing and spends no budget). Each training step Poisson-sampled units, used "
+    "one slice per sampled unit, clipped each unit's gradient and added Gaussian noise (DP-SGD); the cohort's "
+    "size enters only through a differentially private count, included in epsilon. It does NOT cover the "
+    "memorization filter or which samples were released (the filter reads private data), nor the held-out "
+    "patients who calibrate that filter."
 )
 NOT_PRIVATE_STATEMENT = "NOT PRIVATE: this model was trained without differential privacy."
+RANDOMNESS = {
+    "seeded_by_public_seed": ["initialisation", "public-prior pretraining", "sample grids"],
+    "from_os_entropy": [
+        "Poisson sampling of patients",
+        "slice choice",
+        "timesteps and noise of the loss",
+        "label dropout",
+        "DP noise (Opacus secure_mode)",
+    ],
+    "statement": "The randomness that touches private data is drawn from OS entropy on every run and is not "
+    "reproducible; no seed of it is recorded anywhere public.",
+}
 
 
 @dataclass(frozen=True)
@@ -72,17 +111,18 @@ class TrainConfig:
     accountant: str = "prv"
     dp: bool = True
     max_steps: int | None = None
-    seed: int = 0
+    seed: int = 0  # public randomness only
     device: str = "auto"
     resume: bool = False
     force: bool = False
+    allow_over_budget: bool = False
     samples_per_label: int = 16
     extra: dict = field(default_factory=dict)
 
-    def inputs_digest(self, store_fingerprint: str) -> str:
-        """Hash of everything that determines the trained weights (for "reuse if unchanged")."""
+    def inputs_digest(self, store_id: str) -> str:
+        """Hash of every choice that determines the run (for "reuse if unchanged"); no private data in it."""
         payload = {
-            "store": store_fingerprint,
+            "store": store_id,
             "preset": self.preset.as_dict(),
             "epsilon": self.epsilon,
             "delta": self.delta,
@@ -115,9 +155,14 @@ class PatientSlices:
         self.n_patients = len(keys)
 
     def pick(self, patient_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One uniformly random slice row per patient id."""
+        """One uniformly random slice row per patient id (over all of the patient's scans)."""
         offsets = (torch.rand(len(patient_ids), generator=generator) * self.counts[patient_ids]).long()
         return self.rows[self.starts[patient_ids] + offsets]
+
+
+def private_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from OS entropy (never from a seed anyone else could know)."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
 
 
 def _library_versions() -> dict[str, str]:
@@ -136,7 +181,16 @@ def _library_versions() -> dict[str, str]:
 def _save_atomic(obj: object, path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o600)
     torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _write_private_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(data, handle, indent=2)
+    os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 
 
@@ -164,16 +218,92 @@ class _StopFlag:
             signal.signal(signal.SIGINT, previous)
 
 
+@dataclass
+class _Run:
+    """Everything one run needs, decided before the first step."""
+
+    config: TrainConfig
+    store: CohortStore
+    out: Path
+    digest: str
+    device: torch.device
+    slices: PatientSlices
+    train_images: np.ndarray
+    n_classes: int
+    plan: PrivacyPlan | None
+    sample_rate: float
+    planned_steps: int
+    total_steps: int
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "private" / CHECKPOINT
+
+
+@dataclass
+class _State:
+    """What a checkpoint holds: weights, EMA, optimiser, accountant, the private generators, progress."""
+
+    run_id: str
+    model: torch.nn.Module
+    ema: dict[str, torch.Tensor]
+    base_optimizer: torch.optim.Optimizer
+    accountant: object | None
+    sampler_gen: torch.Generator
+    draw_gen: torch.Generator
+    noise_gen: torch.Generator
+    step: int = 0
+    elapsed: float = 0.0
+    pretrain_seconds: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    def save(self, run: _Run) -> None:
+        _save_atomic(
+            {
+                "inputs_digest": run.digest,
+                "run_id": self.run_id,
+                "step": self.step,
+                "elapsed": self.elapsed,
+                "pretrain_seconds": self.pretrain_seconds,
+                "losses": self.losses,
+                "model": self.model.state_dict(),
+                "ema": self.ema,
+                "optimizer": self.base_optimizer.state_dict(),
+                "accountant": self.accountant.state_dict() if self.accountant is not None else None,
+                "sampler_gen": self.sampler_gen.get_state(),
+                "draw_gen": self.draw_gen.get_state(),
+                "noise_gen": self.noise_gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            run.checkpoint_path,
+        )
+
+    def restore(self, run: _Run) -> None:
+        saved = torch.load(run.checkpoint_path, map_location=run.device, weights_only=False)
+        if saved["inputs_digest"] != run.digest:
+            raise InvalidInput("the checkpoint was made with other inputs (store, preset or privacy settings)")
+        self.model.load_state_dict(saved["model"])
+        self.ema = saved["ema"]
+        self.base_optimizer.load_state_dict(saved["optimizer"])
+        if self.accountant is not None:
+            self.accountant.load_state_dict(saved["accountant"])
+        for name in ("sampler_gen", "draw_gen", "noise_gen"):
+            getattr(self, name).set_state(saved[name])
+        torch.set_rng_state(saved["torch_rng"])
+        self.run_id, self.step, self.elapsed = saved["run_id"], saved["step"], saved["elapsed"]
+        self.losses, self.pretrain_seconds = saved["losses"], saved["pretrain_seconds"]
+
+
 def train_model(
     config: TrainConfig,
     *,
     progress: Callable[[dict], None] | None = None,
     on_plan: Callable[[PrivacyPlan | None, int], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume, or reuse) a model bundle at ``config.out``; returns its card.
+    """Train (or resume, or reuse) a model bundle at ``config.out``; returns its public card.
 
-    ``progress`` receives ``{"step", "total", "patients", "loss", "epsilon"}`` after every step (``epsilon``
-    every 10 steps). A first Ctrl-C (SIGINT) stops after the current step with a checkpoint.
+    ``progress`` receives ``{"phase", "step", "total", "patients", "loss", "epsilon"}`` after every step
+    (``epsilon`` every 10 steps). A first Ctrl-C (SIGINT) stops after the current step with a checkpoint.
     """
     stop = _StopFlag()
     with stop.installed():
@@ -186,75 +316,124 @@ def _train(
     progress: Callable[[dict], None] | None,
     on_plan: Callable[[PrivacyPlan | None, int], None] | None,
 ) -> TrainResult:
+    # 1. inputs: the store, the output directory (or a bundle to reuse), the privacy plan
     if config.dp and (config.epsilon is None or config.epsilon <= 0):
         raise InvalidInput("--epsilon must be positive for DP training")
     store = CohortStore.open(config.store)
+    reused = _reusable_card(config, store)
+    if reused is not None:
+        return TrainResult(card=reused, reused=True)
+    run = _plan_run(config, store)
+    if not config.resume:  # a resumed run was admitted (and recorded) when it started
+        _check_budget(run)
+    _prepare_output(config)
+    if on_plan:
+        on_plan(run.plan, run.total_steps)
+
+    # 2. model, public prior, optimiser, DP machinery and the private generators (or the checkpoint)
+    state = _initial_state(run, progress)
+    if config.resume:
+        state.restore(run)
+    else:
+        torch.manual_seed(secrets.randbits(63))  # no later draw may follow from the public seed
+    _record_in_ledger(run, state)
+
+    # 3. the DP-SGD loop
+    interrupted = _run_steps(run, state, stop, progress)
+    if interrupted:
+        return TrainResult(card={"step": state.step, "total_steps": run.total_steps}, interrupted=True)
+
+    # 4. the bundle: EMA weights, public card (written last), private record, sample grids
+    return TrainResult(card=_write_bundle(run, state))
+
+
+def _reusable_card(config: TrainConfig, store: CohortStore) -> dict | None:
+    """The card of a bundle at ``out`` trained on the same inputs (reuse it: no ε spent again), else ``None``."""
+    card_path = Path(config.out) / CARD_FILE
+    if not card_path.is_file() or config.resume:
+        return None
+    card = json.loads(card_path.read_text())
+    if card.get("training_inputs_digest") == config.inputs_digest(store.store_id) and not config.force:
+        return card
+    if not config.force:
+        raise Conflict(f"{config.out} already holds a model trained on other inputs; use a new --out or --force")
+    return None
+
+
+def _prepare_output(config: TrainConfig) -> None:
+    """Make ``out`` ready for a (resumed) run; a bundle is incomplete until its card is written again."""
     out = Path(config.out)
-    digest = config.inputs_digest(store.fingerprint)
-    card_path = out / CARD_FILE
-    if card_path.is_file() and not config.resume:
-        card = json.loads(card_path.read_text())
-        if card.get("training_inputs_digest") == digest and not config.force:
-            return TrainResult(card=card, reused=True)
-        if not config.force:
-            raise Conflict(f"{out} already holds a model trained on other inputs; use a new --out or --force")
     private = out / "private"
-    checkpoint_path = private / CHECKPOINT
-    if config.resume and not checkpoint_path.is_file():
-        raise InvalidInput(f"nothing to resume: no checkpoint at {checkpoint_path}")
+    if config.resume and not (private / CHECKPOINT).is_file():
+        raise InvalidInput(f"nothing to resume: no checkpoint at {private / CHECKPOINT}")
     if out.exists() and not config.resume and not config.force and any(out.iterdir()):
         raise Conflict(f"{out} exists and is not empty; use a new --out, --resume or --force")
     private.mkdir(parents=True, exist_ok=True)
     os.chmod(private, 0o700)
     if not config.resume:
-        card_path.unlink(missing_ok=True)  # the bundle is incomplete until training writes a new card
+        (out / CARD_FILE).unlink(missing_ok=True)
 
+
+def _plan_run(config: TrainConfig, store: CohortStore) -> _Run:
+    """Solve the privacy plan from public numbers (N̂, B, epochs); check δ against the exact count."""
     preset = config.preset
-    device = resolve_device(config.device)
     train_split = store.read("train")
     slices = PatientSlices(train_split.patients, train_split.labels)
-    n_patients = slices.n_patients
+    n_patients = slices.n_patients  # exact and private: used only for operator-side checks
     if n_patients < 2:
         raise InvalidInput("need at least 2 training patients")
-    n_classes = len(store.label_names)
-    batch = min(preset.batch_size, n_patients)
-
     plan: PrivacyPlan | None = None
     if config.dp:
-        delta = config.delta if config.delta is not None else default_delta(n_patients)
+        delta = config.delta if config.delta is not None else float(store.meta["budget"]["delta"])
+        warning = check_delta(delta, n_patients)
+        if warning:
+            warnings.warn(warning, PrivacyWarning, stacklevel=3)
         plan = plan_privacy(
             target_epsilon=float(config.epsilon),  # type: ignore[arg-type]
             delta=delta,
-            n_patients=n_patients,
-            expected_batch_size=batch,
+            patients_estimate=store.patients_estimate,
+            batch_size=preset.batch_size,
             epochs=preset.epochs,
             accountant=config.accountant,
+            prior=[count_mechanism(float(store.meta["patients_estimate"]["noise_std"]))],
         )
         planned_steps, sample_rate = plan.steps, plan.sample_rate
     else:
-        sample_rate = batch / n_patients
+        sample_rate = min(1.0, preset.batch_size / n_patients)
         planned_steps = max(1, round(preset.epochs / sample_rate))
-    total_steps = min(planned_steps, config.max_steps) if config.max_steps else planned_steps
-    if on_plan:
-        on_plan(plan, total_steps)
+    return _Run(
+        config=config,
+        store=store,
+        out=Path(config.out),
+        digest=config.inputs_digest(store.store_id),
+        device=resolve_device(config.device),
+        slices=slices,
+        train_images=train_split.images,
+        n_classes=len(store.label_names),
+        plan=plan,
+        sample_rate=sample_rate,
+        planned_steps=planned_steps,
+        total_steps=min(planned_steps, config.max_steps) if config.max_steps else planned_steps,
+    )
 
-    # 1. model, EMA, optimiser, DP machinery, generators — all seeded (2. the loop, 3. the bundle follow)
+
+def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State:
+    """A fresh model from the public seed, pretrained on public data; the DP optimiser; OS-entropy generators."""
+    config, preset, device = run.config, run.config.preset, run.device
     torch.manual_seed(config.seed)
-    model = build_unet(image_size=preset.image_size, n_classes=n_classes, size=preset.unet).to(device)
+    model = build_unet(image_size=preset.image_size, n_classes=run.n_classes, size=preset.unet).to(device)
     use_plain_attention(model)
-    scheduler = training_scheduler(preset.prediction)  # type: ignore[arg-type]
-    alphas = noise_schedule(scheduler).to(device)
     pretrain_seconds = 0.0
     if preset.public_prior == "mni152" and preset.public_pretrain_steps > 0 and not config.resume:
-        pretrain_start = time.perf_counter()
+        started = time.perf_counter()
         pretrain(
             model,
             steps=preset.public_pretrain_steps,
             batch_size=preset.public_batch_size,
             learning_rate=preset.public_learning_rate,
-            alphas_cumprod=alphas,
+            alphas_cumprod=noise_schedule(training_scheduler(preset.prediction)).to(device),  # type: ignore[arg-type]
             prediction=preset.prediction,  # type: ignore[arg-type]
-            null_label=null_class(n_classes),
+            null_label=null_class(run.n_classes),
             seed=config.seed + 4,
             device=device,
             progress=(
@@ -267,108 +446,117 @@ def _train(
                 else None
             ),
         )
-        pretrain_seconds = time.perf_counter() - pretrain_start
-    ema = {name: p.detach().clone() for name, p in model.named_parameters()}
+        pretrain_seconds = time.perf_counter() - started
     base_optimizer = torch.optim.Adam(model.parameters(), lr=preset.learning_rate)
-    sampler_gen = torch.Generator().manual_seed(config.seed + 1)
-    draw_gen = torch.Generator().manual_seed(config.seed + 2)
-    noise_gen = torch.Generator(device=device).manual_seed(config.seed + 3)
     accountant = create_accountant(mechanism=config.accountant) if config.dp else None
-    optimizer: torch.optim.Optimizer
-    if config.dp:
-        optimizer = DPOptimizer(
-            base_optimizer,
-            noise_multiplier=plan.noise_multiplier,  # type: ignore[union-attr]
-            max_grad_norm=preset.max_grad_norm,
-            expected_batch_size=batch,
-            loss_reduction="mean",
-            generator=noise_gen,
-        )
-        optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=sample_rate))  # type: ignore[union-attr]
-    else:
-        optimizer = base_optimizer
-    step, elapsed, losses = 0, 0.0, []
-
-    if config.resume:
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        if state["inputs_digest"] != digest:
-            raise InvalidInput("the checkpoint was made with other inputs (store, preset or privacy settings)")
-        model.load_state_dict(state["model"])
-        ema = state["ema"]
-        base_optimizer.load_state_dict(state["optimizer"])
-        if accountant is not None:
-            accountant.load_state_dict(state["accountant"])
-        sampler_gen.set_state(state["sampler_gen"])
-        draw_gen.set_state(state["draw_gen"])
-        noise_gen.set_state(state["noise_gen"])
-        step, elapsed, losses = state["step"], state["elapsed"], state["losses"]
-        pretrain_seconds = state.get("pretrain_seconds", 0.0)
-
-    def checkpoint() -> None:
-        _save_atomic(
-            {
-                "inputs_digest": digest,
-                "step": step,
-                "elapsed": elapsed,
-                "pretrain_seconds": pretrain_seconds,
-                "losses": losses,
-                "model": model.state_dict(),
-                "ema": ema,
-                "optimizer": base_optimizer.state_dict(),
-                "accountant": accountant.state_dict() if accountant is not None else None,
-                "sampler_gen": sampler_gen.get_state(),
-                "draw_gen": draw_gen.get_state(),
-                "noise_gen": noise_gen.get_state(),
-            },
-            checkpoint_path,
-        )
-        os.chmod(checkpoint_path, 0o600)
-
-    grad_fn = make_per_patient_grad_fn(model, alphas, preset.prediction)  # type: ignore[arg-type]
-    params = dict(model.named_parameters())
-    null = null_class(n_classes)
-    k = preset.noise_multiplicity
-    size = preset.image_size
-    poisson = UniformWithReplacementSampler(
-        num_samples=n_patients, sample_rate=sample_rate, generator=sampler_gen, steps=max(total_steps - step, 0)
+    state = _State(
+        run_id=uuid.uuid4().hex,
+        model=model,
+        ema={name: p.detach().clone() for name, p in model.named_parameters()},
+        base_optimizer=base_optimizer,
+        accountant=accountant,
+        sampler_gen=private_generator(),
+        draw_gen=private_generator(),
+        noise_gen=private_generator(device),
+        pretrain_seconds=pretrain_seconds,
     )
-    physical = (
+    return state
+
+
+def make_dp_optimizer(
+    base_optimizer: torch.optim.Optimizer, plan: PrivacyPlan, *, max_grad_norm: float, generator: torch.Generator
+) -> DPOptimizer:
+    """Opacus' DP optimiser as training uses it: clip per patient to ``C``, add 𝒩(0, (σC)²) drawn by
+    ``generator`` (secure mode), divide by the public expected batch ``q·N̂``."""
+    return DPOptimizer(
+        base_optimizer,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=plan.expected_batch_size,  # public: never the exact count
+        loss_reduction="mean",
+        generator=generator,
+        secure_mode=True,
+    )
+
+
+def _make_optimizer(run: _Run, state: _State) -> torch.optim.Optimizer:
+    if run.plan is None:
+        return state.base_optimizer
+    optimizer = make_dp_optimizer(
+        state.base_optimizer, run.plan, max_grad_norm=run.config.preset.max_grad_norm, generator=state.noise_gen
+    )
+    optimizer.attach_step_hook(state.accountant.get_optimizer_hook_fn(sample_rate=run.sample_rate))  # type: ignore[union-attr]
+    return optimizer
+
+
+def _planned_release(run: _Run) -> list[tuple[float, float, int]]:
+    assert run.plan is not None
+    return [(run.plan.noise_multiplier, run.sample_rate, run.total_steps)]
+
+
+def _check_budget(run: _Run) -> None:
+    """Refuse, before anything is written, a run that would take the store past its privacy budget."""
+    if run.plan is None:  # --no-dp needs its own explicit consent; the ledger then records ε = ∞ for the store
+        return
+    run.store.ledger().check(
+        _planned_release(run), accountant=run.config.accountant, allow_over_budget=run.config.allow_over_budget
+    )
+
+
+def _record_in_ledger(run: _Run, state: _State) -> None:
+    """Reserve the planned steps in the store's ledger before the first step (the final entry replaces it)."""
+    ledger = run.store.ledger()
+    if run.plan is None:
+        ledger.record(state.run_id, [], status="not-private", not_private=True, model=run.out.name)
+    else:
+        ledger.record(
+            state.run_id, _planned_release(run), status="reserved", accountant=run.config.accountant, model=run.out.name
+        )
+
+
+def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[dict], None] | None) -> bool:
+    """Train until ``run.total_steps``; returns ``True`` when stopped by Ctrl-C (checkpoint written)."""
+    config, preset, device = run.config, run.config.preset, run.device
+    optimizer = _make_optimizer(run, state)
+    alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)  # type: ignore[arg-type]
+    grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction)  # type: ignore[arg-type]
+    params = dict(state.model.named_parameters())
+    null, k, size = null_class(run.n_classes), preset.noise_multiplicity, preset.image_size
+    poisson = UniformWithReplacementSampler(
+        num_samples=run.slices.n_patients,
+        sample_rate=run.sample_rate,
+        generator=state.sampler_gen,
+        steps=max(run.total_steps - state.step, 0),
+    )
+    batches = iter(
         BatchSplittingSampler(sampler=poisson, max_batch_size=preset.physical_batch_size, optimizer=optimizer)
         if config.dp
-        else None
+        else poisson
     )
 
-    def draws(patient_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        b = len(patient_ids)
-        rows = slices.pick(patient_ids, draw_gen)
-        images = resize_slices(train_split.images[rows.numpy()], size)  # (b, 1, size, size)
-        labels = slices.labels[patient_ids].view(b, 1).expand(b, k).clone()
-        labels[torch.rand(b, k, generator=draw_gen) < preset.label_dropout] = null
-        timesteps = torch.randint(0, len(alphas), (b, k), generator=draw_gen)
-        noise = torch.randn(b, k, 1, size, size, generator=draw_gen)
-        images = images.view(b, 1, 1, size, size).expand(b, k, 1, size, size)
+    def draws(patient_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:  # all from the private draw generator
+        b, gen = len(patient_ids), state.draw_gen
+        rows = run.slices.pick(patient_ids, gen)
+        images = resize_slices(run.train_images[rows.numpy()], size)  # (b, 1, size, size)
+        labels = run.slices.labels[patient_ids].view(b, 1).expand(b, k).clone()
+        labels[torch.rand(b, k, generator=gen) < preset.label_dropout] = null
+        timesteps = torch.randint(0, len(alphas), (b, k), generator=gen)
+        noise = torch.randn(b, k, 1, size, size, generator=gen)
+        images = images.view(b, 1, 1, size, size).expand(b, k, 1, size, size)  # (b, K, 1, size, size)
         return images.to(device), labels.to(device), timesteps.to(device), noise.to(device)
 
-    def update_ema() -> None:
-        decay = min(preset.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for name, p in params.items():
-                ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
-
-    interrupted = False
-    model.train()
-    start_time = time.perf_counter() - elapsed
+    state.model.train()
+    start_time = time.perf_counter() - state.elapsed
     step_loss: list[float] = []
     step_patients = 0
-    batches = iter(physical) if physical is not None else iter(poisson)
-    while step < total_steps:
+    while state.step < run.total_steps:
         try:
             ids = torch.tensor(next(batches), dtype=torch.long)
         except StopIteration:
             break
         step_patients += len(ids)
-        for group in base_optimizer.param_groups:  # a schedule of the step number only: no data, no ε
-            group["lr"] = cosine_lr(preset.learning_rate, step, total_steps)
+        for group in state.base_optimizer.param_groups:  # a schedule of the step number only: no data, no ε
+            group["lr"] = cosine_lr(preset.learning_rate, state.step, run.total_steps)
         if config.dp:
             if len(ids) == 0:  # empty Poisson batch: still a (pure-noise) step
                 for p in params.values():
@@ -382,10 +570,10 @@ def _train(
             done = not optimizer._is_last_step_skipped  # type: ignore[attr-defined]  # False mid logical batch
             optimizer.zero_grad(set_to_none=True)
         else:
-            images, labels, timesteps, noise = draws(ids) if len(ids) else (None,) * 4
-            if images is not None:
+            if len(ids):
+                images, labels, timesteps, noise = draws(ids)
                 loss = denoising_loss(
-                    model,
+                    state.model,
                     images.flatten(0, 1),
                     labels.flatten(),
                     timesteps.flatten(),
@@ -400,95 +588,114 @@ def _train(
             done = True
         if not done:
             continue
-        step += 1
-        update_ema()
-        elapsed = time.perf_counter() - start_time
-        losses.append(float(np.mean(step_loss)) if step_loss else float("nan"))
+        state.step += 1
+        _update_ema(state, params, preset.ema_decay)
+        state.elapsed = time.perf_counter() - start_time
+        state.losses.append(float(np.mean(step_loss)) if step_loss else float("nan"))
         step_loss = []
         if progress:
-            eps = None
-            if accountant is not None and (step % 10 == 0 or step == total_steps):
-                eps = accountant.get_epsilon(delta=plan.delta)  # type: ignore[union-attr]
-            progress(
-                {
-                    "phase": "dp",
-                    "step": step,
-                    "total": total_steps,
-                    "patients": step_patients,
-                    "loss": losses[-1],
-                    "epsilon": eps,
-                }
-            )
-        if step % preset.checkpoint_every == 0 or step == total_steps:
-            checkpoint()
+            progress(_step_info(run, state, step_patients))
+        if state.step % preset.checkpoint_every == 0 or state.step == run.total_steps:
+            state.save(run)
         step_patients = 0
         if stop.requested:
-            checkpoint()
-            interrupted = True
-            break
-    if interrupted:
-        return TrainResult(card={"step": step, "total_steps": total_steps}, interrupted=True)
+            state.save(run)
+            return True
+    return False
 
-    # 3. bundle: EMA weights, card, sample grids
-    final = build_unet(image_size=size, n_classes=n_classes, size=preset.unet)
-    final.load_state_dict({**model.state_dict(), **ema})
-    epsilon = (
-        epsilon_spent(
-            noise_multiplier=plan.noise_multiplier,
-            sample_rate=sample_rate,
-            steps=step,
-            delta=plan.delta,  # type: ignore[union-attr]
-            accountant=config.accountant,
+
+def _update_ema(state: _State, params: dict[str, torch.nn.Parameter], decay_max: float) -> None:
+    decay = min(decay_max, (1 + state.step) / (10 + state.step))
+    with torch.no_grad():
+        for name, p in params.items():
+            state.ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
+def _step_info(run: _Run, state: _State, patients: int) -> dict:
+    eps = None
+    if run.plan is not None and (state.step % 10 == 0 or state.step == run.total_steps):
+        eps = epsilon_of(_history(run, state), delta=run.plan.delta, accountant=run.config.accountant)
+    return {
+        "phase": "dp",
+        "step": state.step,
+        "total": run.total_steps,
+        "patients": patients,
+        "loss": state.losses[-1],
+        "epsilon": eps,
+    }
+
+
+def _history(run: _Run, state: _State) -> list[tuple[float, float, int]]:
+    """The model's whole privacy history: the count release, then what the optimiser's hook recorded."""
+    assert run.plan is not None and state.accountant is not None
+    return [*run.plan.prior, *state.accountant.history]  # type: ignore[attr-defined]
+
+
+def _write_bundle(run: _Run, state: _State) -> dict:
+    preset = run.config.preset
+    final = build_unet(image_size=preset.image_size, n_classes=run.n_classes, size=preset.unet)
+    final.load_state_dict({**state.model.state_dict(), **state.ema})
+    history = _history(run, state) if run.plan is not None else []
+    epsilon = epsilon_of(history, delta=run.plan.delta, accountant=run.config.accountant) if run.plan else math.inf
+    card = _public_card(run, state, history, epsilon)
+    _write_private_json(run.out / "private" / TRAINING_RECORD, _private_record(run, state))
+    if run.plan is not None:
+        run.store.ledger().record(
+            state.run_id,
+            [(run.plan.noise_multiplier, run.sample_rate, state.step)],
+            status="finished",
+            accountant=run.config.accountant,
+            model=run.out.name,
+            epsilon=epsilon,
+            delta=run.plan.delta,
         )
-        if config.dp
-        else math.inf
-    )
-    card = _model_card(
-        config, store, plan, slices, train_split, step, planned_steps, epsilon, elapsed, digest, pretrain_seconds
-    )
-    bundle = DiffusionModel(final, scheduler.config, card, device=str(device))
-    bundle.save(out)
-    for label in store.label_names:
-        generated = bundle.generate(labels={label: config.samples_per_label}, seed=config.seed)
-        save_grid(generated.images, out / f"samples_{label}.png")
-    return TrainResult(card=card)
+    bundle = DiffusionModel(final, training_scheduler(preset.prediction).config, card, device=str(run.device))  # type: ignore[arg-type]
+    bundle.save(run.out)
+    for label in run.store.label_names:
+        generated = bundle.generate(labels={label: run.config.samples_per_label}, seed=run.config.seed)
+        save_grid(generated.images, run.out / f"samples_{label}.png")
+    return card
 
 
-def _model_card(
-    config, store, plan, slices, train_split, step, planned_steps, epsilon, elapsed, digest, pretrain_seconds
-) -> dict:
-    preset = config.preset
+def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> dict:
+    """The public model card: public choices, the privacy guarantee, and nothing computed from private data
+    except the DP patient estimate and the declared, rounded voxel spacing."""
+    config, preset, plan, store = run.config, run.config.preset, run.plan, run.store
     row_mm, col_mm, slice_mm = store.spacing()
     scale = store.image_size / preset.image_size
+    unit = store.privacy_unit
     card = {
-        "format": 1,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "format": CARD_FORMAT,
+        "created": datetime.now(UTC).date().isoformat(),
         "labels": {name: i for i, name in enumerate(store.label_names)},
-        "null_class": null_class(len(store.label_names)),
+        "null_class": null_class(run.n_classes),
         "image_size": preset.image_size,
-        "voxel_spacing_mm": [row_mm * scale, col_mm * scale, slice_mm],
+        "voxel_spacing_mm": [round(row_mm * scale, 2), round(col_mm * scale, 2), slice_mm],
+        "voxel_spacing_source": "median spacing of the store's slices rounded to 0.1 mm, scaled to the model's "
+        "size: a coarse acquisition statistic of the private store, declared here (not covered by ε)",
         "orientation": "axial slice; rows anterior→posterior, columns patient left→right",
         "dp": bool(config.dp),
-        "privacy_unit": "patient",
+        "privacy_unit": unit,
+        "neighbouring_relation": RELATION if unit == "patient" else "add/remove one image",
         "epsilon": epsilon if config.dp else None,
-        "delta": plan.delta if config.dp else None,
+        "delta": plan.delta if plan else None,
         "target_epsilon": config.epsilon if config.dp else None,
-        "target_epsilon_met": bool(config.dp and epsilon <= config.epsilon * 1.01),
+        "target_epsilon_met": bool(plan and epsilon <= config.epsilon * 1.01),  # type: ignore[operator]
         "accountant": config.accountant if config.dp else None,
-        "noise_multiplier": plan.noise_multiplier if config.dp else 0.0,
+        "privacy_history": [list(m) for m in history],
+        "patients_estimate": store.meta["patients_estimate"] if config.dp else None,
+        "noise_multiplier": plan.noise_multiplier if plan else 0.0,
         "max_grad_norm": preset.max_grad_norm if config.dp else None,
-        "sampling": "Poisson sampling of patients; one uniformly chosen slice per sampled patient",
-        "sample_rate": plan.sample_rate if config.dp else None,
-        "expected_batch_size": plan.expected_batch_size if config.dp else preset.batch_size,
-        "steps": step,
-        "planned_steps": planned_steps,
-        "stopped_early": step < planned_steps,
-        "epochs": step * (plan.sample_rate if config.dp else preset.batch_size / slices.n_patients),
+        "sampling": f"Poisson sampling of {unit}s at rate q = B / N̂; one uniformly chosen slice per sampled {unit}",
+        "sample_rate": plan.sample_rate if plan else None,
+        "expected_batch_size": plan.expected_batch_size if plan else preset.batch_size,
+        "steps": state.step,
+        "planned_steps": run.planned_steps,
+        "stopped_early": state.step < run.planned_steps,
+        "epochs": state.step * plan.sample_rate if plan else None,
         "noise_multiplicity": preset.noise_multiplicity,
-        "n_train_patients": slices.n_patients,
-        "n_train_slices": len(train_split.labels),
-        "statement": PRIVACY_STATEMENT if config.dp else NOT_PRIVATE_STATEMENT,
-        "training_wall_time_s": round(elapsed, 1),  # the DP phase; public pretraining reports its own
+        "statement": PRIVACY_STATEMENT.format(unit=UNIT_MEANING[unit]) if config.dp else NOT_PRIVATE_STATEMENT,
+        "randomness": {"public_seed": config.seed, **RANDOMNESS},
         "preset": preset.as_dict(),
         "public_pretraining": (
             {
@@ -496,7 +703,6 @@ def _model_card(
                 "steps": preset.public_pretrain_steps,
                 "batch_size": preset.public_batch_size,
                 "privacy": "public data about no patient: spends no ε",
-                "wall_time_s": round(pretrain_seconds, 1),
             }
             if preset.public_prior == "mni152" and preset.public_pretrain_steps > 0
             else None
@@ -504,15 +710,33 @@ def _model_card(
         "prediction_type": preset.prediction,
         "ema_decay": preset.ema_decay,
         "sampler": {"solver": "dpmsolver++", "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
-        "seed": config.seed,
-        "store_fingerprint": store.fingerprint,
-        "training_inputs_digest": digest,
+        "store_id": store.store_id,
+        "training_inputs_digest": run.digest,
         "library_versions": _library_versions(),
-        "device": str(resolve_device(config.device)),
+        "device": run.device.type,
     }
     if not config.dp:
         card["warning"] = "NOT PRIVATE: trained with --no-dp; later stages refuse it unless explicitly allowed."
     return json.loads(json.dumps(card))  # exactly what model_card.json will hold (tuples become lists)
+
+
+def _private_record(run: _Run, state: _State) -> dict:
+    """What the operator may know and the public may not: exact counts, timings, the store fingerprint."""
+    return {
+        "run_id": state.run_id,
+        "n_train_patients": run.slices.n_patients,
+        "n_train_slices": len(run.train_images),
+        "store_fingerprint": run.store.fingerprint,
+        "training_wall_time_s": round(state.elapsed, 1),
+        "public_pretraining_wall_time_s": round(state.pretrain_seconds, 1),
+        "final_loss": state.losses[-1] if state.losses else None,
+    }
+
+
+def read_training_record(model_dir: Path) -> dict:
+    """The private training record of a bundle (``{}`` when absent)."""
+    path = Path(model_dir) / "private" / TRAINING_RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def ensure_private_ok(card: dict, *, allow_not_private: bool) -> None:

@@ -1,11 +1,17 @@
 """Ingestion: scans + labels → de-identified, patient-split cohort store.
 
 Which patient a scan belongs to:
-- NIfTI (``.nii``/``.nii.gz``): the file name without its suffix is the patient id;
-- DICOM: a folder holding the files of one series; the ``PatientID`` tag is the patient id (the folder
-  name when the tag is empty);
-- MedMNIST ``.npz``: every image is its own patient, id ``<archive stem>/<split>-<index>``, labelled by
-  the archive's integer label unless the labels file names that id.
+- an optional ``scan`` column in the labels file maps a scan to the row's ``patient_id`` explicitly; a scan
+  is named by its NIfTI file name without suffix, its DICOM folder (path relative to the input), or
+  ``<archive stem>/<split>-<index>`` for an image of a MedMNIST archive;
+- otherwise NIfTI: the file name without its suffix is the patient id; DICOM: a folder holding the files of
+  one series, the ``PatientID`` tag is the patient id (the folder name when the tag is empty);
+- MedMNIST ``.npz`` images that no ``scan`` row maps to a patient are each their own unit, labelled by the
+  archive's integer label unless the labels file names that id. Such a store cannot tell patients apart,
+  so its privacy unit is the **image** (``store.privacy_unit``), and model cards say so.
+
+Patient ids are compared after :func:`train.deidentify.normalise_patient_id` (case, whitespace, zero
+padding), so ``P007`` in the labels file and ``p7.nii.gz`` are one patient.
 
 Real ids only ever live in memory: they are turned into keyed pseudonyms before anything is written,
 and the report refers to skipped inputs by pseudonymous references, never by path.
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from generators.errors import InvalidInput, SynthCohortError
-from train.deidentify import Pseudonymizer, clean_age, clean_sex, new_secret
+from train.deidentify import Pseudonymizer, clean_age, clean_sex, new_secret, normalise_patient_id
 from train.preprocess import Slab, axial_slices
 from train.scan_io import (
     is_dicom_file,
@@ -35,7 +41,7 @@ from train.scan_io import (
     scan_from_display,
 )
 from train.split import split_patients
-from train.store import CohortStore, SliceRecord, StoreWriter
+from train.store import DEFAULT_STORE_BUDGET, CohortStore, SliceRecord, StoreWriter
 
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 LABEL_RULE = "label names must be 1-64 letters, digits, '_', '.', '+' or '-' and start with a letter or digit"
@@ -52,6 +58,7 @@ class IngestOptions:
     allow_burned_in: bool = False
     workers: int = 1
     overwrite: bool = False
+    store_budget: float = DEFAULT_STORE_BUDGET
 
 
 @dataclass(frozen=True)
@@ -87,6 +94,15 @@ class LoadedScan:
     patient_id: str
     slab: Slab
     npz_label: int | None = None
+    scan_key: str = ""  # how a ``scan`` column of the labels file names this scan
+
+
+@dataclass
+class Labels:
+    """The labels file: labels per (normalised) patient id, and the optional scan → patient map."""
+
+    patients: dict[str, PatientLabel] = field(default_factory=dict)
+    scan_owner: dict[str, str] = field(default_factory=dict)
 
 
 class NothingUsable(InvalidInput):
@@ -105,24 +121,25 @@ class IngestResult:
 
 
 # ------------------------------------------------------------------------------------------- labels
-def read_labels(path: Path, pseudo: Pseudonymizer) -> tuple[dict[str, PatientLabel], list[Skipped]]:
-    """Parse ``patient_id,label[,age,sex]``; bad rows are skipped with a reason (by row number)."""
+def read_labels(path: Path, pseudo: Pseudonymizer) -> tuple[Labels, list[Skipped]]:
+    """Parse ``[scan,]patient_id,label[,age,sex]``; bad rows are skipped with a reason (by row number)."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in reader.fieldnames or []]
             if "patient_id" not in columns or "label" not in columns:
-                raise InvalidInput(f"labels file must have columns patient_id,label[,age,sex]; found {columns}")
+                raise InvalidInput(f"labels file must have columns [scan,]patient_id,label[,age,sex]; found {columns}")
             rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InvalidInput(f"cannot read labels file {path.name}: {type(exc).__name__}") from None
 
     labels: dict[str, PatientLabel] = {}
+    scan_owner: dict[str, str] = {}
     skipped: list[Skipped] = []
     conflicting: set[str] = set()
     for number, row in enumerate(rows, start=2):
         ref = pseudo.reference(f"labels-row-{number}")
-        patient, label = row.get("patient_id", ""), row.get("label", "")
+        patient, label = normalise_patient_id(row.get("patient_id", "")), row.get("label", "")
         if not patient or not label:
             skipped.append(Skipped(ref, "label-row", f"row {number}: empty patient_id or label"))
             continue
@@ -139,10 +156,16 @@ def read_labels(path: Path, pseudo: Pseudonymizer) -> tuple[dict[str, PatientLab
         if patient in labels and labels[patient].label != label:
             conflicting.add(patient)
         labels[patient] = entry
+        scan = row.get("scan", "")
+        if scan:
+            if scan_owner.get(scan, patient) != patient:
+                skipped.append(Skipped(ref, "label-row", f"row {number}: scan already mapped to another patient"))
+                continue
+            scan_owner[scan] = patient
     for patient in sorted(conflicting):
         del labels[patient]
         skipped.append(Skipped(pseudo.patient(patient), "label-row", "patient has conflicting labels"))
-    return labels, skipped
+    return Labels(labels, scan_owner), skipped
 
 
 # ---------------------------------------------------------------------------------------- discovery
@@ -178,7 +201,7 @@ def discover(root: Path, *, exclude: set[Path] | None = None) -> Iterator[InputI
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_item(item: InputItem, *, size: int, slices: int, allow_burned_in: bool) -> LoadedScan:
+def load_item(item: InputItem, *, size: int, slices: int, allow_burned_in: bool, scan_key: str = "") -> LoadedScan:
     """Read one NIfTI or DICOM item into slices (runs in worker processes)."""
     if item.kind == "nifti":
         scan, patient = read_nifti(item.path), nifti_stem(item.path)
@@ -187,13 +210,21 @@ def load_item(item: InputItem, *, size: int, slices: int, allow_burned_in: bool)
         scan, patient = series.scan, series.patient_id.strip() or item.path.name
     else:
         raise InvalidInput(f"unsupported input kind {item.kind}")
-    return LoadedScan(patient_id=patient, slab=axial_slices(scan, n_slices=slices, size=size))
+    slab = axial_slices(scan, n_slices=slices, size=size)
+    return LoadedScan(patient_id=patient, slab=slab, scan_key=scan_key)
 
 
-def _load_safely(args: tuple[InputItem, int, int, bool]) -> LoadedScan | str:
-    item, size, slices, allow_burned_in = args
+def scan_key(item: InputItem, root: Path) -> str:
+    """How the labels file's ``scan`` column names an item: NIfTI stem, or DICOM folder relative to the input."""
+    if item.kind == "nifti":
+        return nifti_stem(item.path)
+    return item.path.relative_to(root).as_posix() if root.is_dir() and item.path != root else item.path.name
+
+
+def _load_safely(args: tuple[InputItem, int, int, bool, str]) -> LoadedScan | str:
+    item, size, slices, allow_burned_in, key = args
     try:
-        return load_item(item, size=size, slices=slices, allow_burned_in=allow_burned_in)
+        return load_item(item, size=size, slices=slices, allow_burned_in=allow_burned_in, scan_key=key)
     except SynthCohortError as exc:
         return str(exc)
     except Exception as exc:  # a reader bug must not abort a 10 000-file ingestion
@@ -208,7 +239,7 @@ def _load_npz(item: InputItem, size: int, slices: int) -> Iterator[LoadedScan | 
         except SynthCohortError as exc:
             yield key, str(exc)
             continue
-        yield LoadedScan(patient_id=key, slab=slab, npz_label=image.label)
+        yield LoadedScan(patient_id=key, slab=slab, npz_label=image.label, scan_key=key)
 
 
 # --------------------------------------------------------------------------------------- the driver
@@ -222,21 +253,15 @@ def ingest(
     on_total: Callable[[int], None] | None = None,
 ) -> IngestResult:
     """Read every scan under ``input_path``, de-identify, split by patient and write the store at ``out``."""
-    if options.size < 8 or options.size > 1024:
-        raise InvalidInput(f"--size must be between 8 and 1024, got {options.size}")
-    if options.slices < 1:
-        raise InvalidInput(f"--slices must be at least 1, got {options.slices}")
-    if not 0.0 <= options.holdout < 1.0:
-        raise InvalidInput(f"--holdout must be in [0, 1), got {options.holdout}")
+    # 1. check inputs, read the labels file, find the scans
+    _check_options(options)
     secret = new_secret()
     pseudo = Pseudonymizer(secret)
-    labels: dict[str, PatientLabel] = {}
-    skipped: list[Skipped] = []
+    labels, skipped = Labels(), []
     if labels_path is not None:
         if not labels_path.is_file():
             raise InvalidInput(f"labels file {labels_path} does not exist")
         labels, skipped = read_labels(labels_path, pseudo)
-
     items = list(discover(input_path, exclude={labels_path} if labels_path else None))
     if not items:
         raise InvalidInput(f"no NIfTI, DICOM or .npz inputs found under {input_path}")
@@ -245,115 +270,142 @@ def ingest(
     if on_total:
         on_total(len(items))
 
-    def reference(item: InputItem) -> str:
-        return pseudo.reference(str(item.path.relative_to(input_path) if input_path.is_dir() else item.path.name))
-
-    with StoreWriter(out, size=options.size, overwrite=options.overwrite) as writer:
-        scans_of: Counter[str] = Counter()
-        patient_info: dict[str, PatientLabel] = {}
-        real_of: dict[str, str] = {}  # in memory only: lets the seed, not the secret, decide the split
-        seen_real: set[str] = set()
-        pending: list[tuple[str, int, Slab]] = []  # (pseudonym, scan number, slab) before the split
-
-        def accept(loaded: LoadedScan, item: InputItem, ref: str) -> None:
-            info = labels.get(loaded.patient_id)
-            if info is None and loaded.npz_label is not None:
-                info = PatientLabel(label=str(loaded.npz_label))
-            if info is None:
-                skipped.append(Skipped(ref, item.kind, "no label for this patient in the labels file", str(item.path)))
-                return
-            pseudonym = pseudo.patient(loaded.patient_id)
-            real_of[pseudonym] = loaded.patient_id
-            patient_info[pseudonym] = info
-            scans_of[pseudonym] += 1
-            pending.append((pseudonym, scans_of[pseudonym] - 1, loaded.slab))
-            seen_real.add(loaded.patient_id)
-
-        scan_items = [i for i in items if i.kind != "npz"]
-        jobs = [(i, options.size, options.slices, options.allow_burned_in) for i in scan_items]
-        if options.workers > 1 and len(jobs) > 1:
-            with ProcessPoolExecutor(max_workers=options.workers) as pool:
-                results = pool.map(_load_safely, jobs, chunksize=4)
-                for item, result in zip(scan_items, results, strict=True):
-                    _handle(result, item, reference(item), accept, skipped)
-                    if progress:
-                        progress(1)
+    # 2. load every scan (in worker processes) and attach it to its patient
+    cohort = _Cohort(labels, pseudo, skipped)
+    previous = None
+    for item, result in _load_all(items, input_path, options, pseudo):
+        if isinstance(result, str):
+            skipped.append(Skipped(_reference(pseudo, item, input_path), item.kind, result, str(item.path)))
         else:
-            for item, job in zip(scan_items, jobs, strict=True):
-                _handle(_load_safely(job), item, reference(item), accept, skipped)
-                if progress:
-                    progress(1)
-        for item in (i for i in items if i.kind == "npz"):
-            try:
-                for result in _load_npz(item, options.size, options.slices):
-                    if isinstance(result, tuple):
-                        skipped.append(Skipped(pseudo.reference(result[0]), "npz", result[1]))
-                    else:
-                        accept(result, item, pseudo.reference(result.patient_id))
-            except SynthCohortError as exc:
-                skipped.append(Skipped(reference(item), "npz", str(exc), str(item.path)))
-            if progress:
-                progress(1)
-
-        if not pending:
-            raise NothingUsable(
-                f"nothing usable: {len(items)} inputs found, all skipped "
-                f"({_summarise(skipped)}); run with --show-paths to see which",
-                skipped,
-            )
-        split_real = split_patients(
-            {real_of[p]: i.label for p, i in patient_info.items()}, holdout=options.holdout, seed=options.seed
+            cohort.accept(result, item)
+        if progress and item is not previous:  # an archive yields many images: count it once
+            progress(1)
+        previous = item
+    if not cohort.pending:
+        raise NothingUsable(
+            f"nothing usable: {len(items)} inputs found, all skipped "
+            f"({_summarise(skipped)}); run with --show-paths to see which",
+            skipped,
         )
-        split_of = {p: split_real[real_of[p]] for p in patient_info}
-        for pseudonym, scan_no, slab in pending:
-            info = patient_info[pseudonym]
-            records = [
-                SliceRecord(
-                    patient=pseudonym,
-                    split=split_of[pseudonym],
-                    label=info.label,
-                    age=info.age,
-                    sex=info.sex,
-                    scan=scan_no,
-                    position=int(position),
-                    spacing_row=round(slab.spacing[0], 4),
-                    spacing_col=round(slab.spacing[1], 4),
-                    spacing_slice=round(slab.spacing[2], 4),
-                )
-                for position in slab.positions
-            ]
-            writer.add(slab.images, records)
 
-        slices_of: Counter[str] = Counter()
-        for pseudonym, _, slab in pending:
-            slices_of[pseudonym] += len(slab.positions)
-        unlabelled_scanless = sorted(set(labels) - seen_real)
+    # 3. split by patient, write the store (with its DP patient count) atomically
+    split_of = cohort.split(options)
+    with StoreWriter(out, size=options.size, overwrite=options.overwrite) as writer:
+        for pseudonym, scan_no, slab in cohort.pending:
+            writer.add(slab.images, cohort.records(pseudonym, scan_no, slab, split_of[pseudonym]))
         report = _report(
             options=options,
             n_inputs=len(items),
-            patient_info=patient_info,
+            cohort=cohort,
             split_of=split_of,
-            slices_of=slices_of,
-            multi_scan=sum(1 for n in scans_of.values() if n > 1),
-            labelled_without_scan=len(unlabelled_scanless),
+            labelled_without_scan=len(set(labels.patients) - cohort.seen_ids),
             skipped=skipped,
         )
-        label_names = sorted({i.label for i in patient_info.values()})
-        store = writer.commit(label_names=label_names, report=report, secret=secret)
+        store = writer.commit(
+            label_names=sorted({i.label for i in cohort.info.values()}),
+            report=report,
+            secret=secret,
+            privacy_unit=cohort.privacy_unit,
+            budget_epsilon=options.store_budget,
+        )
     return IngestResult(store=store, report=report, skipped=skipped)
 
 
-def _handle(
-    result: LoadedScan | str,
-    item: InputItem,
-    ref: str,
-    accept: Callable[[LoadedScan, InputItem, str], None],
-    skipped: list[Skipped],
-) -> None:
-    if isinstance(result, str):
-        skipped.append(Skipped(ref, item.kind, result, str(item.path)))
+def _check_options(options: IngestOptions) -> None:
+    if options.size < 8 or options.size > 1024:
+        raise InvalidInput(f"--size must be between 8 and 1024, got {options.size}")
+    if options.slices < 1:
+        raise InvalidInput(f"--slices must be at least 1, got {options.slices}")
+    if not 0.0 <= options.holdout < 1.0:
+        raise InvalidInput(f"--holdout must be in [0, 1), got {options.holdout}")
+    if not options.store_budget > 0:
+        raise InvalidInput(f"--store-budget must be a positive ε, got {options.store_budget}")
+
+
+def _reference(pseudo: Pseudonymizer, item: InputItem, root: Path) -> str:
+    return pseudo.reference(str(item.path.relative_to(root) if root.is_dir() else item.path.name))
+
+
+def _load_all(
+    items: list[InputItem], root: Path, options: IngestOptions, pseudo: Pseudonymizer
+) -> Iterator[tuple[InputItem, LoadedScan | str]]:
+    """Every item's scans (NIfTI/DICOM in a process pool, then MedMNIST archives), or why it was skipped."""
+    scan_items = [i for i in items if i.kind != "npz"]
+    jobs = [(i, options.size, options.slices, options.allow_burned_in, scan_key(i, root)) for i in scan_items]
+    if options.workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=options.workers) as pool:
+            yield from zip(scan_items, pool.map(_load_safely, jobs, chunksize=4), strict=True)
     else:
-        accept(result, item, ref)
+        for item, job in zip(scan_items, jobs, strict=True):
+            yield item, _load_safely(job)
+    for item in (i for i in items if i.kind == "npz"):
+        try:
+            for result in _load_npz(item, options.size, options.slices):
+                # a per-image failure is reported by the image's own pseudonymous reference
+                yield (
+                    item,
+                    (f"{result[1]} (image {pseudo.reference(result[0])})" if isinstance(result, tuple) else result),
+                )
+        except SynthCohortError as exc:
+            yield item, str(exc)
+
+
+class _Cohort:
+    """The accepted scans grouped by patient pseudonym (real ids live only in memory, here)."""
+
+    def __init__(self, labels: Labels, pseudo: Pseudonymizer, skipped: list[Skipped]) -> None:
+        self.labels, self.pseudo, self.skipped = labels, pseudo, skipped
+        self.info: dict[str, PatientLabel] = {}
+        self.real_of: dict[str, str] = {}  # pseudonym → normalised id: lets the seed, not the secret, split
+        self.scans_of: Counter[str] = Counter()
+        self.slices_of: Counter[str] = Counter()
+        self.seen_ids: set[str] = set()
+        self.pending: list[tuple[str, int, Slab]] = []
+        self.privacy_unit = "patient"
+
+    def accept(self, loaded: LoadedScan, item: InputItem) -> None:
+        owner = self.labels.scan_owner.get(loaded.scan_key)
+        patient = owner or normalise_patient_id(loaded.patient_id)
+        info = self.labels.patients.get(patient)
+        if info is None and loaded.npz_label is not None:
+            info = PatientLabel(label=str(loaded.npz_label))
+        if info is None:
+            ref = self.pseudo.reference(loaded.scan_key or item.path.name)
+            self.skipped.append(Skipped(ref, item.kind, "no label for this patient in the labels file", str(item.path)))
+            return
+        if item.kind == "npz" and owner is None:
+            self.privacy_unit = "image"  # nothing says which images share a person
+        pseudonym = self.pseudo.patient(patient)
+        self.real_of[pseudonym] = patient
+        self.info[pseudonym] = info
+        self.pending.append((pseudonym, self.scans_of[pseudonym], loaded.slab))
+        self.scans_of[pseudonym] += 1
+        self.slices_of[pseudonym] += len(loaded.slab.positions)
+        self.seen_ids.add(patient)
+
+    def split(self, options: IngestOptions) -> dict[str, str]:
+        by_id = split_patients(
+            {self.real_of[p]: i.label for p, i in self.info.items()}, holdout=options.holdout, seed=options.seed
+        )
+        return {p: by_id[self.real_of[p]] for p in self.info}
+
+    def records(self, pseudonym: str, scan_no: int, slab: Slab, split: str) -> list[SliceRecord]:
+        info = self.info[pseudonym]
+        return [
+            SliceRecord(
+                patient=pseudonym,
+                split=split,
+                label=info.label,
+                age=info.age,
+                sex=info.sex,
+                scan=scan_no,
+                position=int(position),
+                spacing_row=round(slab.spacing[0], 4),
+                spacing_col=round(slab.spacing[1], 4),
+                spacing_slice=round(slab.spacing[2], 4),
+            )
+            for position in slab.positions
+        ]
 
 
 def _summarise(skipped: list[Skipped]) -> str:
@@ -365,18 +417,16 @@ def _report(
     *,
     options: IngestOptions,
     n_inputs: int,
-    patient_info: dict[str, PatientLabel],
+    cohort: _Cohort,
     split_of: dict[str, str],
-    slices_of: Counter[str],
-    multi_scan: int,
     labelled_without_scan: int,
     skipped: list[Skipped],
 ) -> dict:
     patients: dict[str, Counter[str]] = defaultdict(Counter)
     slices: dict[str, Counter[str]] = defaultdict(Counter)
-    for pseudonym, info in patient_info.items():
+    for pseudonym, info in cohort.info.items():
         patients[split_of[pseudonym]][info.label] += 1
-        slices[split_of[pseudonym]][info.label] += slices_of[pseudonym]
+        slices[split_of[pseudonym]][info.label] += cohort.slices_of[pseudonym]
     return {
         "settings": {
             "size": options.size,
@@ -385,17 +435,20 @@ def _report(
             "holdout": options.holdout,
             "seed": options.seed,
             "allow_burned_in": options.allow_burned_in,
+            "store_budget_epsilon": options.store_budget,
         },
+        "privacy_unit": cohort.privacy_unit,
         "inputs": {"found": n_inputs, "skipped": sum(1 for s in skipped if s.kind != "label-row")},
         "patients": {split: dict(sorted(c.items())) for split, c in sorted(patients.items())},
         "slices": {split: dict(sorted(c.items())) for split, c in sorted(slices.items())},
-        "patients_with_multiple_scans": multi_scan,
+        "patients_with_multiple_scans": sum(1 for n in cohort.scans_of.values() if n > 1),
         "labelled_patients_without_usable_scan": labelled_without_scan,
         "skipped": [s.public() for s in skipped],
         "skipped_summary": _summarise(skipped),
         "deidentification": (
             "Only pixels and voxel geometry were kept; every header field was dropped. Patient ids are "
-            "HMAC-SHA256 pseudonyms keyed with this store's secret; ages over 89 are reported as 90; "
-            "skipped inputs are listed by pseudonymous reference, not by path."
+            "normalised (case, whitespace, zero padding) and replaced by HMAC-SHA256 pseudonyms keyed with this "
+            "store's secret; ages over 89 are reported as 90; skipped inputs are listed by pseudonymous "
+            "reference, not by path."
         ),
     }

@@ -4,11 +4,16 @@ Layout (every file 0600, the directory 0700)::
 
     STORE/
       PRIVATE              marker: this directory holds training-derived data, never serve it
-      store.json           format version, image size, split ranges, label names, fingerprint
+      store.json           format, image size, split ranges, label names, fingerprint, a random store id,
+                           the privacy unit, the DP patient-count estimate N̂ and the store's privacy budget
       images.npy           float32 [N, 1, H, W] in [-1, 1]; train slices first, then holdout
       index.csv            one row per slice: pseudonym, split, label, covariates, position, spacing
-      ingest_report.json   counts per split/label and every skipped input with its reason
+      ingest_report.json   exact counts per split/label and every skipped input with its reason
+      privacy_ledger.jsonl every release computed from the patients (see ``train.ledger``)
       secret.key           HMAC key for pseudonyms (never printed or logged)
+
+Exact counts stay in the store. What models may publish about the cohort's size is the DP estimate N̂
+(the Gaussian mechanism on the training-patient count, first entry of the ledger).
 
 A store is written into a temporary sibling directory and renamed into place when complete, so a crash
 never leaves a half store and an existing store is never half-overwritten.
@@ -22,6 +27,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,9 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from generators.errors import Conflict, InvalidInput, NotFound
+from train.accounting import COUNT_NOISE, RELATION, count_mechanism, noisy_count, public_default_delta
+from train.ledger import PrivacyLedger
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2
 SPLITS = ("train", "holdout")
+PRIVACY_UNITS = ("patient", "image")
+DEFAULT_STORE_BUDGET = 10.0
 PRIVATE_MARKER = "PRIVATE"
 PRIVATE_TEXT = (
     "This directory holds training-derived medical images and pseudonymisation keys.\n"
@@ -124,8 +134,20 @@ class StoreWriter:
         self._spill.write(np.ascontiguousarray(images, dtype=np.float32).tobytes())
         self._records.extend(records)
 
-    def commit(self, *, label_names: list[str], report: dict, secret: bytes) -> CohortStore:
-        """Reorder slices by split, write every file, and rename the directory into place."""
+    def commit(
+        self,
+        *,
+        label_names: list[str],
+        report: dict,
+        secret: bytes,
+        privacy_unit: str = "patient",
+        budget_epsilon: float = DEFAULT_STORE_BUDGET,
+    ) -> CohortStore:
+        """Reorder slices by split, write every file, release the DP patient count, and rename into place."""
+        if privacy_unit not in PRIVACY_UNITS:
+            raise InvalidInput(f"unknown privacy unit {privacy_unit!r}")
+        if not budget_epsilon > 0:
+            raise InvalidInput(f"--store-budget must be positive, got {budget_epsilon}")
         self._spill.close()
         if not self._records:
             raise InvalidInput("no usable slices: nothing to store")
@@ -159,15 +181,29 @@ class StoreWriter:
         for name in SPLITS:
             idx = [i for i, r in enumerate(records) if r.split == name]
             ranges[name] = [idx[0], idx[-1] + 1] if idx else [0, 0]
+        n_train = len({r.patient for r in records if r.split == "train"})
+        estimate = noisy_count(n_train) if n_train else 0  # OS entropy: the noise must be unpredictable
+        delta = public_default_delta(max(estimate, 1))
         meta = {
             "format": STORE_FORMAT,
+            "store_id": uuid.uuid4().hex,  # random, so naming the store reveals nothing about its data
             "image_size": self.size,
             "n_slices": n,
             "splits": ranges,
             "label_names": label_names,
             "fingerprint": _sha256([self._tmp / "images.npy", self._tmp / "index.csv"]),
+            "privacy_unit": privacy_unit,
+            "patients_estimate": {
+                "value": estimate,
+                "noise_std": COUNT_NOISE,
+                "mechanism": f"Gaussian mechanism on the training {privacy_unit} count (sensitivity 1, {RELATION})",
+            },
+            "budget": {"epsilon": budget_epsilon, "delta": delta},
         }
         _private_file(self._tmp / "store.json", json.dumps(meta, indent=2))
+        PrivacyLedger(self._tmp, budget_epsilon=budget_epsilon, budget_delta=delta).record(
+            "patient-count", [count_mechanism()], status="released", what="DP estimate of the training count"
+        )
         _private_file(self._tmp / "ingest_report.json", json.dumps(report, indent=2))
         _private_file(self._tmp / "secret.key", secret)
         _private_file(self._tmp / PRIVATE_MARKER, PRIVATE_TEXT)
@@ -208,7 +244,10 @@ class CohortStore:
         except (OSError, json.JSONDecodeError) as exc:
             raise InvalidInput(f"{meta_path} is unreadable: {exc}") from None
         if meta.get("format") != STORE_FORMAT:
-            raise InvalidInput(f"unsupported store format {meta.get('format')!r} (expected {STORE_FORMAT})")
+            raise InvalidInput(
+                f"unsupported store format {meta.get('format')!r} (expected {STORE_FORMAT}); re-run `synthcohort "
+                "ingest` with this version (older stores published exact counts and keep no privacy ledger)"
+            )
         return cls(path, meta)
 
     def __repr__(self) -> str:
@@ -229,6 +268,25 @@ class CohortStore:
     @property
     def fingerprint(self) -> str:
         return str(self.meta["fingerprint"])
+
+    @property
+    def store_id(self) -> str:
+        """A random id drawn at ingestion: safe to publish (it is not computed from the data)."""
+        return str(self.meta["store_id"])
+
+    @property
+    def privacy_unit(self) -> str:
+        """``patient``, or ``image`` when the inputs could not tell patients apart."""
+        return str(self.meta["privacy_unit"])
+
+    @property
+    def patients_estimate(self) -> int:
+        """N̂: the DP estimate of the number of training patients (public; the exact count is not)."""
+        return int(self.meta["patients_estimate"]["value"])
+
+    def ledger(self) -> PrivacyLedger:
+        budget = self.meta["budget"]
+        return PrivacyLedger(self.path, budget_epsilon=float(budget["epsilon"]), budget_delta=float(budget["delta"]))
 
     @property
     def report(self) -> dict:
@@ -252,8 +310,10 @@ class CohortStore:
         return SplitArrays(images=images, labels=labels, patients=patients)
 
     def spacing(self) -> tuple[float, float, float]:
-        """Median ``(row_mm, col_mm, slice_mm)`` over all slices."""
+        """Median ``(row_mm, col_mm, slice_mm)`` over all slices, rounded to 0.1 mm (a coarse acquisition
+        statistic that model cards declare as such)."""
         rows = self.index()
         return tuple(  # type: ignore[return-value]
-            float(np.median([float(r[key]) for r in rows])) for key in ("spacing_row", "spacing_col", "spacing_slice")
+            round(float(np.median([float(r[key]) for r in rows])), 1)
+            for key in ("spacing_row", "spacing_col", "spacing_slice")
         )

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request, status
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from starlette.middleware.base import BaseHTTPMiddleware
 
 from app.api import routes_admin, routes_cohorts, routes_datasets, routes_models
+from app.api.deps import CurrentKey
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import MetricsMiddleware, metrics_response
 from app.api.registry import ModelRegistry
@@ -15,6 +20,27 @@ from app.api.schemas import Health
 from app.db import session_factory
 from app.jobs import JobRunner
 from app.settings import Settings
+
+log = logging.getLogger("synthcohort.api")
+
+
+class RequestIdMiddleware(BaseHTTPMiddleware):
+    """Every response carries ``X-Request-ID``; an unexpected error becomes a generic 500 with that id, and
+    its full detail (paths, stack) goes to the server log only."""
+
+    async def dispatch(self, request: Request, call_next):
+        request_id = uuid.uuid4().hex
+        request.state.request_id = request_id
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("request %s %s failed (request id %s)", request.method, request.url.path, request_id)
+            response = JSONResponse(
+                {"detail": "internal error; quote the request id to the operator", "request_id": request_id},
+                status_code=500,
+            )
+        response.headers["X-Request-ID"] = request_id
+        return response
 
 
 def create_app(settings: Settings, models_dir: Path, *, allow_not_private: bool = False) -> FastAPI:
@@ -38,9 +64,12 @@ def create_app(settings: Settings, models_dir: Path, *, allow_not_private: bool 
     app.include_router(routes_admin.router)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware)
+    app.add_middleware(RequestIdMiddleware)  # outermost: wraps every other layer's failures too
 
-    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics", include_in_schema=False)
-    def metrics() -> object:
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics (admin keys only)", include_in_schema=False)
+    def metrics(key: CurrentKey) -> object:
+        if key.role != "admin":  # the filter's totals are computed from training data
+            raise HTTPException(status.HTTP_403_FORBIDDEN, "admin role required")
         return metrics_response()
 
     @app.get("/healthz", response_model=Health, tags=["ops"], summary="Process is up")

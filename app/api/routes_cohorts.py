@@ -8,13 +8,19 @@ from app.api.deps import CurrentKey, RegistryDep, SessionDep
 from app.api.schemas import CohortCreate, CohortStatus
 from app.dataset_writer import FORMATS
 from app.db import record_event
-from app.jobs import create_job, samples_requested_today, visible_job
+from app.jobs import create_job, job_status, samples_requested_today, visible_job
 from generators.errors import NotFound
 
 router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"])
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=CohortStatus, summary="Request a cohort")
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=CohortStatus,
+    response_model_exclude_none=True,
+    summary="Request a cohort",
+)
 def create_cohort(
     body: CohortCreate,
     request: Request,
@@ -37,16 +43,17 @@ def create_cohort(
     if bad_formats or "nifti" not in body.formats:
         raise HTTPException(422, f"formats must include nifti and come from {list(FORMATS)}")
     total = sum(body.counts.values())
-    limit = request.app.state.settings.max_samples_per_request
-    used = samples_requested_today(session, key) if key.quota_samples_per_day is not None else 0
+    settings = request.app.state.settings
+    limit = settings.max_samples_per_request
+    quota = key.quota_samples_per_day or settings.default_daily_quota
+    used = samples_requested_today(session, key)
     refusal = None
     if total > limit:
         refusal = ("request too large", f"{total} samples requested; at most {limit} per request")
-    elif key.quota_samples_per_day is not None and used + total > key.quota_samples_per_day:
+    elif used + total > quota:
         refusal = (
             "daily quota",
-            f"daily quota exceeded: {used} of {key.quota_samples_per_day} samples used in the last 24 h, "
-            f"{total} more requested",
+            f"daily quota exceeded: {used} of {quota} samples used in the last 24 h, {total} more requested",
         )
     if refusal is not None:
         record_event(
@@ -63,18 +70,20 @@ def create_cohort(
     )
     request.app.state.jobs.submit(job.id)
     response.headers["Location"] = f"/v1/cohorts/{job.id}"
-    return job
+    return job_status(job, key)
 
 
-@router.get("/{job_id}", response_model=CohortStatus, summary="Job status and progress")
+@router.get(
+    "/{job_id}", response_model=CohortStatus, response_model_exclude_none=True, summary="Job status and progress"
+)
 def get_cohort(job_id: str, session: SessionDep, key: CurrentKey) -> object:
     job = visible_job(session, key, job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no cohort job {job_id!r}")
-    return job
+    return job_status(job, key)
 
 
-@router.delete("/{job_id}", response_model=CohortStatus, summary="Cancel a job")
+@router.delete("/{job_id}", response_model=CohortStatus, response_model_exclude_none=True, summary="Cancel a job")
 def cancel_cohort(job_id: str, request: Request, session: SessionDep, key: CurrentKey) -> object:
     job = visible_job(session, key, job_id)
     if job is None:
@@ -82,4 +91,4 @@ def cancel_cohort(job_id: str, request: Request, session: SessionDep, key: Curre
     if job.status in ("queued", "running"):
         request.app.state.jobs.cancel(job.id)
         record_event(session, action="cohort.cancel", outcome="requested", key_id=key.id, model=job.model)
-    return job
+    return job_status(job, key)

@@ -6,14 +6,22 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class FilterSummary(BaseModel):
+    """The memorization filter's public summary: its rule and coarse rates, no counts, no threshold."""
+
     model_config = ConfigDict(extra="ignore")
     quantile: float
     embedding: str
-    n_train: int
-    n_holdout: int
-    holdout_acceptance_rate: float
-    canary_rejection_rate: float | None = None
+    holdout_acceptance_rate: float | None = Field(None, description="share of held-out patients accepted (2 d.p.)")
+    canary_rejection_rate: float | None = Field(None, description="share of planted near-copies rejected (2 d.p.)")
+    covered_by_epsilon: bool = False
     statement: str
+
+
+class PatientsEstimate(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    value: int = Field(..., description="differentially private count of training units (included in ε)")
+    noise_std: float
+    mechanism: str
 
 
 class ModelCard(BaseModel):
@@ -30,8 +38,9 @@ class ModelCard(BaseModel):
                 "private": True,
                 "privacy_unit": "patient",
                 "epsilon": 7.99,
-                "delta": 1e-5,
+                "delta": 1e-6,
                 "accountant": "prv",
+                "neighbouring_relation": "add/remove one patient",
             }
         },
     )
@@ -43,14 +52,18 @@ class ModelCard(BaseModel):
     private: bool
     warning: str | None = None
     privacy_unit: str | None = None
-    epsilon: float | None = Field(None, description="ε actually spent (patient-level)")
+    neighbouring_relation: str | None = None
+    epsilon: float | None = Field(None, description="ε actually spent (per privacy unit), count release included")
     delta: float | None = None
     accountant: str | None = None
+    privacy_history: list[list[float]] | None = Field(
+        None, description="(noise multiplier, sample rate, steps) of every mechanism composed into ε"
+    )
     noise_multiplier: float | None = None
     max_grad_norm: float | None = None
     sample_rate: float | None = None
     steps: int | None = None
-    n_train_patients: int | None = None
+    patients_estimate: PatientsEstimate | None = None
     target_epsilon_met: bool | None = None
     statement: str | None = None
     memorization_filter: FilterSummary | None = None
@@ -75,15 +88,18 @@ class CohortCreate(BaseModel):
 
 
 class CohortStatus(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+    """A job's status. ``generated`` and ``rejected`` (the memorization filter's totals) are shown to admins
+    only: they are computed from the training data."""
+
     id: str
     model: str
     counts: dict[str, int]
     seed: int
     status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
     progress: float
-    generated: int
-    rejected: int
-    accepted: int
+    done: int = Field(..., description="samples finished so far")
+    total: int = Field(..., description="samples requested")
     error: str | None = None
     dataset_id: str | None = None
+    generated: int | None = Field(None, description="admins only")
+    rejected: int | None = Field(None, description="admins only")
