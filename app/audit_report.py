@@ -33,6 +33,15 @@ def write_report(root: Path, report: dict, *, cohort, label_names: list[str], ne
             names.append(f"samples_{label}.png")
     names += [_utility_bars(figures, report), _intensity(figures, report, label_names), _dcr(figures, report)]
     names.append(_roc(figures, report))
+    canaries = report["privacy"]["filter"]["canaries"]
+    names.append(
+        canary_figure(
+            canaries["curves"],
+            report["privacy"]["filter"]["holdout_acceptance_rate"],
+            canaries["documented"],
+            figures / "canaries.png",
+        )
+    )
     if neighbours is not None:
         names.append(_neighbours(figures, neighbours))
     (root / "report.html").write_text(_html(root, report, names))
@@ -153,6 +162,31 @@ def _roc(figures: Path, report: dict) -> str:
     return _save(fig, figures / "mia_roc.png")
 
 
+def canary_figure(curves: dict, acceptance: float, documented: dict, path: Path, title: str = "") -> str:
+    """One panel per near-copy transform: share rejected against strength, the documented strength, and the
+    share of held-out patients the filter rejects (the price of rejecting copies)."""
+    kinds = list(curves)
+    cols = 4
+    rows = (len(kinds) + cols - 1) // cols
+    fig = Figure(figsize=(3.2 * cols, 2.5 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, kind in zip(axes.flat, kinds, strict=False):
+        ax.plot([p["strength"] for p in curves[kind]], [p["rejected"] for p in curves[kind]], marker="o", ms=3)
+        ax.axhline(1 - acceptance, color="grey", linestyle=":", label="held-out patients rejected")
+        if kind in documented:
+            ax.axvline(documented[kind], color="#c44e52", alpha=0.5, label="documented strength")
+        ax.set_title(kind, fontsize=9)
+        ax.set_ylim(-0.02, 1.02)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(kinds) :]:
+        ax.axis("off")
+    axes.flat[0].set_ylabel("share rejected", fontsize=8)
+    axes.flat[0].legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
 def _neighbours(figures: Path, neighbours: dict) -> str:
     syn, trn, scores = neighbours["synthetic"], neighbours["training"], neighbours["scores"]
     fig = Figure(figsize=(1.3 * len(syn), 3))
@@ -216,6 +250,10 @@ def _html(root: Path, r: dict, figures: list[str]) -> str:
                 "Filter catch rate on unfiltered samples (unseen patients: about q)",
                 f"{p['filter']['catch_rate_unfiltered']:.1%} (q = {p['filter']['quantile']:.0%})",
             ),
+            (
+                "Near-copies rejected at the documented strengths (covered kinds; worst kind)",
+                f"{p['filter']['canaries']['covered_rejection']:.1%}; {p['filter']['canaries']['worst']}",
+            ),
             ("Loss attack: AUC / TPR at 1% FPR", f"{mi['loss']['auc']:.3f} / {mi['loss']['tpr_at_low_fpr']:.3f}"),
             (
                 "Monte-Carlo attack on released samples: AUC / TPR at 1% FPR",
@@ -247,6 +285,7 @@ def _html(root: Path, r: dict, figures: list[str]) -> str:
             mi["monte_carlo"]["attack"],
             bound.get("meaning", bound.get("statement", "")),
             p["filter"]["meaning"],
+            p["filter"]["canaries"]["meaning"],
         )
     )
     finding = ""

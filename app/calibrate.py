@@ -64,7 +64,7 @@ def calibrate(
     model_dir: Path,
     *,
     quantile: float = 0.05,
-    embedding: str = "aligned-pyramid",
+    embedding: str = "near-copy",
     index: str = "flat",
     seed: int = 0,
     progress: Callable[[int], None] | None = None,

@@ -146,7 +146,9 @@ def calibrate(
     store: Annotated[Path, typer.Argument(help="The cohort store the model was trained on.")],
     model_dir: Annotated[Path, typer.Argument(help="Model bundle directory; the filter goes to MODEL_DIR/private/.")],
     quantile: Annotated[float, typer.Option(min=0.001, max=0.49, help="Held-out distance quantile q.")] = 0.05,
-    embedding: Annotated[str, typer.Option(help="aligned-pyramid (default) or pixels.")] = "aligned-pyramid",
+    embedding: Annotated[
+        str, typer.Option(help="near-copy (default: aligned re-ranking), aligned-pyramid or pixels.")
+    ] = "near-copy",
     index: Annotated[str, typer.Option(help="flat (exact), ivf, hnsw or numpy.")] = "flat",
     seed: Annotated[int, typer.Option(help="Seed of the canary self-test.")] = 0,
 ) -> None:

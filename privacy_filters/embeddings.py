@@ -1,8 +1,11 @@
 """Image embeddings for the nearest-neighbour memorization filter.
 
-Two options are shipped and compared in BENCHMARKS.md on planted canaries:
+Three options are shipped and compared in BENCHMARKS.md on planted canaries:
 
-- ``aligned-pyramid`` (default): shift the foreground's centre of mass to the image centre (sub-pixel,
+- ``near-copy`` (default): the canonical image of :mod:`privacy_filters.near_copy` (rank intensities,
+  centred and scaled to a fixed radius of gyration), average-pooled to 16 × 16. It finds candidates; the
+  filter then re-ranks them with an aligned distance that also undoes small rotations and zooms.
+- ``aligned-pyramid``: shift the foreground's centre of mass to the image centre (sub-pixel,
   bilinear), z-score the intensities, blur lightly (Gaussian, σ = 0.5 px) and average-pool to a 16 × 16
   grid (256 numbers). Centre-of-mass alignment undoes translations, z-scoring undoes contrast and
   brightness changes, pooling averages noise away. Horizontal flips are handled by the filter, which
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from generators.errors import InvalidInput
+from privacy_filters.near_copy import canonicalise
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:  # (N, 1, H, W)
@@ -91,16 +95,41 @@ class Pixels:
         return _zscore(images).flatten(1) / self.size
 
 
-Embedding = AlignedPyramid | Pixels
+@dataclass(frozen=True)
+class NearCopy:
+    """Canonical images (see :mod:`privacy_filters.near_copy`) pooled to ``pool × pool`` for candidate search."""
+
+    grid: int = 32
+    pool: int = 16
+    name: str = "near-copy"
+
+    @property
+    def dim(self) -> int:
+        return self.pool * self.pool
+
+    def canonical(self, images: torch.Tensor) -> torch.Tensor:  # (N, 1, H, W) → (N, 1, grid, grid)
+        return canonicalise(images, grid=self.grid)
+
+    def pooled(self, canonical: torch.Tensor) -> torch.Tensor:  # (N, 1, grid, grid) → (N, pool²)
+        return F.adaptive_avg_pool2d(canonical, self.pool).flatten(1) / self.pool
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.pooled(self.canonical(images))
+
+
+Embedding = NearCopy | AlignedPyramid | Pixels
+EMBEDDINGS = ("near-copy", "aligned-pyramid", "pixels")
 
 
 def make_embedding(name: str, image_size: int) -> Embedding:
     """Build an embedding by name for images of ``image_size`` pixels."""
+    if name == "near-copy":
+        return NearCopy(grid=min(32, image_size), pool=min(16, image_size))
     if name == "aligned-pyramid":
         return AlignedPyramid(grid=min(16, image_size))
     if name == "pixels":
         return Pixels(size=image_size)
-    raise InvalidInput(f"unknown embedding {name!r}; choose one of ['aligned-pyramid', 'pixels']")
+    raise InvalidInput(f"unknown embedding {name!r}; choose one of {list(EMBEDDINGS)}")
 
 
 @torch.no_grad()

@@ -7,10 +7,14 @@ f.save(path); f = MemorizationFilter.load(path)
 decisions = f.check(images)  # list[FilterDecision(accepted, score, reason)]
 ```
 
-The distance of an image is the Euclidean distance, in the embedding space, from the image (or its
-mirror image, whichever is closer) to its nearest training image. ``score = distance / threshold``; the
-neighbour's identity never leaves this object except through :meth:`nearest_training_indices`, which
-exists for internal audits only and must never be exposed to an API caller.
+With the default ``near-copy`` embedding the distance of an image is a near-copy distance
+(:mod:`privacy_filters.near_copy`): the index proposes the ``k`` nearest training slices of the image and of
+its mirror image in a pooled canonical embedding, and each is re-ranked by the trimmed residual after
+searching small rotations and zooms; the distance is the smallest. With ``aligned-pyramid`` or ``pixels`` it
+is the plain embedding distance to the nearest training slice (image or mirror). ``score = distance /
+threshold`` is internal; the neighbour's identity never leaves this object except through
+:meth:`nearest_training_indices`, which exists for internal audits only and must never be exposed to an API
+caller.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +32,33 @@ import torch
 
 from generators.errors import InvalidInput, NotFound
 from privacy_filters import calibration
-from privacy_filters.canaries import CANARY_KINDS, make_blends, make_canaries
-from privacy_filters.embeddings import Embedding, embed, make_embedding
+from privacy_filters.canaries import DOCUMENTED, NOT_COVERED, STRENGTH_GRID, make_blends, make_canaries, transform
+from privacy_filters.embeddings import Embedding, NearCopy, embed, make_embedding
+from privacy_filters.near_copy import AlignmentSearch, compared, near_copy_distance
 from privacy_filters.nearest_neighbour import NearestNeighbourIndex
 
-FILTER_FORMAT = 1
+FILTER_FORMAT = 2
 SELF_TEST_IMAGES = 256
+SELF_TEST_KINDS = ("exact", "flip", *DOCUMENTED)
+RERANK_K = 8  # candidates per query and per mirror image, re-ranked by the aligned distance
+QUERY_CHUNK = 32
+CANONICAL_FILE = "canonical.npy"
+
+
+class Reranker:
+    """The training slices' canonical images and the alignment search that re-ranks the index's candidates."""
+
+    def __init__(self, canonical: np.ndarray, search: AlignmentSearch = AlignmentSearch(), k: int = RERANK_K) -> None:
+        self.canonical = canonical  # (N, P) float32
+        self.search = search
+        self.k = k
+
+    def distances(self, queries: torch.Tensor, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Best near-copy distance of each canonical query ``(Q, 1, g, g)`` over its candidate ids ``(Q, C)``."""
+        candidates = np.where(candidates >= 0, candidates, candidates.max(axis=1, keepdims=True))  # pad short lists
+        rows = torch.from_numpy(self.canonical[candidates].astype(np.float32))  # (Q, C, P)
+        d, best = near_copy_distance(queries, rows, self.search)
+        return d.numpy().astype(np.float64), candidates[np.arange(len(candidates)), best.numpy()]
 
 
 @dataclass(frozen=True)
@@ -72,9 +97,17 @@ def validate_images(images: np.ndarray | torch.Tensor, *, what: str, size: int |
 class MemorizationFilter:
     """Nearest-training-image distance filter calibrated on held-out patients (see module docstring)."""
 
-    def __init__(self, embedding: Embedding, index: NearestNeighbourIndex, image_size: int, record: dict) -> None:
+    def __init__(
+        self,
+        embedding: Embedding,
+        index: NearestNeighbourIndex,
+        image_size: int,
+        record: dict,
+        reranker: Reranker | None = None,
+    ) -> None:
         self._embedding = embedding
         self._index = index
+        self._reranker = reranker
         self.image_size = image_size
         self.record = record  # calibration record: q, threshold, rates, statement
 
@@ -101,7 +134,7 @@ class MemorizationFilter:
         quantile: float = 0.05,
         *,
         holdout_groups: np.ndarray | None = None,
-        embedding: str = "aligned-pyramid",
+        embedding: str = "near-copy",
         index: str = "flat",
         self_test: bool = True,
         seed: int = 0,
@@ -123,16 +156,14 @@ class MemorizationFilter:
             raise InvalidInput(f"quantile must be in (0, 0.5), got {quantile}")
         size = train.shape[2]
         emb = make_embedding(embedding, size)
-        vectors = np.empty((len(train), emb.dim), dtype=np.float32)
-        step = 8192
-        for start in range(0, len(train), step):
-            vectors[start : start + step] = embed(emb, train[start : start + step])
-            if progress:
-                progress(min(step, len(train) - start))
+        vectors, canonical = _embed_training(emb, train, progress)
         nn_index = NearestNeighbourIndex(emb.dim, index).build(vectors)  # type: ignore[arg-type]
         del vectors
-        record = {"quantile": quantile, "threshold": float("nan")}
-        filt = cls(emb, nn_index, size, record)
+        record: dict = {"quantile": quantile, "threshold": float("nan")}
+        reranker = Reranker(canonical) if canonical is not None else None
+        if reranker is not None:
+            record["rerank"] = {"k": reranker.k, **asdict(reranker.search)}
+        filt = cls(emb, nn_index, size, record, reranker)
 
         groups = np.arange(len(holdout)) if holdout_groups is None else np.asarray(holdout_groups)
         if len(groups) != len(holdout):
@@ -158,19 +189,21 @@ class MemorizationFilter:
         return filt
 
     def self_test(self, train: np.ndarray, *, seed: int = 0) -> dict:
-        """Rejection rates of planted canaries made from up to 256 random training images."""
+        """Rejection rates of planted near-copies (every documented transform) of up to 256 training images."""
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(train), size=min(SELF_TEST_IMAGES, len(train)), replace=False))
         sources = np.asarray(train[pick], dtype=np.float32)
         by_kind = {
             kind: float(np.mean(self.distances(make_canaries(sources, kind, seed=seed)) < self.threshold))
-            for kind in CANARY_KINDS
+            for kind in SELF_TEST_KINDS
         }
         others = np.asarray(train[np.sort(rng.choice(len(train), size=len(pick), replace=True))], dtype=np.float32)
         blend = float(np.mean(self.distances(make_blends(sources, others)) < self.threshold))
         return {
-            "canary_rejection_rate": float(np.mean(list(by_kind.values()))),
+            "canary_rejection_rate": float(np.mean([v for k, v in by_kind.items() if k not in NOT_COVERED])),
             "canary_rejection_by_kind": by_kind,
+            "canaries_not_covered": list(NOT_COVERED),
+            "canary_strengths": {k: DOCUMENTED[k] for k in by_kind if k in DOCUMENTED},
             "blend_rejection_rate": blend,
             "n_canaries_per_kind": len(pick),
         }
@@ -182,10 +215,28 @@ class MemorizationFilter:
 
     def _search(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         images = validate_images(images, what="images", size=self.image_size)
+        if self._reranker is not None:
+            return self._near_copy_search(images)
         direct, direct_ids = self._index.search(embed(self._embedding, images))
         mirror, mirror_ids = self._index.search(embed(self._embedding, images, mirror=True))
         use_mirror = mirror < direct
         return np.where(use_mirror, mirror, direct), np.where(use_mirror, mirror_ids, direct_ids)
+
+    @torch.no_grad()
+    def _near_copy_search(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates from the index (image and mirror image), re-ranked by the aligned near-copy distance."""
+        assert isinstance(self._embedding, NearCopy) and self._reranker is not None
+        k = self._reranker.k
+        distances, ids = np.empty(len(images)), np.empty(len(images), dtype=np.int64)
+        for start in range(0, len(images), QUERY_CHUNK):
+            chunk = torch.from_numpy(np.array(images[start : start + QUERY_CHUNK], dtype=np.float32))
+            canonical = self._embedding.canonical(chunk)  # (Q, 1, g, g)
+            _, direct = self._index.search(self._embedding.pooled(canonical).numpy(), k=k)
+            _, mirror = self._index.search(self._embedding.pooled(torch.flip(canonical, dims=(3,))).numpy(), k=k)
+            candidates = np.concatenate([direct.reshape(len(chunk), -1), mirror.reshape(len(chunk), -1)], axis=1)
+            d, best = self._reranker.distances(canonical, candidates)
+            distances[start : start + len(chunk)], ids[start : start + len(chunk)] = d, best
+        return distances, ids
 
     def check(self, images: np.ndarray | torch.Tensor) -> list[FilterDecision]:
         """Accept or reject each image; scores are ratios to the threshold (≥ 1 accepted)."""
@@ -213,6 +264,8 @@ class MemorizationFilter:
             os.chmod(tmp, 0o700)
             index_file = "index.npy" if self._index.kind == "numpy" else "index.faiss"
             self._index.save(tmp / index_file)
+            if self._reranker is not None:
+                np.save(tmp / CANONICAL_FILE, self._reranker.canonical, allow_pickle=False)
             meta = {
                 **self.record,
                 "index_file": index_file,
@@ -245,7 +298,9 @@ class MemorizationFilter:
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"{meta_path} is corrupt: {exc}") from None
         if meta.get("format") != FILTER_FORMAT:
-            raise InvalidInput(f"unsupported filter format {meta.get('format')!r}")
+            raise InvalidInput(
+                f"unsupported filter format {meta.get('format')!r}; re-run `synthcohort calibrate STORE MODEL_DIR`"
+            )
         emb = make_embedding(meta["embedding"], int(meta["image_size"]))
         index = NearestNeighbourIndex.load(
             path / meta["index_file"],
@@ -255,7 +310,37 @@ class MemorizationFilter:
             ef_search=meta["ef_search"],
         )
         record = {k: v for k, v in meta.items() if k not in ("index_file", "nprobe", "ef_search")}
-        return cls(emb, index, int(meta["image_size"]), record)
+        reranker = None
+        if "rerank" in meta:
+            rerank = dict(meta["rerank"])
+            k = int(rerank.pop("k"))
+            search = AlignmentSearch(**{name: tuple(v) if isinstance(v, list) else v for name, v in rerank.items()})
+            canonical = np.load(path / CANONICAL_FILE, mmap_mode="r", allow_pickle=False)
+            reranker = Reranker(canonical, search, k)
+        return cls(emb, index, int(meta["image_size"]), record, reranker)
+
+
+def _embed_training(
+    emb: Embedding, train: np.ndarray, progress: Callable[[int], None] | None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Index vectors of every training image, and (near-copy embedding) their comparison vectors."""
+    vectors = np.empty((len(train), emb.dim), dtype=np.float32)
+    canonical = None
+    if isinstance(emb, NearCopy):
+        canonical = np.empty((len(train), compared(torch.zeros(1, 1, emb.grid, emb.grid)).shape[1]), np.float32)
+    step = 2048
+    for start in range(0, len(train), step):
+        chunk = np.array(train[start : start + step], dtype=np.float32)  # a writable copy of a memory map
+        if canonical is not None:
+            with torch.no_grad():
+                c = emb.canonical(torch.from_numpy(chunk))
+            canonical[start : start + len(chunk)] = compared(c).numpy()
+            vectors[start : start + len(chunk)] = emb.pooled(c).numpy()
+        else:
+            vectors[start : start + len(chunk)] = embed(emb, chunk)
+        if progress:
+            progress(len(chunk))
+    return vectors, canonical
 
 
 def public_summary(record: dict) -> dict:
@@ -271,3 +356,28 @@ def public_summary(record: dict) -> dict:
         }
     summary["covered_by_epsilon"] = False
     return summary
+
+
+def rejection_curves(
+    filt: MemorizationFilter,
+    sources: np.ndarray,
+    grid: dict[str, tuple[float, ...]] | None = None,
+    *,
+    seed: int = 0,
+) -> dict[str, list[dict[str, float]]]:
+    """For every transform kind and strength, the share of near-copies of ``sources`` that ``filt`` rejects.
+
+    Returns ``{kind: [{"strength": s, "rejected": r}, ...]}`` (``grid`` defaults to ``canaries.STRENGTH_GRID``).
+    """
+    curves: dict[str, list[dict[str, float]]] = {}
+    for kind, strengths in (grid or STRENGTH_GRID).items():
+        curves[kind] = [
+            {
+                "strength": float(strength),
+                "rejected": float(
+                    np.mean(filt.distances(transform(sources, kind, strength, seed=seed)) < filt.threshold)
+                ),
+            }
+            for strength in strengths
+        ]
+    return curves

@@ -25,19 +25,19 @@ def faiss_available() -> bool:
 
 
 def brute_force_search(
-    database: np.ndarray, queries: np.ndarray, *, chunk: int = 65536
+    database: np.ndarray, queries: np.ndarray, *, k: int = 1, chunk: int = 65536
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact 1-NN with NumPy: ``(distances [Q], ids [Q])``; memory bounded by ``chunk`` database rows."""
-    best = np.full(len(queries), np.inf)
-    ids = np.full(len(queries), -1, dtype=np.int64)
+    """Exact k-NN with NumPy: ``(distances [Q, k], ids [Q, k])`` nearest first; memory bounded by ``chunk`` rows."""
+    best = np.full((len(queries), k), np.inf)
+    ids = np.full((len(queries), k), -1, dtype=np.int64)
     q_norm = np.einsum("ij,ij->i", queries, queries)
     for start in range(0, len(database), chunk):
         block = np.asarray(database[start : start + chunk], dtype=np.float32)
         d2 = q_norm[:, None] - 2.0 * queries @ block.T + np.einsum("ij,ij->i", block, block)[None, :]
-        arg = np.argmin(d2, axis=1)
-        value = d2[np.arange(len(queries)), arg]
-        better = value < best
-        best[better], ids[better] = value[better], arg[better] + start
+        both = np.concatenate([best, d2], axis=1)
+        both_ids = np.concatenate([ids, np.arange(start, start + len(block))[None, :].repeat(len(queries), 0)], 1)
+        top = np.argsort(both, axis=1, kind="stable")[:, :k]
+        best, ids = np.take_along_axis(both, top, 1), np.take_along_axis(both_ids, top, 1)
     return np.sqrt(np.maximum(best, 0.0)), ids
 
 
@@ -93,17 +93,23 @@ class NearestNeighbourIndex:
         elif self.kind == "hnsw":
             self._faiss.hnsw.efSearch = self.ef_search
 
-    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """1-NN of each query: ``(distances [Q] float64, ids [Q] int64)``."""
+    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """k-NN of each query, nearest first: ``(distances, ids)``, each ``[Q]`` for ``k = 1`` else ``[Q, k]``.
+
+        Where the index holds fewer than ``k`` vectors, missing neighbours have id -1 and distance ∞.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise InvalidInput(f"expected queries of shape [Q, {self.dim}], got {queries.shape}")
         if len(self) == 0:
             raise InvalidInput("the index is empty")
         if self._faiss is None:
-            return brute_force_search(self._vectors, queries)
-        d2, ids = self._faiss.search(queries, 1)
-        return np.sqrt(np.maximum(d2[:, 0].astype(np.float64), 0.0)), ids[:, 0].astype(np.int64)
+            d, ids = brute_force_search(self._vectors, queries, k=k)
+        else:
+            d2, ids = self._faiss.search(queries, k)
+            d = np.where(ids >= 0, np.sqrt(np.maximum(d2.astype(np.float64), 0.0)), np.inf)
+            ids = ids.astype(np.int64)
+        return (d[:, 0], ids[:, 0]) if k == 1 else (d, ids)
 
     def save(self, path: Path) -> None:
         if self._faiss is not None:

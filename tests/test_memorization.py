@@ -11,7 +11,7 @@ import pytest
 from generators.errors import InvalidInput, NotFound
 from privacy_filters import FilterDecision, MemorizationFilter, public_summary
 from privacy_filters import calibration as cal
-from privacy_filters.canaries import CANARY_KINDS, make_blends, make_canaries
+from privacy_filters.canaries import DOCUMENTED, NOT_COVERED, make_blends, make_canaries
 from privacy_filters.nearest_neighbour import NearestNeighbourIndex, brute_force_search
 
 
@@ -29,22 +29,33 @@ def fitted(split_holdout) -> MemorizationFilter:
     return MemorizationFilter.build(train, calib, quantile=0.05)
 
 
-def test_canaries_rejected_and_unseen_patients_accepted(fitted, split_holdout) -> None:
+def test_near_copies_rejected_and_unseen_patients_accepted(fitted, split_holdout) -> None:
+    """Every covered near-copy transform at its documented strength is rejected; unseen real patients pass."""
     train, _, unseen = split_holdout
     rng = np.random.default_rng(0)
     sources = train[rng.choice(len(train), size=200, replace=False)]
     rejected = {}
-    for kind in CANARY_KINDS:
+    for kind in ("exact", "flip", *DOCUMENTED):
         decisions = fitted.check(make_canaries(sources, kind, seed=1))
-        rejected[kind] = np.mean([not d.accepted for d in decisions])
-    overall = float(np.mean(list(rejected.values())))
-    assert overall >= 0.99, rejected
-    assert min(rejected.values()) >= 0.97, rejected
+        rejected[kind] = float(np.mean([not d.accepted for d in decisions]))
+    covered = {k: v for k, v in rejected.items() if k not in NOT_COVERED}
+    assert np.mean(list(covered.values())) >= 0.99, rejected
+    assert min(covered.values()) >= 0.97, rejected
     accepted = np.mean([d.accepted for d in fitted.check(unseen)])
     assert accepted >= 0.90, f"only {accepted:.1%} of unseen real patients accepted"
     others = train[rng.choice(len(train), size=200, replace=False)]
     blends = np.mean([not d.accepted for d in fitted.check(make_blends(sources, others))])
-    print(f"canary rejection {rejected}, unseen acceptance {accepted:.3f}, blend rejection {blends:.3f}")
+    print(f"near-copy rejection {rejected}, unseen acceptance {accepted:.3f}, blend rejection {blends:.3f}")
+
+
+def test_without_alignment_rotated_and_zoomed_copies_pass(split_holdout) -> None:
+    """Why the default re-ranks with an aligned distance: the former default embedding misses rotations and
+    zooms of a few percent that the near-copy filter rejects."""
+    train, calib, _ = split_holdout
+    old = MemorizationFilter.build(train, calib, embedding="aligned-pyramid", self_test=False)
+    sources = train[np.random.default_rng(4).choice(len(train), size=100, replace=False)]
+    for kind in ("rotate", "scale"):
+        assert np.mean([not d.accepted for d in old.check(make_canaries(sources, kind, seed=2))]) < 0.8, kind
 
 
 def test_the_pixel_baseline_misses_shifted_copies(split_holdout) -> None:
@@ -75,7 +86,7 @@ def test_scores_and_decisions(fitted, split_holdout) -> None:
 def test_save_load_round_trip(fitted, split_holdout, tmp_path: Path) -> None:
     _, _, unseen = split_holdout
     fitted.save(tmp_path / "filter")
-    assert (tmp_path / "filter" / "PRIVATE").is_file()
+    assert (tmp_path / "filter" / "PRIVATE").is_file() and (tmp_path / "filter" / "canonical.npy").is_file()
     loaded = MemorizationFilter.load(tmp_path / "filter")
     assert [d.score for d in loaded.check(unseen[:20])] == [d.score for d in fitted.check(unseen[:20])]
     assert loaded.record["threshold"] == fitted.record["threshold"]
@@ -131,10 +142,10 @@ def test_approximate_indexes_and_numpy_fallback_agree_on_canaries(split_holdout)
 def test_brute_force_chunks() -> None:
     rng = np.random.default_rng(0)
     database, queries = rng.normal(size=(1000, 8)).astype(np.float32), rng.normal(size=(7, 8)).astype(np.float32)
-    d, ids = brute_force_search(database, queries, chunk=64)
+    d, ids = brute_force_search(database, queries, k=3, chunk=64)
     full = np.linalg.norm(queries[:, None] - database[None], axis=2)
-    np.testing.assert_array_equal(ids, full.argmin(1))
-    np.testing.assert_allclose(d, full.min(1), rtol=1e-4)
+    np.testing.assert_array_equal(ids, np.argsort(full, axis=1)[:, :3])  # the 3 nearest, nearest first
+    np.testing.assert_allclose(d, np.sort(full, axis=1)[:, :3], rtol=1e-4)
 
 
 def test_calibration_math() -> None:
