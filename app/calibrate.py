@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from generators.bundle import write_json_atomic
 from generators.errors import InvalidInput
 from privacy_filters import MemorizationFilter
 from train.preprocess import resize_slices
@@ -64,7 +64,7 @@ def calibrate(
     model_dir: Path,
     *,
     quantile: float = 0.05,
-    embedding: str = "near-copy",
+    embedding: str = "near-copy,aligned-pyramid",
     index: str = "flat",
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
@@ -102,8 +102,5 @@ def calibrate(
     os.chmod(private, 0o700)
     filt.save(filter_dir(model_dir))
     ensure_seed_key(model_dir)
-    fd, tmp = tempfile.mkstemp(dir=private, prefix=".calibration.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(record, handle, indent=2)
-    os.replace(tmp, calibration_path(model_dir))
+    write_json_atomic(calibration_path(model_dir), record)
     return record

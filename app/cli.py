@@ -147,8 +147,9 @@ def calibrate(
     model_dir: Annotated[Path, typer.Argument(help="Model bundle directory; the filter goes to MODEL_DIR/private/.")],
     quantile: Annotated[float, typer.Option(min=0.001, max=0.49, help="Held-out distance quantile q.")] = 0.05,
     embedding: Annotated[
-        str, typer.Option(help="near-copy (default: aligned re-ranking), aligned-pyramid or pixels.")
-    ] = "near-copy",
+        str,
+        typer.Option(help="Views, comma-separated: near-copy (aligned re-ranking), aligned-pyramid, pixels."),
+    ] = "near-copy,aligned-pyramid",
     index: Annotated[str, typer.Option(help="flat (exact), ivf, hnsw or numpy.")] = "flat",
     seed: Annotated[int, typer.Option(help="Seed of the canary self-test.")] = 0,
 ) -> None:
@@ -161,7 +162,7 @@ def calibrate(
             store, model_dir, quantile=quantile, embedding=embedding, index=index, seed=seed, progress=bar.update
         )
     typer.echo(
-        f"filter: {record['n_train']} training slices indexed ({record['embedding']}, {record['index']}); "
+        f"filter: {record['n_train']} training slices indexed ({record['embedding']}, {index}); "
         f"q={record['quantile']}, {record['n_holdout']} held-out slices from {record['n_holdout_patients']} patients"
     )
     typer.echo(

@@ -1,12 +1,12 @@
 """Memorization filter against near-copies: rejection as each transform's strength grows, held-out acceptance,
-query speed, for each embedding.
+query speed, for each filter (the default two views together, and each view alone).
 
     .venv/bin/python benchmarks/bench_canaries.py --store demo/store --size 32 --out benchmarks/figures
 
 Builds the filter on the store's training slices resized to ``--size`` (the model's size; 32 for cpu-small),
 calibrated at q = 0.05 on the held-out patients (per-patient quantile), then plants near-copies of ``--n``
 random training slices for every transform in ``privacy_filters.canaries.STRENGTH_GRID`` and reports the share
-rejected. Prints one markdown table per embedding and writes ``canary_curves_<embedding>.png``.
+rejected. Prints one markdown table per filter and writes ``canary_curves_<views>.png``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,11 @@ def main() -> None:
     parser.add_argument("--store", type=Path, default=Path("demo/store"))
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--n", type=int, default=300, help="training slices to copy per transform and strength")
-    parser.add_argument("--embeddings", default="near-copy,aligned-pyramid")
+    parser.add_argument(
+        "--filters",
+        default="near-copy,aligned-pyramid;near-copy;aligned-pyramid",
+        help="filters separated by ';', each a comma-separated list of views",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/figures"))
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -46,7 +50,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; {date.today()}")
     print(f"store: {len(train_images)} training and {len(holdout_images)} held-out slices at {args.size} px\n")
-    for name in args.embeddings.split(","):
+    for name in args.filters.split(";"):
         start = time.perf_counter()
         filt = MemorizationFilter.build(
             train_images, holdout_images, holdout_groups=holdout.patients, embedding=name, self_test=False
@@ -65,7 +69,7 @@ def main() -> None:
             cells = ", ".join(f"{p['strength']:g}: {p['rejected']:.0%}" for p in points)
             documented = next((p["rejected"] for p in points if p["strength"] == DOCUMENTED[kind]), float("nan"))
             print(f"| {kind} | {cells} | {documented:.1%} |")
-        figure = args.out / f"canary_curves_{name}.png"
+        figure = args.out / f"canary_curves_{name.replace(',', '+')}.png"
         canary_figure(curves, acceptance, DOCUMENTED, figure, title=f"{name}: rejection vs strength ({args.size} px)")
         print(f"\nfigure: {figure}\n")
 

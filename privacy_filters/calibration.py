@@ -69,14 +69,19 @@ def acceptance_rate(distances: np.ndarray, threshold_value: float) -> float:
 def cross_validated_acceptance(patient_distances: np.ndarray, quantile: float, *, seed: int = 0) -> float:
     """Share of held-out *patients* accepted, out of sample: calibrate on half of them, test on the rest.
 
-    ``patient_distances`` has one value per patient (:func:`per_patient`); two folds, each calibrating the other.
+    ``patient_distances`` has one row per patient (:func:`per_patient`): ``(P,)`` for one view, or ``(P, V)`` for
+    V views, each thresholded at ``quantile / V`` (a patient passes when it passes every view). Two folds, each
+    calibrating the other.
     """
-    if len(patient_distances) < 2:
+    distances = np.asarray(patient_distances, dtype=np.float64)
+    distances = distances[:, None] if distances.ndim == 1 else distances
+    if len(distances) < 2:
         return float("nan")
-    order = np.random.default_rng(seed).permutation(len(patient_distances))
+    order = np.random.default_rng(seed).permutation(len(distances))
     halves = (order[: len(order) // 2], order[len(order) // 2 :])
+    per_view = quantile / distances.shape[1]
     accepted = 0
     for calibrate, test in (halves, halves[::-1]):
-        t = threshold(patient_distances[calibrate], quantile)
-        accepted += int(np.sum(patient_distances[test] >= t))
-    return accepted / len(patient_distances)
+        thresholds = np.array([threshold(distances[calibrate, v], per_view) for v in range(distances.shape[1])])
+        accepted += int(np.sum(np.all(distances[test] >= thresholds, axis=1)))
+    return accepted / len(distances)

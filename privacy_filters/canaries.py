@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from privacy_filters.near_copy import gaussian_blur
+
 CANARY_KINDS = ("exact", "shift", "flip", "noise", "contrast")  # the calibration self-test's quick set
 REFERENCE_SIZE = 32  # pixel-valued strengths are given at this size and scaled with the image
 
@@ -110,15 +112,9 @@ def shift(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.n
 
 
 def blur(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    sigma = _px(images, strength)
-    if sigma <= 0:
-        return images.copy()
-    radius = max(1, int(3 * sigma + 0.5))
-    taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
-    taps = torch.from_numpy((taps / taps.sum()).astype(np.float32))
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), taps.view(1, 1, -1, 1)).numpy()
+    return gaussian_blur(
+        torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), _px(images, strength)
+    ).numpy()
 
 
 def gamma(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from generators.errors import InvalidInput
-from privacy_filters.near_copy import canonicalise
+from privacy_filters.near_copy import canonicalise, gaussian_blur
 
 
 def _zscore(x: torch.Tensor) -> torch.Tensor:  # (N, 1, H, W)
@@ -51,15 +51,6 @@ def centre_of_mass_align(x: torch.Tensor) -> torch.Tensor:
     theta[:, 1, 2] = (cy - (h - 1) / 2) * 2.0 / h
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with edge replication."""
-    radius = max(1, int(3 * sigma + 0.5))
-    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=x.dtype) ** 2) / (2 * sigma**2))
-    taps = taps / taps.sum()
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), taps.view(1, 1, -1, 1))
 
 
 @dataclass(frozen=True)

@@ -7,14 +7,21 @@ f.save(path); f = MemorizationFilter.load(path)
 decisions = f.check(images)  # list[FilterDecision(accepted, score, reason)]
 ```
 
-With the default ``near-copy`` embedding the distance of an image is a near-copy distance
-(:mod:`privacy_filters.near_copy`): the index proposes the ``k`` nearest training slices of the image and of
-its mirror image in a pooled canonical embedding, and each is re-ranked by the trimmed residual after
-searching small rotations and zooms; the distance is the smallest. With ``aligned-pyramid`` or ``pixels`` it
-is the plain embedding distance to the nearest training slice (image or mirror). ``score = distance /
-threshold`` is internal; the neighbour's identity never leaves this object except through
-:meth:`nearest_training_indices`, which exists for internal audits only and must never be exposed to an API
-caller.
+Closeness is measured in one or more *views* (default: two), each an embedding with its own index:
+
+- ``near-copy``: the index proposes the ``k`` nearest training slices of the image and of its mirror image
+  in a pooled canonical embedding; each is re-ranked by the near-copy distance of
+  :mod:`privacy_filters.near_copy` (after searching small rotations and zooms, robust to a few changed
+  pixels). It catches rotated, zoomed, cropped, re-contrasted, blurred and noised copies.
+- ``aligned-pyramid``: the plain embedding distance to the nearest training slice (image or mirror). It is
+  the more sensitive to what a memorizing generator actually produces (see BENCHMARKS.md).
+
+Each view's threshold is the ``q / V``-th quantile of held-out patients' nearest-training distances in that
+view, so that by the union bound at most ``q`` of unseen patients are rejected; an image is rejected when it
+is that close in *any* view. ``distances()`` returns the smallest ratio ``distance / view threshold`` (the
+filter's threshold on it is 1); scores are internal, and the neighbour's identity never leaves this object
+except through :meth:`nearest_training_indices`, which exists for internal audits only and must never be
+exposed to an API caller.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,6 +45,7 @@ from privacy_filters.near_copy import AlignmentSearch, compared, near_copy_dista
 from privacy_filters.nearest_neighbour import NearestNeighbourIndex
 
 FILTER_FORMAT = 2
+DEFAULT_VIEWS = ("near-copy", "aligned-pyramid")
 SELF_TEST_IMAGES = 256
 SELF_TEST_KINDS = ("exact", "flip", *DOCUMENTED)
 RERANK_K = 8  # candidates per query and per mirror image, re-ranked by the aligned distance
@@ -94,28 +102,110 @@ def validate_images(images: np.ndarray | torch.Tensor, *, what: str, size: int |
     return images
 
 
-class MemorizationFilter:
-    """Nearest-training-image distance filter calibrated on held-out patients (see module docstring)."""
+class View:
+    """One way of measuring closeness to the training set: an embedding, its index, optionally a re-ranker."""
 
     def __init__(
         self,
         embedding: Embedding,
         index: NearestNeighbourIndex,
-        image_size: int,
-        record: dict,
         reranker: Reranker | None = None,
+        threshold: float = float("nan"),
     ) -> None:
-        self._embedding = embedding
-        self._index = index
-        self._reranker = reranker
+        self.embedding, self.index, self.reranker, self.threshold = embedding, index, reranker, threshold
+
+    @property
+    def name(self) -> str:
+        return self.embedding.name
+
+    @classmethod
+    def build(cls, name: str, train: np.ndarray, index: str, progress: Callable[[int], None] | None) -> View:
+        emb = make_embedding(name, train.shape[2])
+        vectors, canonical = _embed_training(emb, train, progress)
+        return cls(
+            emb,
+            NearestNeighbourIndex(emb.dim, index).build(vectors),
+            Reranker(canonical) if canonical is not None else None,
+        )  # type: ignore[arg-type]
+
+    def search(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(distance to the nearest training image, its row id)`` in this view (image or mirror image)."""
+        if self.reranker is not None:
+            return self._near_copy_search(images)
+        direct, direct_ids = self.index.search(embed(self.embedding, images))
+        mirror, mirror_ids = self.index.search(embed(self.embedding, images, mirror=True))
+        use_mirror = mirror < direct
+        return np.where(use_mirror, mirror, direct), np.where(use_mirror, mirror_ids, direct_ids)
+
+    @torch.no_grad()
+    def _near_copy_search(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Candidates from the index (image and mirror image), re-ranked by the aligned near-copy distance."""
+        assert isinstance(self.embedding, NearCopy) and self.reranker is not None
+        k = self.reranker.k
+        distances, ids = np.empty(len(images)), np.empty(len(images), dtype=np.int64)
+        for start in range(0, len(images), QUERY_CHUNK):
+            chunk = torch.from_numpy(np.array(images[start : start + QUERY_CHUNK], dtype=np.float32))
+            canonical = self.embedding.canonical(chunk)  # (Q, 1, g, g)
+            _, direct = self.index.search(self.embedding.pooled(canonical).numpy(), k=k)
+            _, mirror = self.index.search(self.embedding.pooled(torch.flip(canonical, dims=(3,))).numpy(), k=k)
+            candidates = np.concatenate([direct.reshape(len(chunk), -1), mirror.reshape(len(chunk), -1)], axis=1)
+            d, best = self.reranker.distances(canonical, candidates)
+            distances[start : start + len(chunk)], ids[start : start + len(chunk)] = d, best
+        return distances, ids
+
+    def describe(self, files: str) -> dict:
+        """This view's entry in ``filter.json`` (its files are named ``<files>.faiss`` / ``.npy``)."""
+        entry = {
+            "embedding": self.name,
+            "threshold": self.threshold,
+            "index": self.index.kind,
+            "index_file": f"{files}.npy" if self.index.kind == "numpy" else f"{files}.faiss",
+            "nprobe": self.index.nprobe,
+            "ef_search": self.index.ef_search,
+        }
+        if self.reranker is not None:
+            entry["rerank"] = {
+                "k": self.reranker.k,
+                "file": f"{files}-{CANONICAL_FILE}",
+                **asdict(self.reranker.search),
+            }
+        return entry
+
+    def save(self, root: Path, entry: dict) -> None:
+        self.index.save(root / entry["index_file"])
+        if self.reranker is not None:
+            np.save(root / entry["rerank"]["file"], self.reranker.canonical, allow_pickle=False)
+
+    @classmethod
+    def load(cls, root: Path, entry: dict, image_size: int) -> View:
+        emb = make_embedding(entry["embedding"], image_size)
+        index = NearestNeighbourIndex.load(
+            root / entry["index_file"],
+            dim=emb.dim,
+            kind=entry["index"],
+            nprobe=entry["nprobe"],
+            ef_search=entry["ef_search"],
+        )
+        reranker = None
+        if "rerank" in entry:
+            rerank = {k: v for k, v in entry["rerank"].items() if k not in ("k", "file")}
+            search = AlignmentSearch(**{name: tuple(v) if isinstance(v, list) else v for name, v in rerank.items()})
+            canonical = np.load(root / entry["rerank"]["file"], mmap_mode="r", allow_pickle=False)
+            reranker = Reranker(canonical, search, int(entry["rerank"]["k"]))
+        return cls(emb, index, reranker, float(entry["threshold"]))
+
+
+class MemorizationFilter:
+    """Nearest-training-image filter over one or more views, calibrated on held-out patients (module docstring)."""
+
+    def __init__(self, views: list[View], image_size: int, record: dict) -> None:
+        self._views = views
         self.image_size = image_size
-        self.record = record  # calibration record: q, threshold, rates, statement
+        self.record = record  # calibration record: q, threshold (1 on normalised distances), rates, statement
 
     def __repr__(self) -> str:
-        return (
-            f"MemorizationFilter(embedding={self._embedding.name}, index={self._index.kind}, "
-            f"n_train={len(self._index)}, q={self.quantile})"
-        )
+        names = "+".join(view.name for view in self._views)
+        return f"MemorizationFilter(views={names}, n_train={len(self._views[0].index)}, q={self.quantile})"
 
     @property
     def threshold(self) -> float:
@@ -134,56 +224,58 @@ class MemorizationFilter:
         quantile: float = 0.05,
         *,
         holdout_groups: np.ndarray | None = None,
-        embedding: str = "near-copy",
+        embedding: str | Sequence[str] = DEFAULT_VIEWS,
         index: str = "flat",
         self_test: bool = True,
         seed: int = 0,
         min_holdout_patients: int = calibration.MIN_HOLDOUT_PATIENTS,
         progress: Callable[[int], None] | None = None,
     ) -> MemorizationFilter:
-        """Index ``train_images`` and calibrate the threshold on ``holdout_images``.
+        """Index ``train_images`` in every view and calibrate the views' thresholds on ``holdout_images``.
 
         Args:
-            holdout_groups: patient key per held-out image; the threshold is a quantile over patients
+            embedding: one view name or several (``"near-copy,aligned-pyramid"`` or a sequence).
+            holdout_groups: patient key per held-out image; thresholds are quantiles over patients
                 (defaults to one group per image).
             min_holdout_patients: refuse to calibrate on fewer held-out patients (tests of the filter's
                 mechanics on synthetic arrays may lower it; real calibration never does).
-            self_test: plant canaries (near-copies of training images) and record how many are rejected.
+            self_test: plant near-copies of training images and record how many are rejected.
         """
         train = validate_images(train_images, what="training images")
         holdout = validate_images(holdout_images, what="held-out images", size=train.shape[2])
         if not 0.0 < quantile < 0.5:
             raise InvalidInput(f"quantile must be in (0, 0.5), got {quantile}")
-        size = train.shape[2]
-        emb = make_embedding(embedding, size)
-        vectors, canonical = _embed_training(emb, train, progress)
-        nn_index = NearestNeighbourIndex(emb.dim, index).build(vectors)  # type: ignore[arg-type]
-        del vectors
-        record: dict = {"quantile": quantile, "threshold": float("nan")}
-        reranker = Reranker(canonical) if canonical is not None else None
-        if reranker is not None:
-            record["rerank"] = {"k": reranker.k, **asdict(reranker.search)}
-        filt = cls(emb, nn_index, size, record, reranker)
-
+        names = [n.strip() for n in embedding.split(",")] if isinstance(embedding, str) else list(embedding)
+        if not names or len(set(names)) != len(names):
+            raise InvalidInput(f"give one or more distinct embeddings, got {names}")
         groups = np.arange(len(holdout)) if holdout_groups is None else np.asarray(holdout_groups)
         if len(groups) != len(holdout):
             raise InvalidInput("holdout_groups must have one entry per held-out image")
-        patient_distances = calibration.per_patient(filt.distances(holdout), groups)
+        views = [View.build(name, train, index, progress) for name in names]
+
+        # calibrate: per view, each held-out patient's smallest distance; thresholds at q / V (union bound)
+        patient_distances = np.stack(
+            [calibration.per_patient(view.search(holdout)[0], groups) for view in views], axis=1
+        )  # (P, V)
         calibration.require_patients(len(patient_distances), minimum=min_holdout_patients)
-        record.update(
-            format=FILTER_FORMAT,
-            embedding=emb.name,
-            index=nn_index.kind,
-            image_size=size,
-            n_train=len(train),
-            n_holdout=len(holdout),
-            n_holdout_patients=len(patient_distances),
-            threshold=calibration.threshold(patient_distances, quantile),
-            holdout_acceptance_rate=calibration.cross_validated_acceptance(patient_distances, quantile),
-            holdout_acceptance_method="share of held-out patients accepted, 2-fold by patient: calibrate on half "
-            "the held-out patients, test on the rest",
-            statement=calibration.STATEMENT.format(q=quantile),
-        )
+        for view, column in zip(views, patient_distances.T, strict=True):
+            view.threshold = calibration.threshold(column, quantile / len(views))
+        record = {
+            "format": FILTER_FORMAT,
+            "quantile": quantile,
+            "threshold": 1.0,
+            "embedding": "+".join(names),
+            "views": [view.describe(f"view{i}") for i, view in enumerate(views)],
+            "image_size": train.shape[2],
+            "n_train": len(train),
+            "n_holdout": len(holdout),
+            "n_holdout_patients": len(patient_distances),
+            "holdout_acceptance_rate": calibration.cross_validated_acceptance(patient_distances, quantile),
+            "holdout_acceptance_method": "share of held-out patients accepted, 2-fold by patient: calibrate on "
+            "half the held-out patients, test on the rest",
+            "statement": calibration.STATEMENT.format(q=quantile),
+        }
+        filt = cls(views, train.shape[2], record)
         if self_test:
             record.update(filt.self_test(train, seed=seed))
         return filt
@@ -210,33 +302,17 @@ class MemorizationFilter:
 
     # --------------------------------------------------------------------------------------- query
     def distances(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Distance to the nearest training image, minimised over the image and its mirror image."""
+        """Normalised distance to the training set: the smallest ``distance / threshold`` over the views."""
         return self._search(images)[0]
 
     def _search(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         images = validate_images(images, what="images", size=self.image_size)
-        if self._reranker is not None:
-            return self._near_copy_search(images)
-        direct, direct_ids = self._index.search(embed(self._embedding, images))
-        mirror, mirror_ids = self._index.search(embed(self._embedding, images, mirror=True))
-        use_mirror = mirror < direct
-        return np.where(use_mirror, mirror, direct), np.where(use_mirror, mirror_ids, direct_ids)
-
-    @torch.no_grad()
-    def _near_copy_search(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates from the index (image and mirror image), re-ranked by the aligned near-copy distance."""
-        assert isinstance(self._embedding, NearCopy) and self._reranker is not None
-        k = self._reranker.k
-        distances, ids = np.empty(len(images)), np.empty(len(images), dtype=np.int64)
-        for start in range(0, len(images), QUERY_CHUNK):
-            chunk = torch.from_numpy(np.array(images[start : start + QUERY_CHUNK], dtype=np.float32))
-            canonical = self._embedding.canonical(chunk)  # (Q, 1, g, g)
-            _, direct = self._index.search(self._embedding.pooled(canonical).numpy(), k=k)
-            _, mirror = self._index.search(self._embedding.pooled(torch.flip(canonical, dims=(3,))).numpy(), k=k)
-            candidates = np.concatenate([direct.reshape(len(chunk), -1), mirror.reshape(len(chunk), -1)], axis=1)
-            d, best = self._reranker.distances(canonical, candidates)
-            distances[start : start + len(chunk)], ids[start : start + len(chunk)] = d, best
-        return distances, ids
+        ratios, ids = zip(
+            *((d / view.threshold, i) for view in self._views for d, i in [view.search(images)]), strict=True
+        )
+        closest = np.argmin(np.stack(ratios), axis=0)
+        pick = np.arange(len(images))
+        return np.stack(ratios)[closest, pick], np.stack(ids)[closest, pick]
 
     def check(self, images: np.ndarray | torch.Tensor) -> list[FilterDecision]:
         """Accept or reject each image; scores are ratios to the threshold (≥ 1 accepted)."""
@@ -256,23 +332,16 @@ class MemorizationFilter:
 
     # ------------------------------------------------------------------------------------- persist
     def save(self, path: str | Path) -> None:
-        """Write ``filter.json`` + the index into directory ``path`` atomically (temp dir + rename)."""
+        """Write ``filter.json`` + every view's index into directory ``path`` atomically (temp dir + rename)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
         try:
             os.chmod(tmp, 0o700)
-            index_file = "index.npy" if self._index.kind == "numpy" else "index.faiss"
-            self._index.save(tmp / index_file)
-            if self._reranker is not None:
-                np.save(tmp / CANONICAL_FILE, self._reranker.canonical, allow_pickle=False)
-            meta = {
-                **self.record,
-                "index_file": index_file,
-                "nprobe": self._index.nprobe,
-                "ef_search": self._index.ef_search,
-            }
-            (tmp / "filter.json").write_text(json.dumps(meta, indent=2))
+            entries = [view.describe(f"view{i}") for i, view in enumerate(self._views)]
+            for view, entry in zip(self._views, entries, strict=True):
+                view.save(tmp, entry)
+            (tmp / "filter.json").write_text(json.dumps({**self.record, "views": entries}, indent=2))
             (tmp / "PRIVATE").write_text("Training-derived nearest-neighbour index. Never serve or share.\n")
             for file in tmp.iterdir():
                 os.chmod(file, 0o600)
@@ -297,27 +366,12 @@ class MemorizationFilter:
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"{meta_path} is corrupt: {exc}") from None
-        if meta.get("format") != FILTER_FORMAT:
+        if meta.get("format") != FILTER_FORMAT or "views" not in meta:
             raise InvalidInput(
                 f"unsupported filter format {meta.get('format')!r}; re-run `synthcohort calibrate STORE MODEL_DIR`"
             )
-        emb = make_embedding(meta["embedding"], int(meta["image_size"]))
-        index = NearestNeighbourIndex.load(
-            path / meta["index_file"],
-            dim=emb.dim,
-            kind=meta["index"],
-            nprobe=meta["nprobe"],
-            ef_search=meta["ef_search"],
-        )
-        record = {k: v for k, v in meta.items() if k not in ("index_file", "nprobe", "ef_search")}
-        reranker = None
-        if "rerank" in meta:
-            rerank = dict(meta["rerank"])
-            k = int(rerank.pop("k"))
-            search = AlignmentSearch(**{name: tuple(v) if isinstance(v, list) else v for name, v in rerank.items()})
-            canonical = np.load(path / CANONICAL_FILE, mmap_mode="r", allow_pickle=False)
-            reranker = Reranker(canonical, search, k)
-        return cls(emb, index, int(meta["image_size"]), record, reranker)
+        size = int(meta["image_size"])
+        return cls([View.load(path, entry, size) for entry in meta["views"]], size, meta)
 
 
 def _embed_training(

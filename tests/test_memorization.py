@@ -86,7 +86,7 @@ def test_scores_and_decisions(fitted, split_holdout) -> None:
 def test_save_load_round_trip(fitted, split_holdout, tmp_path: Path) -> None:
     _, _, unseen = split_holdout
     fitted.save(tmp_path / "filter")
-    assert (tmp_path / "filter" / "PRIVATE").is_file() and (tmp_path / "filter" / "canonical.npy").is_file()
+    assert (tmp_path / "filter" / "PRIVATE").is_file() and (tmp_path / "filter" / "view0-canonical.npy").is_file()
     loaded = MemorizationFilter.load(tmp_path / "filter")
     assert [d.score for d in loaded.check(unseen[:20])] == [d.score for d in fitted.check(unseen[:20])]
     assert loaded.record["threshold"] == fitted.record["threshold"]
@@ -184,7 +184,9 @@ def test_calibrate_cli_writes_private_record(canary_store, tmp_path: Path) -> No
         assert key in record
     assert record["store_id"] == canary_store.store.store_id
     assert (model_dir / "private" / "seed.key").stat().st_mode & 0o777 == 0o600
-    assert (model_dir / "private" / "filter" / "index.faiss").is_file()
+    assert {"view0.faiss", "view1.faiss", "view0-canonical.npy"} <= {
+        p.name for p in (model_dir / "private" / "filter").iterdir()
+    }
 
     (model_dir / "model_card.json").write_text(json.dumps({"store_id": "0" * 32}))
     mismatch = subprocess.run(

@@ -56,6 +56,7 @@ from generators.bundle import (
     DiffusionModel,
     resolve_device,
     save_grid,
+    write_json_atomic,
 )
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
 from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarning
@@ -183,14 +184,6 @@ def _save_atomic(obj: object, path: Path) -> None:
     os.close(fd)
     os.chmod(tmp, 0o600)
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_private_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.chmod(tmp, 0o600)
     os.replace(tmp, path)
 
 
@@ -638,7 +631,7 @@ def _write_bundle(run: _Run, state: _State) -> dict:
     history = _history(run, state) if run.plan is not None else []
     epsilon = epsilon_of(history, delta=run.plan.delta, accountant=run.config.accountant) if run.plan else math.inf
     card = _public_card(run, state, history, epsilon)
-    _write_private_json(run.out / "private" / TRAINING_RECORD, _private_record(run, state))
+    write_json_atomic(run.out / "private" / TRAINING_RECORD, _private_record(run, state))  # 0600 (mkstemp)
     if run.plan is not None:
         run.store.ledger().record(
             state.run_id,
