@@ -62,10 +62,6 @@ def scores(distances: np.ndarray, threshold_value: float) -> np.ndarray:
     return np.asarray(distances, dtype=np.float64) / threshold_value
 
 
-def acceptance_rate(distances: np.ndarray, threshold_value: float) -> float:
-    return float(np.mean(scores(distances, threshold_value) >= 1.0)) if len(distances) else float("nan")
-
-
 def cross_validated_acceptance(patient_distances: np.ndarray, quantile: float, *, seed: int = 0) -> float:
     """Share of held-out *patients* accepted, out of sample: calibrate on half of them, test on the rest.
 

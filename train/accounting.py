@@ -191,8 +191,3 @@ def plan_privacy(
         noise_multiplier=sigma,
         prior=tuple(prior),
     )
-
-
-def epsilon_spent(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
-    """ε after ``steps`` steps of the sampled Gaussian mechanism alone (0 before the first step)."""
-    return epsilon_of([(noise_multiplier, sample_rate, steps)], delta=delta, accountant=accountant)
