@@ -629,10 +629,11 @@ def _print_store(store) -> None:
         f"  privacy unit: {store.privacy_unit}; published size: ≈{store.patients_estimate} training "
         f"{store.privacy_unit}s (DP count, noise σ = {store.meta['patients_estimate']['noise_std']:g})"
     )
-    budget = store.ledger().budget()
+    ledger = store.ledger()
+    budget = ledger.budget()
     typer.echo(
         f"  privacy budget: spent ε = {budget.spent:.2f} of {budget.epsilon:g} at δ = {budget.delta:g}, remaining "
-        f"{budget.remaining:.2f} ({budget.accountant} composition of {len(store.ledger().counted())} releases)"
+        f"{budget.remaining:.2f} ({budget.accountant} composition of {len(ledger.counted())} releases)"
     )
     typer.echo(f"  store id {store.store_id}  labels {store.label_names}")
 
@@ -643,6 +644,8 @@ def main() -> None:
         app()
     except SynthCohortError as error:
         _echo_err(f"error: {error}")
+        if getattr(error, "detail", ""):  # the operator's terminal may see what researchers may not
+            _echo_err(f"  detail: {error.detail}")
         sys.exit(exit_code_for(error))
     except KeyboardInterrupt:
         _echo_err("interrupted")

@@ -8,12 +8,12 @@ promises to reject (≥ 99 %). All functions take and return ``[N, 1, H, W]`` fl
 ...) are drawn at random per image.
 
 Strength units: ``rotate`` degrees; ``scale`` relative change (0.1 = ×0.9 or ×1.1); ``crop`` fraction of
-each side cut before resizing back; ``shift`` pixels at 32 px (scaled with the image); ``blur`` Gaussian σ in
-pixels at 32 px; ``gamma`` relative change of the exponent on [0, 1] intensities; ``contrast`` relative
-gain change (plus an offset of the same size); ``noise`` Gaussian σ on [-1, 1]; ``elastic`` peak
-displacement in pixels at 32 px of a smooth random field; ``occlusion`` fraction of the image area covered
-by one background-coloured rectangle; ``combined`` applies rotate, scale, shift, gamma and noise at the given
-fraction of their reference strengths (``COMBINED_PARTS``).
+each axis cut (split at random between its two edges) before resizing back; ``shift`` pixels at 32 px
+(scaled with the image); ``blur`` Gaussian σ in pixels at 32 px; ``gamma`` relative change of the exponent on
+[0, 1] intensities; ``contrast`` relative gain change (plus an offset of the same size); ``noise`` Gaussian σ
+on [-1, 1]; ``elastic`` peak displacement in pixels at 32 px of a smooth random field; ``occlusion`` fraction
+of the image area covered by one background-coloured rectangle; ``combined`` applies rotate, scale, shift,
+gamma and noise at the given fraction of their reference strengths (``COMBINED_PARTS``).
 
 The filter promises ≥ 99 % rejection at :data:`DOCUMENTED` strengths for every kind except those in
 :data:`NOT_COVERED` (reported with their curves, not promised).

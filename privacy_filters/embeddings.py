@@ -1,9 +1,10 @@
 """Image embeddings for the nearest-neighbour memorization filter.
 
-Three options are shipped and compared in BENCHMARKS.md on planted canaries:
+Three options are shipped and compared in BENCHMARKS.md on planted canaries (the filter's default uses the
+first two together, see :mod:`privacy_filters.memorization`):
 
-- ``near-copy`` (default): the canonical image of :mod:`privacy_filters.near_copy` (rank intensities,
-  centred and scaled to a fixed radius of gyration), average-pooled to 16 × 16. It finds candidates; the
+- ``near-copy``: the canonical image of :mod:`privacy_filters.near_copy` (quantile-normalised intensities,
+  centred and zoomed by the mass's 5–95 % extents), average-pooled to 16 × 16. It finds candidates; the
   filter then re-ranks them with an aligned distance that also undoes small rotations and zooms.
 - ``aligned-pyramid``: shift the foreground's centre of mass to the image centre (sub-pixel,
   bilinear), z-score the intensities, blur lightly (Gaussian, σ = 0.5 px) and average-pool to a 16 × 16
@@ -12,7 +13,7 @@ Three options are shipped and compared in BENCHMARKS.md on planted canaries:
   queries both an image and its mirror image.
 - ``pixels``: z-scored raw pixels. Catches exact and noisy copies but not shifted ones.
 
-Neither needs training, so neither can leak anything beyond the index itself; both are deterministic.
+None needs training, so none can leak anything beyond the index itself; all are deterministic.
 All take ``[N, 1, H, W]`` float32 images in [-1, 1] and return ``[N, D]`` float32 embeddings whose
 Euclidean distances are comparable across images of the same size.
 """

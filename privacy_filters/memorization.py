@@ -57,7 +57,7 @@ class Reranker:
     """The training slices' canonical images and the alignment search that re-ranks the index's candidates."""
 
     def __init__(self, canonical: np.ndarray, search: AlignmentSearch = AlignmentSearch(), k: int = RERANK_K) -> None:
-        self.canonical = canonical  # (N, P) float32
+        self.canonical = canonical  # (N, P) float32 comparison vectors (near_copy.compared) of the training slices
         self.search = search
         self.k = k
 
@@ -307,12 +307,11 @@ class MemorizationFilter:
 
     def _search(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         images = validate_images(images, what="images", size=self.image_size)
-        ratios, ids = zip(
-            *((d / view.threshold, i) for view in self._views for d, i in [view.search(images)]), strict=True
-        )
-        closest = np.argmin(np.stack(ratios), axis=0)
-        pick = np.arange(len(images))
-        return np.stack(ratios)[closest, pick], np.stack(ids)[closest, pick]
+        found = [view.search(images) for view in self._views]
+        ratios = np.stack([d / view.threshold for view, (d, _) in zip(self._views, found, strict=True)])  # (V, N)
+        ids = np.stack([i for _, i in found])
+        closest, pick = ratios.argmin(axis=0), np.arange(len(images))  # the view in which each image is closest
+        return ratios[closest, pick], ids[closest, pick]
 
     def check(self, images: np.ndarray | torch.Tensor) -> list[FilterDecision]:
         """Accept or reject each image; scores are ratios to the threshold (≥ 1 accepted)."""
