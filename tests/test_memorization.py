@@ -53,9 +53,10 @@ def test_without_alignment_rotated_and_zoomed_copies_pass(split_holdout) -> None
     zooms of a few percent that the near-copy filter rejects."""
     train, calib, _ = split_holdout
     old = MemorizationFilter.build(train, calib, embedding="aligned-pyramid", self_test=False)
-    sources = train[np.random.default_rng(4).choice(len(train), size=100, replace=False)]
+    # every training slice (the store's row order follows keyed pseudonyms, so a random subset would differ
+    # between runs)
     for kind in ("rotate", "scale"):
-        assert np.mean([not d.accepted for d in old.check(make_canaries(sources, kind, seed=2))]) < 0.8, kind
+        assert np.mean([not d.accepted for d in old.check(make_canaries(train, kind, seed=2))]) < 0.8, kind
 
 
 def test_the_pixel_baseline_misses_shifted_copies(split_holdout) -> None:
