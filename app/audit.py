@@ -544,12 +544,28 @@ def _neighbours(real: RealData, raw: Synthetic, raw_scores: np.ndarray, filt: Me
 
 
 # -------------------------------------------------------------------------------------------- output
+# The training choices that decide utility, copied from the card so a report says which recipe it measured.
+RECIPE_KEYS = (
+    "trainable",
+    "label_init",
+    "slices_per_patient",
+    "noise_multiplicity",
+    "learning_rate",
+    "epochs",
+    "batch_size",
+    "public_prior",
+    "public_pretrain_steps",
+    "prediction",
+)
+
+
 def _model_summary(model_dir: Path, card: dict) -> dict:
     keys = ("dp", "epsilon", "delta", "target_epsilon", "accountant", "noise_multiplier", "sample_rate", "steps")
     return {
         "dir_name": model_dir.name,
         "training_inputs_digest": card.get("training_inputs_digest"),
         "preset": (card.get("preset") or {}).get("name"),
+        "recipe": {k: (card.get("preset") or {}).get(k) for k in RECIPE_KEYS},
         "image_size": card.get("image_size"),
         "labels": list(card.get("labels", {})),
         **{k: card.get(k) for k in keys},

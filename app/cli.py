@@ -243,11 +243,24 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Model bundle directory.")],
     epsilon: Annotated[float | None, typer.Option(help="Target ε (patient-level). Required unless --no-dp.")] = None,
     delta: Annotated[float | None, typer.Option(help="δ; default: well below 1/N_patients (≤ 1e-5).")] = None,
-    preset: Annotated[str, typer.Option(help="cpu-small, cpu-medium or gpu.")] = "cpu-small",
+    preset: Annotated[str, typer.Option(help="cpu-small, cpu-quality, cpu-medium or gpu.")] = "cpu-small",
     epochs: Annotated[float | None, typer.Option(min=0.01, help="Override the preset's epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Expected patients per step (logical batch).")] = None,
     physical_batch_size: Annotated[int | None, typer.Option(min=1, help="Patients per forward pass.")] = None,
-    noise_multiplicity: Annotated[int | None, typer.Option(min=1, max=64, help="K draws per patient.")] = None,
+    noise_multiplicity: Annotated[int | None, typer.Option(min=1, max=64, help="K draws per slice.")] = None,
+    slices_per_patient: Annotated[
+        int | None, typer.Option(min=1, max=64, help="m slices per sampled patient, averaged before clipping.")
+    ] = None,
+    trainable: Annotated[
+        str | None, typer.Option(help="Parameters DP-SGD trains after the prior: all, conditioning or embeddings.")
+    ] = None,
+    learning_rate: Annotated[float | None, typer.Option(min=0.0, help="Override the preset's learning rate.")] = None,
+    public_pretrain_steps: Annotated[
+        int | None, typer.Option(min=0, help="Steps of non-private pretraining on the public prior.")
+    ] = None,
+    prior_cache: Annotated[
+        Path | None, typer.Option(help="Directory to reuse public-prior weights from (public data only).")
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after S steps (spends less ε).")] = None,
     accountant: Annotated[str, typer.Option(help="prv or rdp.")] = "prv",
     public_prior: Annotated[
@@ -290,6 +303,10 @@ def train(
         batch_size=batch_size,
         physical_batch_size=physical_batch_size,
         noise_multiplicity=noise_multiplicity,
+        slices_per_patient=slices_per_patient,
+        trainable=trainable,
+        learning_rate=learning_rate,
+        public_pretrain_steps=public_pretrain_steps,
         public_prior=public_prior,
         prediction=prediction,
     )
@@ -307,6 +324,7 @@ def train(
         resume=resume,
         force=force,
         allow_over_budget=allow_over_budget,
+        prior_cache=prior_cache,
     )
     bar = _progress(None, "train", "step")
 

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_dp_step.py --preset cpu-small --batch 128 --repeats 5
 
-For one physical batch of B patients (K = 1): a non-private step (mean loss, one backward, Adam) against
-the DP step we ship (torch.func per-patient gradients + Opacus DPOptimizer clip/noise/Adam), and Opacus'
+For one physical batch of B patients (m slices each, K = 1): a non-private step of the same recipe (same
+trainable parameter set; mean loss, one backward, Adam) against the DP step we ship (torch.func per-patient
+gradients + Opacus DPOptimizer clip/noise/Adam), and, when every parameter is trained, Opacus'
 own GradSampleModule in hooks and functorch modes. It also checks each mode's per-sample gradient norms
 against brute force, with and without making conv inputs contiguous (the channels-last trap).
 """
@@ -24,6 +25,7 @@ from generators.diffusion import denoising_loss, noise_schedule, training_schedu
 from generators.unet import build_unet, use_plain_attention
 from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
 from train.presets import get_preset
+from train.trainable import count_parameters, freeze_except
 
 warnings.filterwarnings("ignore")
 
@@ -50,22 +52,25 @@ def main() -> None:
     parser.add_argument("--preset", default="cpu-small")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--trainable", default=None, help="trainable parameter set (default: the preset's)")
+    parser.add_argument("--slices", type=int, default=None, help="m slices per patient (default: the preset's)")
     args = parser.parse_args()
-    preset = get_preset(args.preset)
-    size, b = preset.image_size, args.batch
+    preset = get_preset(args.preset, trainable=args.trainable, slices_per_patient=args.slices)
+    size, b, m = preset.image_size, args.batch, preset.slices_per_patient
     torch.manual_seed(0)
     alphas = noise_schedule(training_scheduler(preset.prediction))
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand(b, 1, 1, size, size, generator=gen) * 2 - 1
-    labels = torch.randint(0, 3, (b, 1), generator=gen)
-    timesteps = torch.randint(0, 1000, (b, 1), generator=gen)
-    noise = torch.randn(b, 1, 1, size, size, generator=gen)
-    flat = (images[:, 0], labels[:, 0], timesteps[:, 0], noise[:, 0])
+    images = torch.rand(b, m, 1, size, size, generator=gen) * 2 - 1
+    labels = torch.randint(0, 3, (b, m), generator=gen)
+    timesteps = torch.randint(0, 1000, (b, m), generator=gen)
+    noise = torch.randn(b, m, 1, size, size, generator=gen)
+    flat = (images.flatten(0, 1), labels.flatten(), timesteps.flatten(), noise.flatten(0, 1))
 
     model = build_unet(image_size=size, n_classes=2, size=preset.unet)
     use_plain_attention(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    adam = torch.optim.Adam(model.parameters(), lr=1e-3)
+    trainable = freeze_except(model, preset.trainable)
+    n_trained, n_params = count_parameters(model)
+    adam = torch.optim.Adam(trainable.values(), lr=1e-3)
 
     def non_private() -> None:
         adam.zero_grad()
@@ -73,10 +78,10 @@ def main() -> None:
         adam.step()
 
     dp_opt = DPOptimizer(
-        torch.optim.Adam(model.parameters(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=b
+        torch.optim.Adam(trainable.values(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=b
     )
     grad_fn = make_per_patient_grad_fn(model, alphas, preset.prediction)
-    params = dict(model.named_parameters())
+    params = trainable
 
     def dp_step() -> None:
         grads, _ = grad_fn({n: p.detach() for n, p in params.items()}, images, labels, timesteps, noise)
@@ -89,7 +94,8 @@ def main() -> None:
     ours = best_of(dp_step, args.repeats)
     print(
         f"machine: {platform.machine()}, torch threads {torch.get_num_threads()}; date {date.today()}; "
-        f"preset {preset.name}: {size} px, {n_params / 1e6:.2f} M parameters, batch {b} patients, K = 1\n"
+        f"preset {preset.name}: {size} px, {n_trained / 1e6:.3f} of {n_params / 1e6:.2f} M parameters trained "
+        f"({preset.trainable}), batch {b} patients × m = {m} slices, K = 1\n"
     )
     print("| step | seconds | × non-private | per-sample norms vs brute force (max rel. error) |")
     print("| --- | --- | --- | --- |")
@@ -108,6 +114,8 @@ def main() -> None:
         f"| **shipped: torch.func per-patient grads + Opacus DPOptimizer** | {ours:.3f} | "
         f"{ours / base:.2f} | {err:.1e} |"
     )
+    if preset.trainable != "all" or m != 1:
+        return  # Opacus' own modes are compared for full training with one slice only
 
     for mode, fix in (("hooks", False), ("hooks", True), ("functorch", False)):
         torch.manual_seed(0)

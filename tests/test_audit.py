@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.audit import AuditSettings, run_audit
+from app.audit import RECIPE_KEYS, AuditSettings, run_audit
 from generators.errors import Conflict, InvalidInput
 
 FAST = {"n": 6, "classifier_steps": 15, "classifier_seeds": 2, "mia_timesteps": (50, 200), "ms_ssim_pairs": 10}
@@ -28,7 +28,7 @@ def _is_multiple(value: float, unit: float) -> bool:
     return abs(value / unit - round(value / unit)) < 1e-6
 
 
-def test_report_numbers_have_the_structure_their_definitions_force(audited) -> None:
+def test_report_numbers_have_the_structure_their_definitions_force(audited, tiny_model: Path) -> None:
     """Properties a broken metric would violate (not just "between 0 and 1"): an accuracy is a count of correct
     test slices, an AUC is a Mann–Whitney count over member × non-member pairs, a DCR share counts samples."""
     out, report = audited
@@ -66,6 +66,10 @@ def test_report_numbers_have_the_structure_their_definitions_force(audited) -> N
     assert loss["fpr"][0] == 0.0 and loss["tpr"][-1] == 1.0 and loss["fpr"] == sorted(loss["fpr"])
     bound = p["dp_bound"]
     assert bound["private"] and bound["epsilon"] == pytest.approx(on_disk["model"]["epsilon"])
+    # the report names the recipe that produced the model, as the card recorded it
+    card = json.loads((tiny_model / "model_card.json").read_text())
+    assert on_disk["model"]["recipe"] == {k: card["preset"][k] for k in RECIPE_KEYS}
+    assert on_disk["model"]["recipe"]["trainable"] == card["trainable_parameters"]["set"]
     # the curve over δ can only tighten the ceiling given by the card's single (ε, δ)
     assert bound["tpr_at_low_fpr"] <= bound["tpr_at_low_fpr_card_pair_only"] + 1e-12
     assert 0.5 <= bound["auc"] <= bound["auc_card_pair_only"] + 1e-12

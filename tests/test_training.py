@@ -38,11 +38,13 @@ from train.dp_training import (
     ensure_private_ok,
     make_dp_optimizer,
     read_training_record,
+    start_labels_at_null,
     train_model,
 )
 from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
 from train.presets import PRESETS, get_preset
 from train.store import CohortStore
+from train.trainable import count_parameters, freeze_except, trainable_names
 
 TINY = UNetSize(block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4)
 
@@ -94,6 +96,74 @@ def test_per_patient_gradients_are_exact_on_the_shipped_architecture(prediction:
     ref_norms = torch.stack([g.flatten(1).norm(dim=1) for g in reference.values()], 1).norm(dim=1)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-4, atol=1e-7)
     assert torch.all(ref_norms > 0)
+
+
+@pytest.mark.parametrize("which", ["conditioning", "embeddings"])
+def test_per_patient_gradients_of_a_trainable_subset_are_exact(which: str) -> None:
+    """With part of the UNet frozen and m = 2 slices × K = 2 draws per patient, torch.func gradients of the
+    trainable parameters == one backward pass per patient, and frozen parameters get no gradient at all."""
+    torch.manual_seed(0)
+    model = build_unet(image_size=16, n_classes=2, size=PRESETS["cpu-small"].unet)
+    use_plain_attention(model)
+    trainable = freeze_except(model, which)
+    trained, total = count_parameters(model)
+    assert 0 < trained < total / 4 and set(trainable) == set(trainable_names(model, which))
+    assert "class_embedding.weight" in trainable and "conv_in.weight" not in trainable
+    alphas = noise_schedule(training_scheduler("sample"))
+    images, labels, timesteps, noise = random_draws(3, 4, 16, 2, seed=5)
+    images = torch.cat([images[:, :2], images.flip(0)[:, 2:]], dim=1).contiguous()  # 2 different slices each
+    grads, losses = make_per_patient_grad_fn(model, alphas, "sample")(
+        {n: p.detach() for n, p in trainable.items()}, images, labels, timesteps, noise
+    )
+    reference = brute_force_per_patient_grads(model, alphas, "sample", images, labels, timesteps, noise)
+    assert set(grads) == set(reference) == set(trainable) and losses.shape == (3,)
+    for name, ref in reference.items():
+        torch.testing.assert_close(grads[name], ref, rtol=2e-4, atol=2e-6, msg=name)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_labels_start_at_the_null_class_so_conditional_equals_unconditional() -> None:
+    torch.manual_seed(0)
+    model = build_unet(image_size=16, n_classes=2, size=TINY)
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([10, 500, 900])
+    null = torch.full((3,), 2)
+    differs = model(x, t, class_labels=torch.tensor([0, 1, 0])).sample - model(x, t, class_labels=null).sample
+    assert differs.abs().max() > 1e-3  # random label embeddings: labels change the prediction
+    start_labels_at_null(model, 2)
+    same = model(x, t, class_labels=torch.tensor([0, 1, 0])).sample - model(x, t, class_labels=null).sample
+    assert same.abs().max() == 0
+
+
+def test_frozen_parameters_never_change_and_accounting_is_the_same(demo_store, tmp_path: Path) -> None:
+    """A DP run that trains only the conditioning set leaves every other weight at its public initial value,
+    moves the trainable ones, and spends exactly what full training spends (same q, σ and steps)."""
+    cards, weights = {}, {}
+    for which in ("all", "conditioning"):
+        preset = tiny_preset(public_prior="none", trainable=which, slices_per_patient=2)
+        config = TrainConfig(
+            store=_store_copy(demo_store, tmp_path / which),
+            out=tmp_path / which / "model",
+            preset=preset,
+            epsilon=8.0,
+            max_steps=3,
+            samples_per_label=1,
+        )
+        cards[which] = train_model(config).card
+        weights[which] = load_file(tmp_path / which / "model" / "diffusion_pytorch_model.safetensors")
+    torch.manual_seed(0)  # the public seed: what training started from
+    initial = build_unet(image_size=16, n_classes=2, size=TINY)
+    frozen = set(initial.state_dict()) - set(trainable_names(initial, "conditioning"))
+    start = initial.state_dict()
+    assert frozen and all(torch.equal(weights["conditioning"][n], start[n]) for n in frozen)
+    names = trainable_names(initial, "conditioning")
+    moved = [n for n in names if not torch.equal(weights["conditioning"][n], start[n])]
+    assert len(moved) > len(names) // 2
+    assert any(not torch.equal(weights["all"][n], start[n]) for n in frozen)  # full training moves them
+    a, c = cards["all"], cards["conditioning"]
+    assert a["privacy_history"] == c["privacy_history"] and a["epsilon"] == c["epsilon"]
+    assert (a["sample_rate"], a["noise_multiplier"], a["steps"]) == (c["sample_rate"], c["noise_multiplier"], 3)
+    assert c["trainable_parameters"]["set"] == "conditioning" and c["slices_per_patient"] == 2
+    assert 0 < c["trainable_parameters"]["trained"] < a["trainable_parameters"]["trained"]
 
 
 def test_opacus_clips_each_patient_with_the_exact_norm() -> None:
@@ -250,7 +320,8 @@ def test_dp_noise_has_the_expected_scale_and_an_empty_step_still_moves() -> None
 
 
 def test_one_slice_per_sampled_patient_with_several_scans(demo_store) -> None:
-    """Patients with two scans (NIfTI + DICOM) contribute one slice per step, drawn uniformly over both scans."""
+    """Patients with two scans (NIfTI + DICOM) contribute one slice per step, drawn uniformly over both scans;
+    with m > 1, each pick is m of the patient's own slices."""
     train = demo_store.store.read("train")
     slices = PatientSlices(train.patients, train.labels)
     counts = slices.counts.numpy()
@@ -264,6 +335,9 @@ def test_one_slice_per_sampled_patient_with_several_scans(demo_store) -> None:
     assert all(owner[r] == keys[i] for r, i in zip(rows, ids.tolist(), strict=True))
     picked = np.bincount(rows[:4000], minlength=len(owner))[owner == keys[many]]
     assert len(picked) == 8 and picked.min() > 400  # all 8 slices of both scans, about 500 each
+    several = slices.pick(ids[-50:], torch.Generator().manual_seed(1), 3).numpy()
+    assert several.shape == (50, 3)
+    assert all(owner[r] == keys[i] for row, i in zip(several, ids[-50:].tolist(), strict=True) for r in row)
 
 
 def test_training_writes_a_complete_bundle(demo_store, tmp_path: Path) -> None:

@@ -4,8 +4,9 @@ One step:
 1. Opacus' ``UniformWithReplacementSampler`` Poisson-samples *patients* with rate ``q = B / N̂`` (``N̂`` the
    store's DP patient count); Opacus' ``BatchSplittingSampler`` splits the logical batch into physical
    batches (an empty batch still steps).
-2. Each sampled patient contributes one uniformly chosen slice (over all of the patient's scans), seen under
-   ``K`` (timestep, noise) draws with label dropout (null class) for classifier-free guidance.
+2. Each sampled patient contributes ``m`` uniformly chosen slices (over all of the patient's scans, with
+   replacement), each seen under ``K`` (timestep, noise) draws with label dropout (null class) for
+   classifier-free guidance. Only the preset's trainable parameter set is trained (``train.trainable``).
 3. Exact per-patient gradients (``train.per_patient_grads``) go into ``p.grad_sample``; Opacus'
    ``DPOptimizer`` clips each patient to ``C``, adds ``N(0, σ²C²)`` (``secure_mode``: robust to floating-point
    attacks) and averages over the expected batch; its step hook feeds the accountant.
@@ -37,7 +38,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -68,6 +69,7 @@ from train.presets import Preset
 from train.public_prior import DESCRIPTION as PUBLIC_PRIOR_DESCRIPTION
 from train.public_prior import cosine_lr, pretrain
 from train.store import CohortStore
+from train.trainable import TRAINABLE_SETS, count_parameters, freeze_except
 
 CHECKPOINT = "checkpoint.pt"
 TRAINING_RECORD = "training_record.json"
@@ -80,10 +82,10 @@ PRIVACY_STATEMENT = (
     "Differential privacy with {unit} changes the distribution of the released model by at most (epsilon, "
     "delta), under the add/remove neighbouring relation. The guarantee covers the model and anything generated "
     "from it (sampling is post-processing and spends no budget). Each training step Poisson-sampled units, used "
-    "one slice per sampled unit, clipped each unit's gradient and added Gaussian noise (DP-SGD); the cohort's "
-    "size enters only through a differentially private count, included in epsilon. It does NOT cover the "
-    "memorization filter or which samples were released (the filter reads private data), nor the held-out "
-    "patients who calibrate that filter."
+    "a fixed number of slices per sampled unit, clipped each unit's whole gradient and added Gaussian noise "
+    "(DP-SGD); the cohort's size enters only through a differentially private count, included in epsilon. It "
+    "does NOT cover the memorization filter or which samples were released (the filter reads private data), "
+    "nor the held-out patients who calibrate that filter."
 )
 NOT_PRIVATE_STATEMENT = "NOT PRIVATE: this model was trained without differential privacy."
 RANDOMNESS = {
@@ -118,6 +120,7 @@ class TrainConfig:
     force: bool = False
     allow_over_budget: bool = False
     samples_per_label: int = 16
+    prior_cache: Path | None = None  # directory of public-prior weights to reuse (public inputs only)
     extra: dict = field(default_factory=dict)
 
     def inputs_digest(self, store_id: str) -> str:
@@ -143,7 +146,7 @@ class TrainResult:
 
 
 class PatientSlices:
-    """Which store rows belong to each training patient, and a uniform pick of one slice per patient."""
+    """Which store rows belong to each training patient, and uniform picks of slices per patient."""
 
     def __init__(self, patients: np.ndarray, labels: np.ndarray) -> None:
         keys, inverse = np.unique(patients, return_inverse=True)
@@ -155,10 +158,13 @@ class PatientSlices:
         self.labels = torch.from_numpy(labels[order][np.concatenate([[0], np.cumsum(counts)[:-1]])].astype(np.int64))
         self.n_patients = len(keys)
 
-    def pick(self, patient_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """One uniformly random slice row per patient id (over all of the patient's scans)."""
-        offsets = (torch.rand(len(patient_ids), generator=generator) * self.counts[patient_ids]).long()
-        return self.rows[self.starts[patient_ids] + offsets]
+    def pick(self, patient_ids: torch.Tensor, generator: torch.Generator, m: int = 1) -> torch.Tensor:
+        """``m`` uniformly random slice rows per patient id (over all of the patient's scans, with replacement):
+        shape ``(len(patient_ids),)`` for ``m = 1``, else ``(len(patient_ids), m)``."""
+        ids = patient_ids.view(-1, 1).expand(-1, m)
+        offsets = (torch.rand(ids.shape, generator=generator) * self.counts[ids]).long()
+        rows = self.rows[self.starts[ids] + offsets]
+        return rows[:, 0] if m == 1 else rows
 
 
 def private_generator(device: torch.device | str = "cpu") -> torch.Generator:
@@ -416,31 +422,11 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
     torch.manual_seed(config.seed)
     model = build_unet(image_size=preset.image_size, n_classes=run.n_classes, size=preset.unet).to(device)
     use_plain_attention(model)
-    pretrain_seconds = 0.0
-    if preset.public_prior == "mni152" and preset.public_pretrain_steps > 0 and not config.resume:
-        started = time.perf_counter()
-        pretrain(
-            model,
-            steps=preset.public_pretrain_steps,
-            batch_size=preset.public_batch_size,
-            learning_rate=preset.public_learning_rate,
-            alphas_cumprod=noise_schedule(training_scheduler(preset.prediction)).to(device),  # type: ignore[arg-type]
-            prediction=preset.prediction,  # type: ignore[arg-type]
-            null_label=null_class(run.n_classes),
-            seed=config.seed + 4,
-            device=device,
-            progress=(
-                (
-                    lambda i, loss: progress(
-                        {"phase": "public prior", "step": i, "total": preset.public_pretrain_steps, "loss": loss}
-                    )
-                )
-                if progress
-                else None
-            ),
-        )
-        pretrain_seconds = time.perf_counter() - started
-    base_optimizer = torch.optim.Adam(model.parameters(), lr=preset.learning_rate)
+    pretrain_seconds = _public_prior(run, model, progress)
+    if preset.label_init == "null" and not config.resume:
+        start_labels_at_null(model, null_class(run.n_classes))
+    trainable = freeze_except(model, preset.trainable)  # the prior trained everything; DP-SGD trains this set
+    base_optimizer = torch.optim.Adam(trainable.values(), lr=preset.learning_rate)
     accountant = create_accountant(mechanism=config.accountant) if config.dp else None
     state = _State(
         run_id=uuid.uuid4().hex,
@@ -454,6 +440,66 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
         pretrain_seconds=pretrain_seconds,
     )
     return state
+
+
+def start_labels_at_null(model: torch.nn.Module, null: int) -> None:
+    """Give every label the null class's embedding (public: the prior trained only the null class), so DP
+    training starts from a model whose conditional samples are the prior's and learns only what labels add."""
+    with torch.no_grad():
+        table = model.class_embedding.weight  # type: ignore[union-attr]
+        table.copy_(table[null].expand_as(table))
+
+
+def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], None] | None) -> float:
+    """Pretrain ``model`` on the public prior in place (or load the same prior from the cache); seconds spent."""
+    config, preset, device = run.config, run.config.preset, run.device
+    if preset.public_prior != "mni152" or preset.public_pretrain_steps <= 0 or config.resume:
+        return 0.0
+    started = time.perf_counter()
+    cached = prior_cache_path(config, run.n_classes)
+    if cached is not None and cached.is_file():
+        model.load_state_dict(torch.load(cached, map_location=device, weights_only=True))
+        return time.perf_counter() - started
+
+    def report(i: int, loss: float) -> None:
+        if progress:
+            progress({"phase": "public prior", "step": i, "total": preset.public_pretrain_steps, "loss": loss})
+
+    pretrain(
+        model,
+        steps=preset.public_pretrain_steps,
+        batch_size=preset.public_batch_size,
+        learning_rate=preset.public_learning_rate,
+        alphas_cumprod=noise_schedule(training_scheduler(preset.prediction)).to(device),  # type: ignore[arg-type]
+        prediction=preset.prediction,  # type: ignore[arg-type]
+        null_label=null_class(run.n_classes),
+        seed=config.seed + 4,
+        device=device,
+        progress=report,
+    )
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic(model.state_dict(), cached)
+    return time.perf_counter() - started
+
+
+def prior_cache_path(config: TrainConfig, n_classes: int) -> Path | None:
+    """Where the public prior for these public inputs is cached (``None``: no cache). The key covers every
+    input of ``pretrain`` — architecture, prior schedule, public seed, library versions — and no private data."""
+    if config.prior_cache is None:
+        return None
+    p = config.preset
+    key = {
+        "image_size": p.image_size,
+        "unet": asdict(p.unet),
+        "prediction": p.prediction,
+        "prior": [p.public_prior, p.public_pretrain_steps, p.public_batch_size, p.public_learning_rate],
+        "n_classes": n_classes,
+        "seed": config.seed,
+        "versions": _library_versions(),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(config.prior_cache) / f"prior-{digest}.pt"
 
 
 def make_dp_optimizer(
@@ -513,8 +559,9 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
     optimizer = _make_optimizer(run, state)
     alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)  # type: ignore[arg-type]
     grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction)  # type: ignore[arg-type]
-    params = dict(state.model.named_parameters())
-    null, k, size = null_class(run.n_classes), preset.noise_multiplicity, preset.image_size
+    params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
+    null, size = null_class(run.n_classes), preset.image_size
+    m, k = preset.slices_per_patient, preset.slices_per_patient * preset.noise_multiplicity
     poisson = UniformWithReplacementSampler(
         num_samples=run.slices.n_patients,
         sample_rate=run.sample_rate,
@@ -529,13 +576,14 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
 
     def draws(patient_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:  # all from the private draw generator
         b, gen = len(patient_ids), state.draw_gen
-        rows = run.slices.pick(patient_ids, gen)
-        images = resize_slices(run.train_images[rows.numpy()], size)  # (b, 1, size, size)
+        rows = run.slices.pick(patient_ids, gen, m).reshape(-1)  # (b·m,)
+        images = resize_slices(run.train_images[rows.numpy()], size)  # (b·m, 1, size, size)
         labels = run.slices.labels[patient_ids].view(b, 1).expand(b, k).clone()
         labels[torch.rand(b, k, generator=gen) < preset.label_dropout] = null
         timesteps = torch.randint(0, len(alphas), (b, k), generator=gen)
         noise = torch.randn(b, k, 1, size, size, generator=gen)
-        images = images.view(b, 1, 1, size, size).expand(b, k, 1, size, size)  # (b, K, 1, size, size)
+        # each of a patient's m slices under K draws: (b, m·K, 1, size, size)
+        images = images.view(b, m, 1, 1, size, size).expand(b, m, k // m, 1, size, size).reshape(b, k, 1, size, size)
         return images.to(device), labels.to(device), timesteps.to(device), noise.to(device)
 
     state.model.train()
@@ -679,7 +727,9 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> dic
         "patients_estimate": store.meta["patients_estimate"] if config.dp else None,
         "noise_multiplier": plan.noise_multiplier if plan else 0.0,
         "max_grad_norm": preset.max_grad_norm if config.dp else None,
-        "sampling": f"Poisson sampling of {unit}s at rate q = B / N̂; one uniformly chosen slice per sampled {unit}",
+        "sampling": f"Poisson sampling of {unit}s at rate q = B / N̂; {preset.slices_per_patient} uniformly chosen "
+        f"slice(s) per sampled {unit}, each under {preset.noise_multiplicity} (timestep, noise) draw(s), averaged "
+        f"before the {unit}'s gradient is clipped",
         "sample_rate": plan.sample_rate if plan else None,
         "expected_batch_size": plan.expected_batch_size if plan else preset.batch_size,
         "steps": state.step,
@@ -687,6 +737,8 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> dic
         "stopped_early": state.step < run.planned_steps,
         "epochs": state.step * plan.sample_rate if plan else None,
         "noise_multiplicity": preset.noise_multiplicity,
+        "slices_per_patient": preset.slices_per_patient,
+        "trainable_parameters": _trainable_summary(state.model, preset.trainable),
         "statement": PRIVACY_STATEMENT.format(unit=UNIT_MEANING[unit]) if config.dp else NOT_PRIVATE_STATEMENT,
         "randomness": {"public_seed": config.seed, **RANDOMNESS},
         "preset": preset.as_dict(),
@@ -711,6 +763,11 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> dic
     if not config.dp:
         card["warning"] = "NOT PRIVATE: trained with --no-dp; later stages refuse it unless explicitly allowed."
     return json.loads(json.dumps(card))  # exactly what model_card.json will hold (tuples become lists)
+
+
+def _trainable_summary(model: torch.nn.Module, which: str) -> dict:
+    trained, total = count_parameters(model)
+    return {"set": which, "meaning": TRAINABLE_SETS[which], "trained": trained, "total": total}
 
 
 def _private_record(run: _Run, state: _State) -> dict:

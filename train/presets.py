@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from generators.errors import InvalidInput
 from generators.unet import UNetSize
+from train.trainable import TRAINABLE_SETS
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,9 @@ class Preset:
     noise_multiplicity: int
     ema_decay: float
     label_dropout: float = 0.1
+    trainable: str = "all"  # parameter set DP-SGD trains after the public prior (train.trainable)
+    slices_per_patient: int = 1  # m: slices of each sampled patient averaged before clipping (no ε cost)
+    label_init: str = "random"  # "null": labels start with the null class's (public prior) embedding
     prediction: str = "sample"  # x0-prediction: smooth samples at small training budgets (see BENCHMARKS.md)
     checkpoint_every: int = 50
     public_prior: str = "mni152"  # non-private pretraining on public data ("none" to skip)
@@ -47,6 +51,22 @@ PRESETS = {
         learning_rate=5e-4,
         max_grad_norm=1.0,
         noise_multiplicity=1,
+        ema_decay=0.99,
+        public_pretrain_steps=800,
+    ),
+    # ≤ 45 min on 2 CPU cores: cpu-small with 4 slices of each sampled patient averaged before clipping
+    # (no ε cost; the best recipe of the utility ablation in BENCHMARKS.md).
+    "cpu-quality": Preset(
+        name="cpu-quality",
+        image_size=32,
+        unet=UNetSize(block_out_channels=(16, 32, 32), layers_per_block=1, attention_levels=(False, False, True)),
+        batch_size=512,
+        physical_batch_size=128,
+        epochs=100,
+        learning_rate=5e-4,
+        max_grad_norm=1.0,
+        noise_multiplicity=1,
+        slices_per_patient=4,
         ema_decay=0.99,
         public_pretrain_steps=800,
     ),
@@ -98,6 +118,12 @@ def get_preset(name: str, **overrides: object) -> Preset:
         raise InvalidInput(f"unknown public prior {preset.public_prior!r}; choose 'mni152' or 'none'")
     if preset.noise_multiplicity < 1:
         raise InvalidInput("--noise-multiplicity must be at least 1")
+    if preset.slices_per_patient < 1:
+        raise InvalidInput("--slices-per-patient must be at least 1")
+    if preset.label_init not in ("random", "null"):
+        raise InvalidInput(f"unknown label init {preset.label_init!r}; choose 'random' or 'null'")
+    if preset.trainable not in TRAINABLE_SETS:
+        raise InvalidInput(f"unknown trainable set {preset.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}")
     if preset.batch_size < 1 or preset.physical_batch_size < 1:
         raise InvalidInput("batch sizes must be positive")
     return preset

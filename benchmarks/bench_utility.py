@@ -1,0 +1,153 @@
+"""Utility under DP: train → calibrate → audit for a list of recipes, one table row per recipe.
+
+    .venv/bin/python benchmarks/bench_utility.py --store demo/store --out bench_runs/utility \\
+        --recipe baseline --recipe conditioning --epsilon 8
+
+Every recipe starts from the same store, public seed and public prior (cached under ``--out/priors``, public
+data only) and changes one lever of the preset (``RECIPES``). ``--quick`` replaces the full audit by its
+utility and fidelity stages (fewer samples, no filter, no attacks) to rank recipes; run the winner without it.
+Rows are appended to ``--out/results.jsonl`` and printed as Markdown. Runs on a demo store spend its privacy
+budget many times over (``allow_over_budget``): this is a benchmark, not a release.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from app.audit import FEATURE_EMBEDDING, AuditSettings, Synthetic, _fidelity, _load_real, _utility, run_audit
+from app.calibrate import calibrate
+from generators.bundle import DiffusionModel
+from privacy_filters.embeddings import make_embedding
+from train.dp_training import TrainConfig, read_training_record, train_model
+from train.presets import get_preset
+from train.store import CohortStore
+
+# One lever per row against the baseline (the cpu-small preset as it shipped before this benchmark).
+RECIPES: dict[str, dict] = {
+    "baseline": {"preset": "cpu-small", "label_init": "random"},
+    "conditioning": {"preset": "cpu-small", "label_init": "random", "trainable": "conditioning"},
+    "null-init": {"preset": "cpu-small", "label_init": "null"},
+    "null-init-conditioning": {"preset": "cpu-small", "label_init": "null", "trainable": "conditioning"},
+    "null-init-embeddings": {"preset": "cpu-small", "label_init": "null", "trainable": "embeddings"},
+    "slices4": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 4},
+    "draws4": {"preset": "cpu-small", "label_init": "random", "noise_multiplicity": 4},
+    "null-init-slices4": {"preset": "cpu-small", "label_init": "null", "slices_per_patient": 4},
+    "null-init-draws4": {"preset": "cpu-small", "label_init": "null", "noise_multiplicity": 4},
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--recipe", action="append", required=True, help=f"one of {sorted(RECIPES)} (repeat)")
+    parser.add_argument("--set", action="append", default=[], help="extra preset override KEY=JSON for every recipe")
+    parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--quick", action="store_true", help="utility and fidelity only (ranking runs)")
+    parser.add_argument("--n", type=int, default=500, help="samples per label in the audit")
+    parser.add_argument("--guidance", type=float, default=None, help="sampler guidance for --quick (default: card)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--reuse", action="store_true", help="reuse a trained model in --out/<recipe>/model")
+    return parser.parse_args()
+
+
+def preset_for(recipe: str, extra: list[str]):
+    spec = dict(RECIPES[recipe])
+    name = spec.pop("preset")
+    for item in extra:
+        key, value = item.split("=", 1)
+        spec[key] = json.loads(value)
+    return get_preset(name, **spec)
+
+
+def quick_audit(store: Path, model_dir: Path, n: int, guidance: float | None) -> dict:
+    """TSTR/TRTR and Fréchet ratios on ``n`` unfiltered samples per label (a ranking proxy for the audit)."""
+    model = DiffusionModel.load(model_dir, device="cpu")
+    real = _load_real(CohortStore.open(store), model)
+    names = list(model.label_ids)
+    settings = AuditSettings(n=n, classifier_seeds=2)
+    kwargs = {"guidance": guidance} if guidance is not None else {}
+    labels = [name for name in names for _ in range(n)]
+    generated = model.generate(labels=labels, seed=10_000, **kwargs)
+    synthetic = Synthetic(generated.images.numpy(), np.array([model.label_ids[x] for x in labels]))
+    utility, trtr_model = _utility(real, synthetic, len(names), settings, torch.device("cpu"))
+    embedding = make_embedding(FEATURE_EMBEDDING, model.image_size)
+    fid = _fidelity(real, synthetic, names, trtr_model, embedding, settings)
+    return {"utility": utility, "fidelity": fid, "quick": True}
+
+
+def row(recipe: str, card: dict, record: dict, report: dict, audit_s: float, guidance: float) -> dict:
+    utility, fid = report["utility"], report["fidelity"]
+    out = {
+        "recipe": recipe,
+        "epsilon": card["epsilon"],
+        "trainable": card["trainable_parameters"]["trained"],
+        "m": card["slices_per_patient"],
+        "K": card["noise_multiplicity"],
+        "steps": card["steps"],
+        "guidance": guidance,
+        "tstr": utility["tstr"]["accuracy"],
+        "trtr": utility["trtr"]["accuracy"],
+        "ratio": utility["ratio"]["accuracy"],
+        "fd_filter": fid["frechet"]["filter_embedding"]["ratio"],
+        "fd_classifier": fid["frechet"]["classifier_features"]["ratio"],
+        "ms_ssim": {k: round(v, 3) for k, v in fid["ms_ssim"]["synthetic"].items()},
+        "train_s": record.get("training_wall_time_s"),
+        "prior_s": record.get("public_pretraining_wall_time_s"),
+        "dp_step_s": record["training_wall_time_s"] / max(1, card["steps"]),
+        "audit_s": round(audit_s, 1),
+        "quick": bool(report.get("quick")),
+    }
+    if not report.get("quick"):
+        privacy = report["privacy"]
+        out["mia_loss_auc"] = privacy["membership_inference"]["loss"]["auc"]
+        out["mia_mc_auc"] = privacy["membership_inference"]["monte_carlo"]["filtered"]["auc"]
+        out["filter_catch"] = privacy["filter"]["catch_rate_unfiltered"]
+    return out
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for recipe in args.recipe:
+        preset = replace(preset_for(recipe, args.set), name=recipe)
+        model_dir = args.out / recipe / "model"
+        config = TrainConfig(
+            store=args.store,
+            out=model_dir,
+            preset=preset,
+            epsilon=args.epsilon,
+            prior_cache=args.out / "priors",
+            allow_over_budget=True,
+            force=not args.reuse,
+            samples_per_label=16,
+        )
+        card = train_model(config).card
+        record = read_training_record(model_dir)
+        started = time.perf_counter()
+        if args.quick:
+            report = quick_audit(args.store, model_dir, args.n, args.guidance)
+        else:
+            calibrate(args.store, model_dir)
+            report = run_audit(args.store, model_dir, args.out / recipe / "audit", AuditSettings(n=args.n), force=True)
+        guidance = args.guidance if args.quick and args.guidance is not None else card["sampler"]["guidance"]
+        result = row(recipe, card, record, report, time.perf_counter() - started, guidance)
+        result.update(machine=f"{platform.machine()}, {torch.get_num_threads()} threads", date=date.today().isoformat())
+        with (args.out / "results.jsonl").open("a") as handle:
+            handle.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
