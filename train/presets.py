@@ -39,37 +39,26 @@ class Preset:
         return asdict(self)
 
 
+# ≤ 15 min on 2 CPU cores for the 1 000-patient demo cohort at ε = 8.
+_CPU_SMALL = Preset(
+    name="cpu-small",
+    image_size=32,
+    unet=UNetSize(block_out_channels=(16, 32, 32), layers_per_block=1, attention_levels=(False, False, True)),
+    batch_size=512,
+    physical_batch_size=128,
+    epochs=100,
+    learning_rate=5e-4,
+    max_grad_norm=1.0,
+    noise_multiplicity=1,
+    ema_decay=0.99,
+    public_pretrain_steps=800,
+)
+
 PRESETS = {
-    # ≤ 15 min on 2 CPU cores for the 1 000-patient demo cohort at ε = 8.
-    "cpu-small": Preset(
-        name="cpu-small",
-        image_size=32,
-        unet=UNetSize(block_out_channels=(16, 32, 32), layers_per_block=1, attention_levels=(False, False, True)),
-        batch_size=512,
-        physical_batch_size=128,
-        epochs=100,
-        learning_rate=5e-4,
-        max_grad_norm=1.0,
-        noise_multiplicity=1,
-        ema_decay=0.99,
-        public_pretrain_steps=800,
-    ),
+    "cpu-small": _CPU_SMALL,
     # ≤ 45 min on 2 CPU cores: cpu-small with 4 slices of each sampled patient averaged before clipping
     # (no ε cost; the best recipe of the utility ablation in BENCHMARKS.md).
-    "cpu-quality": Preset(
-        name="cpu-quality",
-        image_size=32,
-        unet=UNetSize(block_out_channels=(16, 32, 32), layers_per_block=1, attention_levels=(False, False, True)),
-        batch_size=512,
-        physical_batch_size=128,
-        epochs=100,
-        learning_rate=5e-4,
-        max_grad_norm=1.0,
-        noise_multiplicity=1,
-        slices_per_patient=4,
-        ema_decay=0.99,
-        public_pretrain_steps=800,
-    ),
+    "cpu-quality": replace(_CPU_SMALL, name="cpu-quality", slices_per_patient=4),
     "cpu-medium": Preset(
         name="cpu-medium",
         image_size=64,
