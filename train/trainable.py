@@ -3,7 +3,8 @@
 The DP noise added to the averaged gradient has norm ≈ σ·C·√d / B for ``d`` trained parameters, while each
 patient's clipped contribution is at most ``C``: training fewer parameters raises the signal-to-noise ratio
 of every step (DP-LDM, Lyu et al.). Frozen parameters need no per-patient gradient, so steps are cheaper too.
-Which set wins is measured in ``benchmarks/bench_utility.py``.
+Which set wins is measured in ``benchmarks/bench_utility.py``: on the demo cohort the subsets did *not* beat
+full training (the frozen prior's body cannot draw lesions it never saw; BENCHMARKS.md), so presets keep "all".
 """
 
 from __future__ import annotations
