@@ -28,13 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 
-from app.calibrate import filter_dir, resize_images
+from app.calibrate import resize_images
 from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, load_seed_key, sample_seed
-from generators.bundle import DiffusionModel, resolve_device
-from generators.diffusion import noise_schedule
+from generators.base import Generator, resolve_device
+from generators.card import ModelCard
 from generators.errors import Conflict, InvalidInput
+from generators.layout import BundleLayout
+from generators.registry import load_generator
 from privacy_filters import MemorizationFilter, fidelity
 from privacy_filters import audit_classifier as clf
 from privacy_filters import membership_inference as mia
@@ -127,14 +128,16 @@ def run_audit(
         raise Conflict(f"{out} already exists; choose a new report directory or pass --force")
     step("loading the model, its filter and the cohort store")
     device = resolve_device(settings.device)
-    model = DiffusionModel.load(model_dir, device=str(device))
+    model = load_generator(model_dir, device=str(device))
+    if model.spatial_dims != 2:
+        raise InvalidInput(f"the audit measures 2-D models so far; this is a {model.spatial_dims}-D {model.kind} model")
     card = model.card
     store = CohortStore.open(store_path)
-    if card.get("store_id") != store.store_id:
+    if card.store_id != store.store_id:
         raise InvalidInput(
             "this store is not the one the model was trained on (store ids differ); audit with the training store"
         )
-    filt = MemorizationFilter.load(filter_dir(model_dir))
+    filt = MemorizationFilter.load(BundleLayout(model_dir).filter_dir)
     real = _load_real(store, model)
     label_names = list(model.label_ids)
     lap("load")
@@ -161,7 +164,7 @@ def run_audit(
 
         # 4. fidelity and diversity
         step("fidelity: Fréchet distances, MS-SSIM, intensity histograms")
-        embedding = make_embedding(FEATURE_EMBEDDING, model.image_size)  # fixed, so numbers stay comparable
+        embedding = make_embedding(FEATURE_EMBEDDING, model.image_shape[-1])  # fixed, so numbers stay comparable
         fid = _fidelity(real, cohort, label_names, trtr_model, embedding, settings)
         lap("fidelity")
 
@@ -193,7 +196,7 @@ def run_audit(
                 "accepted": len(cohort.images),
                 **cohort.extra,
                 "reproduce": f"synthcohort export MODEL_DIR --n {settings.n} --seed {settings.seed}"
-                + (" --allow-not-private" if not card.get("dp") else ""),
+                + (" --allow-not-private" if not card.dp else ""),
             },
             "utility": utility,
             "fidelity": fid,
@@ -242,7 +245,7 @@ def _validate(s: AuditSettings) -> None:
         raise InvalidInput("the Monte-Carlo quantile must be in (0, 1); MS-SSIM pairs and canary sources ≥ 1")
 
 
-def _load_real(store: CohortStore, model: DiffusionModel) -> RealData:
+def _load_real(store: CohortStore, model: Generator) -> RealData:
     names = store.label_names
     unknown = sorted(set(names) - set(model.label_ids))
     if unknown:
@@ -251,7 +254,7 @@ def _load_real(store: CohortStore, model: DiffusionModel) -> RealData:
     train, holdout = store.read("train"), store.read("holdout")
     if len(holdout.images) == 0:
         raise InvalidInput("the store has no held-out patients; the audit needs them as non-members")
-    size = model.image_size
+    size = model.image_shape[-1]
     return RealData(
         train=np.ascontiguousarray(resize_images(train.images, size), dtype=np.float32),
         train_labels=to_model[train.labels],
@@ -305,7 +308,7 @@ def _stand_in(raw: Synthetic, scores: np.ndarray, n_labels: int, finding: str | 
     return Synthetic(images, labels, {"pipeline_stopped": True, "finding": finding, "source": source})
 
 
-def _unfiltered_batch(model: DiffusionModel, key: bytes, label_names: list[str], s: AuditSettings) -> Synthetic:
+def _unfiltered_batch(model: Generator, key: bytes, label_names: list[str], s: AuditSettings) -> Synthetic:
     names = [name for name in label_names for _ in range(s.n)]
     seeds = [sample_seed(key, s.seed, name, i, 0) for name in label_names for i in range(s.n)]
     generated = model.generate(labels=names, seed=0, seeds=seeds)
@@ -472,14 +475,11 @@ def _canaries(real: RealData, filt: MemorizationFilter, s: AuditSettings) -> dic
     }
 
 
-def _loss_attack(model: DiffusionModel, real: RealData, s: AuditSettings) -> dict:
-    prediction = model.scheduler_config.get("prediction_type", "epsilon")
-    alphas = noise_schedule(DDPMScheduler.from_config(model.scheduler_config))
+def _loss_attack(model: Generator, real: RealData, s: AuditSettings) -> dict:
     images = np.concatenate([real.train, real.holdout])
     labels = np.concatenate([real.train_labels, real.holdout_labels])
-    scores = mia.loss_attack_scores(
-        model.unet, images, labels, alphas_cumprod=alphas, prediction=prediction, timesteps=s.mia_timesteps, seed=s.seed
-    )
+    losses = model.membership_losses(images, labels, timesteps=s.mia_timesteps, seed=s.seed)
+    scores = mia.loss_scores(losses)
     member, nonmember = _patient_scores(scores, real)
     return {
         **mia.attack_roc(member, nonmember),
@@ -509,21 +509,21 @@ def _patient_scores(scores: np.ndarray, real: RealData) -> tuple[np.ndarray, np.
     return member, nonmember
 
 
-def _dp_bound(card: dict) -> dict:
-    if not card.get("dp"):
+def _dp_bound(card: ModelCard) -> dict:
+    if not card.dp:
         return {"private": False, "statement": "NOT PRIVATE: no differential-privacy bound limits these attacks"}
-    curve = [(float(card["epsilon"]), float(card["delta"]))]
-    history = [tuple(m) for m in card["privacy_history"]]
+    curve = [(float(card.epsilon), float(card.delta))]  # type: ignore[arg-type]
+    history = [tuple(m) for m in card.privacy_history]
     for delta in PRIVACY_CURVE_DELTAS:
-        eps = epsilon_of(history, delta=delta, accountant=card.get("accountant", "prv"))
+        eps = epsilon_of(history, delta=delta, accountant=card.accountant or "prv")
         if np.isfinite(eps):
             curve.append((eps, delta))
     tpr = mia.dp_tpr_bound(mia.LOW_FPR, curve)
     single = mia.dp_tpr_bound(mia.LOW_FPR, curve[:1])
     return {
         "private": True,
-        "epsilon": card["epsilon"],
-        "delta": card["delta"],
+        "epsilon": card.epsilon,
+        "delta": card.delta,
         "tpr_at_low_fpr": float(tpr),
         "tpr_at_low_fpr_card_pair_only": float(single),
         "auc": mia.dp_auc_bound(curve),
@@ -559,17 +559,18 @@ RECIPE_KEYS = (
 )
 
 
-def _model_summary(model_dir: Path, card: dict) -> dict:
+def _model_summary(model_dir: Path, card: ModelCard) -> dict:
     keys = ("dp", "epsilon", "delta", "target_epsilon", "accountant", "noise_multiplier", "sample_rate", "steps")
     return {
         "dir_name": model_dir.name,
-        "training_inputs_digest": card.get("training_inputs_digest"),
-        "preset": (card.get("preset") or {}).get("name"),
-        "recipe": {k: (card.get("preset") or {}).get(k) for k in RECIPE_KEYS},
-        "image_size": card.get("image_size"),
-        "labels": list(card.get("labels", {})),
-        **{k: card.get(k) for k in keys},
-        "statement": card.get("statement"),
+        "generator": card.generator,
+        "training_inputs_digest": card.training_inputs_digest,
+        "preset": card.preset.get("name"),
+        "recipe": {k: card.preset.get(k) for k in RECIPE_KEYS},
+        "image_size": card.image_size,
+        "labels": list(card.labels),
+        **card.public(keys),
+        "statement": card.statement,
     }
 
 

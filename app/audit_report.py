@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 
-from generators.bundle import save_grid
+from generators.base import save_grid
 from privacy_filters.membership_inference import dp_tpr_bound
 
 FIGURES = "figures"

@@ -8,7 +8,6 @@ served.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 from collections.abc import Callable
@@ -16,30 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from generators.bundle import write_json_atomic
+from generators.card import card_exists, read_card
 from generators.errors import InvalidInput
+from generators.layout import BundleLayout, write_json_atomic
 from privacy_filters import MemorizationFilter
 from train.preprocess import resize_slices
 from train.store import CohortStore
 
-PRIVATE_DIR = "private"
-
-
-def filter_dir(model_dir: Path) -> Path:
-    return Path(model_dir) / PRIVATE_DIR / "filter"
-
-
-def calibration_path(model_dir: Path) -> Path:
-    return Path(model_dir) / PRIVATE_DIR / "calibration.json"
-
-
-def seed_key_path(model_dir: Path) -> Path:
-    return Path(model_dir) / PRIVATE_DIR / "seed.key"
-
 
 def ensure_seed_key(model_dir: Path) -> None:
     """Create the model's seed key once (kept across re-calibration, so manifests stay reproducible)."""
-    path = seed_key_path(model_dir)
+    path = BundleLayout(model_dir).seed_key
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -71,17 +57,16 @@ def calibrate(
 ) -> dict:
     """Build, self-test and save the filter; returns the calibration record."""
     store = CohortStore.open(store_path)
-    card_path = Path(model_dir) / "model_card.json"
+    layout = BundleLayout(model_dir)
     size = store.image_size
-    if card_path.is_file():
-        card = json.loads(card_path.read_text())
-        expected = card.get("store_id")
-        if expected and expected != store.store_id:
+    if card_exists(model_dir):
+        card = read_card(model_dir)
+        if card.store_id and card.store_id != store.store_id:
             raise InvalidInput(
                 "this model was trained on a different cohort store (store ids differ); calibrate with the "
                 "store the model was trained on"
             )
-        size = int(card["image_size"])  # the filter compares images at the size the model generates
+        size = card.image_size  # the filter compares images at the size the model generates
     train, holdout = store.read("train"), store.read("holdout")
     if len(holdout.images) == 0:
         raise InvalidInput("the store has no held-out patients; re-ingest with --holdout > 0 to calibrate")
@@ -97,10 +82,8 @@ def calibrate(
     )
     record = {**filt.record, "store_id": store.store_id}
     filt.record = record
-    private = Path(model_dir) / PRIVATE_DIR
-    private.mkdir(parents=True, exist_ok=True)
-    os.chmod(private, 0o700)
-    filt.save(filter_dir(model_dir))
+    layout.make_private()
+    filt.save(layout.filter_dir)
     ensure_seed_key(model_dir)
-    write_json_atomic(calibration_path(model_dir), record)
+    write_json_atomic(layout.calibration, record)
     return record

@@ -155,7 +155,7 @@ def calibrate(
 ) -> None:
     """Build the memorization filter from the store and calibrate it on held-out patients."""
     from app.calibrate import calibrate as run_calibrate
-    from app.calibrate import calibration_path
+    from generators.layout import BundleLayout
 
     with _progress(None, "embed training slices", "slice") as bar:
         record = run_calibrate(
@@ -171,7 +171,7 @@ def calibrate(
         + ", ".join(f"{k} {v:.0%}" for k, v in record["canary_rejection_by_kind"].items())
         + f"; blends 0.8/0.2 rejected {record['blend_rejection_rate']:.1%}"
     )
-    typer.echo(f"  written to {calibration_path(model_dir).parent} (private: never served)")
+    typer.echo(f"  written to {BundleLayout(model_dir).private} (private: never served)")
 
 
 @app.command()
@@ -416,15 +416,15 @@ def sample(
     allow_not_private: Annotated[bool, typer.Option(help="Allow a model trained with --no-dp.")] = False,
 ) -> None:
     """Look at a model: write a PNG grid of samples (unfiltered; not a dataset for release)."""
-    from generators.bundle import DiffusionModel, save_grid
+    from generators.base import save_grid
+    from generators.registry import load_generator
     from train.dp_training import ensure_private_ok
 
-    model = DiffusionModel.load(model_dir, device=get_settings().device)
+    model = load_generator(model_dir, device=get_settings().device)
     ensure_private_ok(model.card, allow_not_private=allow_not_private)
     labels = label or list(model.label_ids)
-    generated = model.generate(
-        labels={name: n for name in labels}, seed=seed, steps=steps, guidance=guidance, solver=solver
-    )
+    options = model.sampling_options(steps=steps, guidance=guidance, solver=solver)
+    generated = model.generate(labels={name: n for name in labels}, seed=seed, **options)
     save_grid(generated.images, out, columns=n)
     typer.echo(f"wrote {len(generated.labels)} samples ({', '.join(labels)}; one row per label) to {out}")
 
@@ -466,12 +466,9 @@ def export(
     if (n is None) == (not counts):
         raise InvalidInput("give either --n N (samples of every label) or --count LABEL=N ...")
     if n is not None:
-        card_file = model_dir / "model_card.json"
-        if not card_file.is_file():
-            from generators.errors import NotFound
+        from generators.card import read_card
 
-            raise NotFound(f"no model bundle at {model_dir} (missing model_card.json)")
-        counts = {label: n for label in json.loads(card_file.read_text())["labels"]}
+        counts = {label: n for label in read_card(model_dir).labels}
     request = CohortRequest(
         counts=counts,
         seed=seed,
@@ -526,26 +523,25 @@ def export(
 @app.command()
 def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.")]) -> None:
     """Print a model's privacy guarantee and, if calibrated, its filter summary (public fields only)."""
-    from app.calibrate import calibration_path
-    from generators.errors import NotFound
+    from generators.card import read_card
+    from generators.layout import BundleLayout
     from privacy_filters import public_summary
 
-    card_path = model_dir / "model_card.json"
-    if not card_path.is_file():
-        raise NotFound(f"no model bundle at {model_dir} (missing model_card.json)")
-    model_card = json.loads(card_path.read_text())
-    if model_card.get("dp"):
+    model_card = read_card(model_dir)
+    if model_card.dp:
+        estimate = (model_card.patients_estimate or {}).get("value")
         typer.echo(
-            f"model {model_dir}: DP, privacy unit {model_card['privacy_unit']}: ε = {model_card['epsilon']:.3f}, "
-            f"δ = {model_card['delta']:g} ({model_card['accountant']} accountant), "
-            f"σ = {model_card['noise_multiplier']:.3f}, "
-            f"C = {model_card['max_grad_norm']}, q = {model_card['sample_rate']:.4f}, {model_card['steps']} steps, "
-            f"≈{model_card['patients_estimate']['value']} training {model_card['privacy_unit']}s (DP count)"
+            f"model {model_dir}: DP, privacy unit {model_card.privacy_unit}: ε = {model_card.epsilon:.3f}, "
+            f"δ = {model_card.delta:g} ({model_card.accountant} accountant), "
+            f"σ = {model_card.noise_multiplier:.3f}, "
+            f"C = {model_card.max_grad_norm}, q = {model_card.sample_rate:.4f}, {model_card.steps} steps, "
+            f"≈{estimate} training {model_card.privacy_unit}s (DP count)"
         )
     else:
         typer.echo(f"model {model_dir}: NOT PRIVATE (trained without differential privacy)")
-    typer.echo(f"  labels {list(model_card['labels'])}, {model_card['image_size']} px")
-    calibration = calibration_path(model_dir)
+    shape = " × ".join(map(str, model_card.image_shape))
+    typer.echo(f"  {model_card.generator} model, labels {list(model_card.labels)}, {shape} px")
+    calibration = BundleLayout(model_dir).calibration
     if calibration.is_file():
         summary = public_summary(json.loads(calibration.read_text()))
         typer.echo(

@@ -3,7 +3,7 @@
 A dataset directory::
 
     images/<label>/<label>-<index>.nii.gz   one accepted sample (float32 in [-1, 1], RAS affine, card spacing)
-    previews/<label>/<label>-<index>.png    optional 8-bit previews
+    previews/<label>/<label>-<index>.png    optional 8-bit previews (a volume: three orthogonal mid-slices)
     cohort.npz                              optional: images [N, 1, H, W], labels, seeds
     manifest.json, manifest.csv             file, label, index, seed, model id (nothing from the filter)
     datalist.json                           MONAI-style datalist
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from generators.card import ModelCard
 from privacy_filters import public_summary
 from train.scan_io import write_nifti
 
@@ -33,14 +34,38 @@ def sample_name(label: str, index: int) -> str:
 
 
 def display_to_ras(image: np.ndarray) -> np.ndarray:
-    """``[H, W]`` slice (rows anterior→posterior, columns left→right) → ``[W, H, 1]`` RAS+ voxel order."""
-    return np.ascontiguousarray(image[::-1, :].T)[:, :, None]
+    """A sample in display order → RAS+ voxel order.
+
+    ``[H, W]``: an axial slice, rows anterior→posterior, columns patient left→right → ``[W, H, 1]``.
+    ``[D, H, W]``: a volume of such slices stacked inferior→superior → ``[W, H, D]``.
+    """
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise ValueError(f"a sample is [H, W] or [D, H, W], got shape {image.shape}")
+    return np.ascontiguousarray(image[:, ::-1, :].transpose(2, 1, 0))
 
 
 def slice_affine(spacing_mm: list[float]) -> np.ndarray:
-    """Voxel → world for a slice written by :func:`display_to_ras`: ``(row_mm, col_mm, slice_mm)`` spacing."""
+    """Voxel → world for a sample written by :func:`display_to_ras`: ``(row_mm, col_mm, slice_mm)`` spacing."""
     row_mm, col_mm, slice_mm = spacing_mm
     return np.diag([col_mm, row_mm, slice_mm, 1.0])
+
+
+def preview_pixels(image: np.ndarray) -> np.ndarray:
+    """8-bit preview of a sample ``[H, W]``, or of a volume ``[D, H, W]`` as its three orthogonal mid-slices
+    side by side (axial, coronal, sagittal; each in display orientation, superior up)."""
+    if image.ndim not in (2, 3):
+        raise ValueError(f"a sample is [H, W] or [D, H, W], got shape {image.shape}")
+    if image.ndim == 3:
+        d, h, w = image.shape
+        axial = image[d // 2]
+        coronal = image[::-1, h // 2, :]  # superior up, patient left→right
+        sagittal = image[::-1, :, w // 2]  # superior up, anterior→posterior
+        height = max(h, d)
+        panels = [np.pad(p, ((0, height - p.shape[0]), (0, 1)), constant_values=-1) for p in (axial, coronal, sagittal)]
+        image = np.concatenate(panels, axis=1)
+    return ((np.clip(image, -1, 1) + 1.0) * 127.5).round().astype(np.uint8)
 
 
 def _replace_into(path: Path, write) -> None:
@@ -58,19 +83,19 @@ def _replace_into(path: Path, write) -> None:
 def write_sample(
     root: Path, image: np.ndarray, label: str, index: int, formats: tuple[str, ...], spacing_mm: list[float]
 ) -> str:
-    """Write one accepted sample ``[1, H, W]``; returns its NIfTI path relative to ``root``."""
+    """Write one accepted sample ``[1, H, W]`` or ``[1, D, H, W]``; returns its NIfTI path relative to ``root``."""
     name = sample_name(label, index)
     relative = f"images/{label}/{name}.nii.gz"
     if "nifti" in formats:
         target = root / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{name}.tmp.nii.gz")  # nibabel picks the format from the suffix
-        write_nifti(tmp, display_to_ras(image[0]), slice_affine(spacing_mm))
+        write_nifti(tmp, display_to_ras(image[0]), slice_affine(spacing_mm))  # a slice is a 1-voxel-thick volume
         os.replace(tmp, target)
     if "png" in formats:
         from PIL import Image
 
-        pixels = ((np.clip(image[0], -1, 1) + 1.0) * 127.5).round().astype(np.uint8)
+        pixels = preview_pixels(image[0])
         _replace_into(
             root / f"previews/{label}/{name}.png", lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG")
         )
@@ -89,23 +114,25 @@ def write_documents(
     root: Path,
     *,
     samples: list[dict],
-    card: dict,
+    card: ModelCard,
     calibration: dict,
     counts: dict,
     request: dict,
     model_id: str,
 ) -> dict:
     """Manifest (JSON + CSV), MONAI datalist, privacy report and README; returns the manifest."""
-    private = bool(card.get("dp"))
+    private = card.dp
     manifest = {
         "dataset": {
             "synthetic": True,
             "private": private,
             "model_id": model_id,
             "n_samples": len(samples),
-            "labels": card["labels"],
-            "image_size": card["image_size"],
-            "voxel_spacing_mm": card["voxel_spacing_mm"],
+            "labels": card.labels,
+            "generator": card.generator,
+            "image_size": card.image_size,
+            "image_shape": list(card.image_shape),
+            "voxel_spacing_mm": card.voxel_spacing_mm,
             "request": request,
         },
         "samples": samples,
@@ -121,8 +148,8 @@ def write_documents(
         root / "datalist.json",
         {
             "description": "synthetic cohort (MONAI-style datalist)",
-            "labels": card["labels"],
-            "training": [{"image": s["file"], "label": card["labels"][s["label"]]} for s in samples],
+            "labels": card.labels,
+            "training": [{"image": s["file"], "label": card.labels[s["label"]]} for s in samples],
         },
     )
     write_json(root / "privacy_report.json", privacy_report(card=card, calibration=calibration, counts=counts))
@@ -130,27 +157,27 @@ def write_documents(
     return manifest
 
 
-def privacy_report(*, card: dict, calibration: dict, counts: dict) -> dict:
+def privacy_report(*, card: ModelCard, calibration: dict, counts: dict) -> dict:
     """What was guaranteed, in plain numbers. Never contains paths, neighbours, scores, rejection counts,
     exact private counts or training data."""
-    private = bool(card.get("dp"))
+    private = card.dp
     return {
         "private": private,
         "warning": None if private else "NOT PRIVATE: the generating model was trained without differential privacy.",
         "differential_privacy": {
-            "privacy_unit": card.get("privacy_unit"),
-            "neighbouring_relation": card.get("neighbouring_relation"),
-            "epsilon": card.get("epsilon"),
-            "delta": card.get("delta"),
-            "accountant": card.get("accountant"),
-            "noise_multiplier": card.get("noise_multiplier"),
-            "max_grad_norm": card.get("max_grad_norm"),
-            "sample_rate": card.get("sample_rate"),
-            "steps": card.get("steps"),
-            "patients_estimate": card.get("patients_estimate"),
-            "target_epsilon_met": card.get("target_epsilon_met"),
-            "statement": card.get("statement"),
-            "public_pretraining": card.get("public_pretraining"),
+            "privacy_unit": card.privacy_unit,
+            "neighbouring_relation": card.neighbouring_relation,
+            "epsilon": card.epsilon,
+            "delta": card.delta,
+            "accountant": card.accountant,
+            "noise_multiplier": card.noise_multiplier,
+            "max_grad_norm": card.max_grad_norm,
+            "sample_rate": card.sample_rate,
+            "steps": card.steps,
+            "patients_estimate": card.patients_estimate,
+            "target_epsilon_met": card.target_epsilon_met,
+            "statement": card.statement,
+            "public_pretraining": card.public_pretraining,
         },
         "memorization_filter": public_summary(calibration),
         "what_holds": WHAT_HOLDS if private else "Nothing: the model was trained without differential privacy.",
@@ -167,26 +194,27 @@ WHAT_HOLDS = (
 )
 
 
-def dataset_readme(*, card: dict, calibration: dict, counts: dict, model_id: str) -> str:
-    private = bool(card.get("dp"))
+def dataset_readme(*, card: ModelCard, calibration: dict, counts: dict, model_id: str) -> str:
+    private = card.dp
     if private:
-        estimate = (card.get("patients_estimate") or {}).get("value")
+        estimate = (card.patients_estimate or {}).get("value")
         guarantee = (
             f"The generating model was trained with differential privacy where the unit of privacy is the "
-            f"**{card.get('privacy_unit', 'patient')}**: (ε = {card['epsilon']:.3g}, δ = {card['delta']:g}), "
-            f"{card['accountant']} accountant, add/remove relation, about {estimate} training "
-            f"{card.get('privacy_unit', 'patient')}s (a differentially private count). "
+            f"**{card.privacy_unit}**: (ε = {card.epsilon:.3g}, δ = {card.delta:g}), "
+            f"{card.accountant} accountant, add/remove relation, about {estimate} training "
+            f"{card.privacy_unit}s (a differentially private count). "
             "Generating these samples spent no additional privacy budget."
         )
     else:
         guarantee = "**NOT PRIVATE.** The generating model was trained WITHOUT differential privacy."
     summary = public_summary(calibration)
+    kind = "axial slices" if card.spatial_dims == 2 else "volumes"
     per_label = ", ".join(f"{label}: {n}" for label, n in counts["per_label"].items())
     return f"""# Synthetic imaging cohort
 
 **Every image in this dataset is synthetic.** None is a scan of a real person. They were generated by a
-class-conditional diffusion model (`{model_id}`) and checked one by one by a memorization filter before
-release.
+class-conditional generative model (`{model_id}`, kind {card.generator}) and checked one by one by a
+memorization filter before release.
 
 ## Privacy
 {guarantee}
@@ -199,8 +227,8 @@ distance, is not published: those numbers are computed from the training data. T
 near-copies of training images; what else a sample may reveal is bounded by ε alone.
 
 ## Contents
-{counts["samples"]} samples ({per_label}), {card["image_size"]} × {card["image_size"]} axial slices, voxel
-spacing {", ".join(f"{v:.3g}" for v in card["voxel_spacing_mm"])} mm, intensities scaled to [-1, 1].
+{counts["samples"]} samples ({per_label}), {" × ".join(map(str, card.image_shape))} {kind}, voxel
+spacing {", ".join(f"{v:.3g}" for v in card.voxel_spacing_mm)} mm, intensities scaled to [-1, 1].
 `manifest.csv` lists every file with its label, index and seed. `privacy_report.json` has the numbers above.
 The operator of the service can regenerate a sample's pixels from its seed (seeds are keyed with a server
 secret).

@@ -26,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from app.calibrate import calibration_path, filter_dir, seed_key_path
 from app.dataset_writer import FORMATS, write_documents, write_json, write_sample
-from generators.bundle import CARD_FORMAT, DiffusionModel
+from generators.base import Generator
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy
+from generators.layout import BundleLayout
+from generators.registry import load_generator
 from privacy_filters import MemorizationFilter
 
 MAX_SAMPLES = 1_000_000
@@ -110,7 +111,7 @@ def sample_seed(key: bytes, seed: int, label: str, index: int, attempt: int) -> 
 
 
 def load_seed_key(model_dir: Path) -> bytes:
-    path = seed_key_path(model_dir)
+    path = BundleLayout(model_dir).seed_key
     if not path.is_file():
         raise NotFound(f"{model_dir} has no seed key; run `synthcohort calibrate STORE {model_dir}` first")
     return path.read_bytes()
@@ -124,7 +125,7 @@ def plan_shards(counts: dict[str, int], shard_size: int) -> list[Shard]:
     ]
 
 
-def validate_request(model: DiffusionModel, request: CohortRequest) -> None:
+def validate_request(model: Generator, request: CohortRequest) -> None:
     """Clear errors for bad requests, before any work starts."""
     if not request.counts:
         raise InvalidInput("ask for at least one label, e.g. --count lesion=100")
@@ -152,40 +153,34 @@ class CohortWorker:
 
     def __init__(self, model_dir: str | Path, device: str = "auto", allow_not_private: bool = False) -> None:
         self.model_dir = Path(model_dir)
-        self.model = DiffusionModel.load(self.model_dir, device=device)
+        layout = BundleLayout(self.model_dir)
+        self.model = load_generator(self.model_dir, device=device)  # refuses cards of older formats
         self.card = self.model.card
-        if self.card.get("format") != CARD_FORMAT:
-            raise InvalidInput(
-                f"{self.model_dir.name} was trained by an older synthcohort whose card published exact private "
-                "counts and seeded its DP noise; retrain it with this version before releasing anything"
-            )
-        if not self.card.get("dp") and not allow_not_private:
+        if not self.card.dp and not allow_not_private:
             raise PrivacyPolicy(
                 "this model was trained WITHOUT differential privacy (dp: false); refusing to generate a cohort "
                 "unless explicitly allowed (--allow-not-private); its outputs would be marked NOT PRIVATE"
             )
-        if not (filter_dir(self.model_dir) / "filter.json").is_file():
+        if not (layout.filter_dir / "filter.json").is_file():
             raise NotFound(
                 f"{self.model_dir} has no memorization filter; run `synthcohort calibrate STORE {self.model_dir}` first"
             )
-        self.filter = MemorizationFilter.load(filter_dir(self.model_dir))
-        self.calibration = json.loads(calibration_path(self.model_dir).read_text())
+        self.filter = MemorizationFilter.load(layout.filter_dir)
+        self.calibration = json.loads(layout.calibration.read_text())
         self.seed_key = load_seed_key(self.model_dir)
-        if self.calibration.get("store_id") != self.card.get("store_id"):
+        if self.calibration.get("store_id") != self.card.store_id:
             raise PrivacyPolicy(
                 "the memorization filter was calibrated on a different cohort store than the model was trained on; "
                 "re-run calibrate with the model's training store"
             )
-        if self.filter.image_size != self.model.image_size:
-            raise InvalidInput("the filter's image size differs from the model's; re-run calibrate")
-        self.model_id = f"{self.model_dir.name}@{str(self.card.get('training_inputs_digest', ''))[:12]}"
+        if (self.filter.image_size,) * 2 != self.model.image_shape:
+            raise InvalidInput("the filter's image shape differs from the model's; re-run calibrate")
+        self.model_id = f"{self.model_dir.name}@{self.card.training_inputs_digest[:12]}"
 
     def run_shard(self, shard: Shard, request: CohortRequest, root: Path) -> ShardResult:
         """Generate, filter and write one shard into ``root``; returns its manifest rows."""
-        spacing = self.card["voxel_spacing_mm"]
-        sampler = self.card.get("sampler", {})
-        steps = request.steps or sampler.get("steps", 20)
-        guidance = request.guidance if request.guidance is not None else sampler.get("guidance", 2.0)
+        spacing = self.card.voxel_spacing_mm
+        options = self.model.sampling_options(steps=request.steps or None, guidance=request.guidance)
         pending = list(range(shard.start, shard.stop))
         rows: dict[int, dict] = {}
         arrays: dict[int, np.ndarray] = {}
@@ -194,9 +189,7 @@ class CohortWorker:
             if not pending:
                 break
             seeds = [sample_seed(self.seed_key, request.seed, shard.label, i, attempt) for i in pending]
-            out = self.model.generate(
-                labels=[shard.label] * len(pending), seed=0, seeds=seeds, steps=steps, guidance=guidance
-            )
+            out = self.model.generate(labels=[shard.label] * len(pending), seed=0, seeds=seeds, **options)
             decisions = self.filter.check(out.images.numpy())
             generated += len(pending)
             still = []

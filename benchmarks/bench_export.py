@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from app.pipeline import CohortRequest, build_cohort, local_runner
-from generators.bundle import DiffusionModel
+from generators.diffusion_2d import DiffusionModel
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from generators.bundle import DiffusionModel
+from generators.diffusion_2d import DiffusionModel
 from privacy_filters.embeddings import embed, make_embedding
 from privacy_filters.fidelity import frechet_distance
 from train.store import CohortStore

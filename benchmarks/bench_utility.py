@@ -25,7 +25,7 @@ import torch
 
 from app.audit import FEATURE_EMBEDDING, AuditSettings, Synthetic, _fidelity, _load_real, _utility, run_audit
 from app.calibrate import calibrate
-from generators.bundle import DiffusionModel
+from generators.diffusion_2d import DiffusionModel
 from privacy_filters.embeddings import make_embedding
 from train.dp_training import TrainConfig, read_training_record, train_model
 from train.presets import get_preset
@@ -42,6 +42,10 @@ RECIPES: dict[str, dict] = {
     "draws4": {"preset": "cpu-small", "label_init": "random", "noise_multiplicity": 4},
     "null-init-slices4": {"preset": "cpu-small", "label_init": "null", "slices_per_patient": 4},
     "null-init-draws4": {"preset": "cpu-small", "label_init": "null", "noise_multiplicity": 4},
+    # q·T at fixed epochs (same compute, same ε): 128 expected patients per step, 4× the steps, σ 4.87 → 2.54
+    "batch128": {"preset": "cpu-small", "label_init": "random", "batch_size": 128},
+    "lr2e-3": {"preset": "cpu-small", "label_init": "random", "learning_rate": 2e-3},
+    "slices4-batch128": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 4, "batch_size": 128},
 }
 
 
@@ -94,6 +98,8 @@ def row(recipe: str, card: dict, record: dict, report: dict, audit_s: float, gui
         "m": card["slices_per_patient"],
         "K": card["noise_multiplicity"],
         "steps": card["steps"],
+        "batch": card["preset"]["batch_size"],
+        "lr": card["preset"]["learning_rate"],
         "guidance": guidance,
         "tstr": utility["tstr"]["accuracy"],
         "trtr": utility["trtr"]["accuracy"],

@@ -21,47 +21,21 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from generators.diffusion import Prediction, denoising_loss
 from generators.errors import InvalidInput
 
 LOW_FPR = 0.01
 
 
 # ------------------------------------------------------------------------------------ attack scores
-@torch.no_grad()
-def loss_attack_scores(
-    unet: torch.nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    alphas_cumprod: torch.Tensor,
-    prediction: Prediction,
-    timesteps: Sequence[int],
-    seed: int = 0,
-    batch_size: int = 256,
-) -> np.ndarray:
-    """Membership score of each image: −(z-scored diffusion loss), averaged over ``timesteps``.
+def loss_scores(losses: np.ndarray) -> np.ndarray:
+    """Membership score of each image from its losses ``[T, N]`` at T fixed noise levels.
 
-    Args:
-        images: ``[N, 1, H, W]`` in [-1, 1] at the model's size; labels: ``[N]`` class ids.
-        timesteps: fixed diffusion timesteps; the noise of image ``i`` at timestep ``t`` is seeded by (seed, i, t).
-    Returns:
-        ``[N]`` scores, higher = more likely a training member.
+    The generator measures the losses (:meth:`generators.base.Generator.membership_losses`); the score is
+    −(loss z-scored within each noise level), averaged over the levels: higher = more likely a member.
     """
-    if len(images) != len(labels):
-        raise InvalidInput("images and labels must have the same length")
-    device = next(unet.parameters()).device
-    alphas = alphas_cumprod.to(device)
-    losses = np.empty((len(timesteps), len(images)), dtype=np.float64)
-    for k, t in enumerate(timesteps):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + int(t))
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32)).to(device)
-            noise = torch.randn(x.shape, generator=generator).to(device)  # (B, 1, H, W)
-            y = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long, device=device)
-            steps = torch.full((len(x),), int(t), dtype=torch.long, device=device)
-            per_image = denoising_loss(unet, x, y, steps, noise, alphas, prediction, per_draw=True)
-            losses[k, start : start + len(x)] = per_image.double().cpu().numpy()
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim != 2 or losses.shape[1] == 0:
+        raise InvalidInput("losses must be [timesteps, images] with at least one image")
     z = (losses - losses.mean(1, keepdims=True)) / (losses.std(1, keepdims=True) + 1e-12)
     return -z.mean(0)
 

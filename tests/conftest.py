@@ -7,9 +7,24 @@ from pathlib import Path
 
 import pytest
 
+from generators.card import ModelCard
 from train.demo_cohort import DemoPatient, make_demo_cohort
 from train.ingest import IngestOptions, IngestResult, ingest
 from train.store import CohortStore
+
+
+def tiny_card(*, image_size: int = 16, labels: tuple[str, ...] = ("healthy", "lesion"), **fields) -> ModelCard:
+    """A valid card for a model built in a test (not trained by ``train_model``): not private unless told."""
+    base = {
+        "created": "2026-11-22",
+        "generator": "diffusion-2d",
+        "spatial_dims": 2,
+        "labels": {name: i for i, name in enumerate(labels)},
+        "image_size": image_size,
+        "voxel_spacing_mm": [1.0, 1.0, 1.0],
+        "dp": False,
+    }
+    return ModelCard.parse({**base, **fields})
 
 
 @pytest.fixture(scope="session")

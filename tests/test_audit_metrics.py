@@ -5,8 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_card
 
 from generators.diffusion import noise_schedule, training_scheduler
+from generators.diffusion_2d import DiffusionModel
 from generators.errors import InvalidInput
 from generators.unet import UNetSize, build_unet
 from privacy_filters import audit_classifier as clf
@@ -73,9 +75,10 @@ def test_loss_attack_separates_memorized_images() -> None:
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    scores = mia.loss_attack_scores(
-        unet.eval(), images, labels, alphas_cumprod=alphas, prediction="sample", timesteps=(100, 300), batch_size=3
-    )
+    model = DiffusionModel(unet, training_scheduler("sample").config, tiny_card(image_size=16, labels=("a",)))
+    losses = model.membership_losses(images, labels, timesteps=(100, 300), seed=0, batch_size=3)
+    assert losses.shape == (2, 8)
+    scores = mia.loss_scores(losses)
     assert mia.attack_roc(scores[:4], scores[4:])["auc"] == 1.0
 
 

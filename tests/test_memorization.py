@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import tiny_card
 
 from generators.errors import InvalidInput, NotFound
 from privacy_filters import FilterDecision, MemorizationFilter, public_summary
@@ -189,7 +190,7 @@ def test_calibrate_cli_writes_private_record(canary_store, tmp_path: Path) -> No
         p.name for p in (model_dir / "private" / "filter").iterdir()
     }
 
-    (model_dir / "model_card.json").write_text(json.dumps({"store_id": "0" * 32}))
+    (model_dir / "model_card.json").write_text(json.dumps(tiny_card(store_id="0" * 32).to_json()))
     mismatch = subprocess.run(
         [sys.executable, "-m", "app.cli", "calibrate", store_path, str(model_dir)], capture_output=True, text=True
     )

@@ -20,7 +20,7 @@ from app.pipeline import (
     local_runner,
     sample_seed,
 )
-from generators.bundle import DiffusionModel
+from generators.diffusion_2d import DiffusionModel
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy
 
 

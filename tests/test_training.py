@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from scipy.special import gammaln, logsumexp
 from scipy.stats import norm
 
-from generators.bundle import DiffusionModel
+from generators.card import ModelCard
 from generators.diffusion import noise_schedule, training_scheduler
+from generators.diffusion_2d import DiffusionModel
 from generators.errors import InvalidInput, PrivacyPolicy
 from generators.unet import UNetSize, build_unet, use_plain_attention
 from train.accounting import (
@@ -557,8 +558,8 @@ def test_noise_multiplicity_and_no_dp_card(demo_store, tmp_path: Path) -> None:
     ).card
     assert plain["dp"] is False and plain["epsilon"] is None and "NOT PRIVATE" in plain["statement"]
     with pytest.raises(PrivacyPolicy):
-        ensure_private_ok(plain, allow_not_private=False)
-    ensure_private_ok(plain, allow_not_private=True)
+        ensure_private_ok(ModelCard.parse(plain), allow_not_private=False)
+    ensure_private_ok(ModelCard.parse(plain), allow_not_private=True)
 
 
 def cli(*args: str, **kwargs) -> subprocess.Popen:

@@ -49,18 +49,12 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from generators.bundle import (
-    CARD_FILE,
-    CARD_FORMAT,
-    DEFAULT_GUIDANCE,
-    DEFAULT_STEPS,
-    DiffusionModel,
-    resolve_device,
-    save_grid,
-    write_json_atomic,
-)
+from generators.base import resolve_device, save_grid
+from generators.card import CARD_FORMAT, ModelCard, card_exists, read_card
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
+from generators.diffusion_2d import DEFAULT_GUIDANCE, DEFAULT_STEPS, DiffusionModel
 from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarning
+from generators.layout import BundleLayout, write_json_atomic
 from generators.unet import build_unet, null_class, use_plain_attention
 from train.accounting import RELATION, PrivacyPlan, check_delta, count_mechanism, epsilon_of, plan_privacy
 from train.per_patient_grads import make_per_patient_grad_fn
@@ -71,8 +65,6 @@ from train.public_prior import cosine_lr, pretrain
 from train.store import CohortStore
 from train.trainable import TRAINABLE_SETS, count_parameters, freeze_except
 
-CHECKPOINT = "checkpoint.pt"
-TRAINING_RECORD = "training_record.json"
 UNIT_MEANING = {
     "patient": "the PATIENT: any single patient's entire data (all of their slices and scans)",
     "image": "the IMAGE: the inputs did not say which images belong to one person, so a person with several "
@@ -236,7 +228,7 @@ class _Run:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.out / "private" / CHECKPOINT
+        return BundleLayout(self.out).checkpoint
 
 
 @dataclass
@@ -348,12 +340,11 @@ def _train(
 
 def _reusable_card(config: TrainConfig, store: CohortStore) -> dict | None:
     """The card of a bundle at ``out`` trained on the same inputs (reuse it: no ε spent again), else ``None``."""
-    card_path = Path(config.out) / CARD_FILE
-    if not card_path.is_file() or config.resume:
+    if not card_exists(config.out) or config.resume:
         return None
-    card = json.loads(card_path.read_text())
-    if card.get("training_inputs_digest") == config.inputs_digest(store.store_id) and not config.force:
-        return card
+    card = read_card(config.out)
+    if card.training_inputs_digest == config.inputs_digest(store.store_id) and not config.force:
+        return card.to_json()
     if not config.force:
         raise Conflict(f"{config.out} already holds a model trained on other inputs; use a new --out or --force")
     return None
@@ -361,16 +352,14 @@ def _reusable_card(config: TrainConfig, store: CohortStore) -> dict | None:
 
 def _prepare_output(config: TrainConfig) -> None:
     """Make ``out`` ready for a (resumed) run; a bundle is incomplete until its card is written again."""
-    out = Path(config.out)
-    private = out / "private"
-    if config.resume and not (private / CHECKPOINT).is_file():
-        raise InvalidInput(f"nothing to resume: no checkpoint at {private / CHECKPOINT}")
+    out, layout = Path(config.out), BundleLayout(config.out)
+    if config.resume and not layout.checkpoint.is_file():
+        raise InvalidInput(f"nothing to resume: no checkpoint at {layout.checkpoint}")
     if out.exists() and not config.resume and not config.force and any(out.iterdir()):
         raise Conflict(f"{out} exists and is not empty; use a new --out, --resume or --force")
-    private.mkdir(parents=True, exist_ok=True)
-    os.chmod(private, 0o700)
+    layout.make_private()
     if not config.resume:
-        (out / CARD_FILE).unlink(missing_ok=True)
+        layout.card.unlink(missing_ok=True)
 
 
 def _plan_run(config: TrainConfig, store: CohortStore) -> _Run:
@@ -673,13 +662,15 @@ def _history(run: _Run, state: _State) -> list[tuple[float, float, int]]:
 
 
 def _write_bundle(run: _Run, state: _State) -> dict:
+    """EMA weights, the card (written last), the private record, the ledger entry and sample grids; returns the
+    card's JSON."""
     preset = run.config.preset
     final = build_unet(image_size=preset.image_size, n_classes=run.n_classes, size=preset.unet)
     final.load_state_dict({**state.model.state_dict(), **state.ema})
     history = _history(run, state) if run.plan is not None else []
     epsilon = epsilon_of(history, delta=run.plan.delta, accountant=run.config.accountant) if run.plan else math.inf
     card = _public_card(run, state, history, epsilon)
-    write_json_atomic(run.out / "private" / TRAINING_RECORD, _private_record(run, state))  # 0600 (mkstemp)
+    write_json_atomic(BundleLayout(run.out).training_record, _private_record(run, state))  # 0600 (mkstemp)
     if run.plan is not None:
         run.store.ledger().record(
             state.run_id,
@@ -694,11 +685,11 @@ def _write_bundle(run: _Run, state: _State) -> dict:
     bundle.save(run.out)
     for label in run.store.label_names:
         generated = bundle.generate(labels={label: run.config.samples_per_label}, seed=run.config.seed)
-        save_grid(generated.images, run.out / f"samples_{label}.png")
-    return card
+        save_grid(generated.images, BundleLayout(run.out).sample_grid(label))
+    return card.to_json()
 
 
-def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> dict:
+def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> ModelCard:
     """The public model card: public choices, the privacy guarantee, and nothing computed from private data
     except the DP patient estimate and the declared, rounded voxel spacing."""
     config, preset, plan, store = run.config, run.config.preset, run.plan, run.store
@@ -708,6 +699,8 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> dic
     card = {
         "format": CARD_FORMAT,
         "created": datetime.now(UTC).date().isoformat(),
+        "generator": DiffusionModel.kind,
+        "spatial_dims": 2,
         "labels": {name: i for i, name in enumerate(store.label_names)},
         "null_class": null_class(run.n_classes),
         "image_size": preset.image_size,
@@ -762,7 +755,7 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> dic
     }
     if not config.dp:
         card["warning"] = "NOT PRIVATE: trained with --no-dp; later stages refuse it unless explicitly allowed."
-    return json.loads(json.dumps(card))  # exactly what model_card.json will hold (tuples become lists)
+    return ModelCard.parse(card)
 
 
 def _trainable_summary(model: torch.nn.Module, which: str) -> dict:
@@ -785,13 +778,13 @@ def _private_record(run: _Run, state: _State) -> dict:
 
 def read_training_record(model_dir: Path) -> dict:
     """The private training record of a bundle (``{}`` when absent)."""
-    path = Path(model_dir) / "private" / TRAINING_RECORD
+    path = BundleLayout(model_dir).training_record
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def ensure_private_ok(card: dict, *, allow_not_private: bool) -> None:
+def ensure_private_ok(card: ModelCard, *, allow_not_private: bool) -> None:
     """Refuse a model without a DP guarantee unless the caller explicitly allows it."""
-    if not card.get("dp") and not allow_not_private:
+    if not card.dp and not allow_not_private:
         raise PrivacyPolicy(
             "this model was trained WITHOUT differential privacy (model card dp: false); "
             "refusing to use it unless explicitly allowed"

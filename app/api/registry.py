@@ -6,16 +6,22 @@ Only public fields leave this module: no paths, nothing from ``private/`` except
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.calibrate import calibration_path
-from generators.errors import NotFound
+from generators.card import ModelCard, card_exists, read_card
+from generators.errors import InvalidInput, NotFound
+from generators.layout import BundleLayout
 from privacy_filters import public_summary
+
+log = logging.getLogger(__name__)
 
 MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 PUBLIC_CARD_FIELDS = (
+    "generator",
+    "spatial_dims",
     "labels",
     "image_size",
     "voxel_spacing_mm",
@@ -46,12 +52,13 @@ PUBLIC_CARD_FIELDS = (
 class ServedModel:
     id: str
     path: Path
-    card: dict
+    card: ModelCard
     calibration: dict | None
 
     def public(self) -> dict:
-        info = {"id": self.id, **{k: self.card.get(k) for k in PUBLIC_CARD_FIELDS}}
-        info["private"] = bool(self.card.get("dp"))
+        info = {"id": self.id, **self.card.public(PUBLIC_CARD_FIELDS)}
+        info["image_shape"] = list(self.card.image_shape)
+        info["private"] = self.card.dp
         if not info["private"]:
             info["warning"] = "NOT PRIVATE: trained without differential privacy"
         info["memorization_filter"] = public_summary(self.calibration) if self.calibration else None
@@ -68,13 +75,16 @@ class ModelRegistry:
         if not self.root.is_dir():
             raise NotFound(f"models directory {self.root} does not exist")
         for path in sorted(p for p in self.root.iterdir() if p.is_dir() and MODEL_ID.fullmatch(p.name)):
-            card_path = path / "model_card.json"
-            if not card_path.is_file():
+            if not card_exists(path):
                 continue
-            card = json.loads(card_path.read_text())
-            if not card.get("dp") and not allow_not_private:
+            try:
+                card = read_card(path)
+            except InvalidInput as error:  # one bad bundle must not take the others down
+                log.warning("not serving model %s: %s", path.name, error)
                 continue
-            calibration_file = calibration_path(path)
+            if not card.dp and not allow_not_private:
+                continue
+            calibration_file = BundleLayout(path).calibration
             calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
             self.models[path.name] = ServedModel(path.name, path, card, calibration)
 

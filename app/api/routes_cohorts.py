@@ -33,7 +33,7 @@ def create_cohort(
         model = registry.get(body.model)
     except NotFound as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
-    labels = model.card["labels"]
+    labels = model.card.labels
     unknown = sorted(set(body.counts) - set(labels))
     if unknown:
         raise HTTPException(422, f"unknown label(s) {unknown}; valid labels are {sorted(labels)}")

@@ -32,8 +32,11 @@ class ModelCard(BaseModel):
         json_schema_extra={
             "example": {
                 "id": "demo",
+                "generator": "diffusion-2d",
+                "spatial_dims": 2,
                 "labels": {"healthy": 0, "lesion": 1},
                 "image_size": 32,
+                "image_shape": [32, 32],
                 "dp": True,
                 "private": True,
                 "privacy_unit": "patient",
@@ -45,8 +48,11 @@ class ModelCard(BaseModel):
         },
     )
     id: str
+    generator: str = Field(description="generator family, e.g. diffusion-2d")
+    spatial_dims: int = Field(description="2: slices, 3: volumes")
     labels: dict[str, int]
     image_size: int
+    image_shape: list[int] = Field(description="spatial shape of one sample: [H, W] or [D, H, W]")
     voxel_spacing_mm: list[float]
     dp: bool
     private: bool

@@ -1,109 +1,87 @@
-"""Model bundles and sampling.
+"""The 2-D class-conditional diffusion model (generator kind ``diffusion-2d``).
 
-A bundle is a directory::
+Its part of a bundle (see :mod:`generators.layout` for the rest)::
 
     MODEL_DIR/config.json                          UNet2DModel arguments (diffusers ``save_pretrained``)
     MODEL_DIR/diffusion_pytorch_model.safetensors  weights (the EMA of the DP iterates)
     MODEL_DIR/scheduler/scheduler_config.json      the training noise schedule
-    MODEL_DIR/model_card.json                      labels, geometry, the privacy guarantee, provenance
-
-``model_card.json`` is written last: a directory without it is not a bundle.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
-from generators.errors import InvalidInput, NotFound
+from generators.base import Generated, expand_labels, resolve_device
+from generators.card import ModelCard, read_card, write_card
+from generators.diffusion import denoising_loss, noise_schedule
+from generators.errors import InvalidInput
 from generators.unet import null_class
 
-CARD_FILE = "model_card.json"
-CARD_FORMAT = 2  # 2: no exact private counts, a privacy history, the neighbouring relation, keyed randomness
-MAX_SAMPLES_PER_CALL = 100_000
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 2.0
 SOLVERS = ("dpmsolver++", "unipc", "ddim")
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InvalidInput("device 'cuda' requested but CUDA is not available")
-    return torch.device(device)
-
-
-def write_json_atomic(path: Path, data: Mapping) -> None:
-    """Write JSON via a temp file + rename so readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
-
-
-@dataclass(frozen=True)
-class Generated:
-    """Samples from :meth:`DiffusionModel.generate`.
-
-    Attributes:
-        images: ``[N, 1, H, W]`` float32 in [-1, 1] (CPU).
-        labels: label name of each sample.
-        seeds: the seed of each sample's initial noise; regenerating with it gives the same pixels.
-    """
-
-    images: torch.Tensor
-    labels: list[str]
-    seeds: np.ndarray
-
-
 class DiffusionModel:
-    """A class-conditional diffusion model with its card; samples with a fast solver."""
+    """A class-conditional 2-D diffusion model with its card; samples with a fast solver."""
 
-    def __init__(self, unet: UNet2DModel, scheduler_config: Mapping, card: Mapping, device: str = "auto") -> None:
+    kind: ClassVar[str] = "diffusion-2d"
+
+    def __init__(self, unet: UNet2DModel, scheduler_config: Mapping, card: ModelCard, device: str = "auto") -> None:
+        if card.generator != self.kind or card.spatial_dims != 2:
+            raise InvalidInput(f"a {card.generator} card ({card.spatial_dims}-D) cannot load as {self.kind}")
         self.device = resolve_device(device)
         self.unet = unet.to(self.device).eval()
         self.scheduler_config = dict(scheduler_config)
-        self.card = dict(card)
-        self.label_ids: dict[str, int] = {str(k): int(v) for k, v in self.card["labels"].items()}
-        self.image_size = int(self.card["image_size"])
+        self.card = card
+        self._label_ids = dict(card.labels)
 
     def __repr__(self) -> str:
-        return f"DiffusionModel(labels={list(self.label_ids)}, size={self.image_size}, dp={self.card.get('dp')})"
+        return f"DiffusionModel(labels={list(self.label_ids)}, size={self.image_size}, dp={self.card.dp})"
+
+    @property
+    def label_ids(self) -> dict[str, int]:
+        return self._label_ids
+
+    @property
+    def spatial_dims(self) -> int:
+        return 2
+
+    @property
+    def image_size(self) -> int:
+        return self.card.image_size
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.card.image_shape
 
     # ------------------------------------------------------------------------------------ persist
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> DiffusionModel:
         model_dir = Path(model_dir)
-        card_path = model_dir / CARD_FILE
-        if not card_path.is_file():
-            raise NotFound(f"no model bundle at {model_dir} (missing {CARD_FILE}; was training completed?)")
+        card = read_card(model_dir)
         try:
-            card = json.loads(card_path.read_text())
             unet = UNet2DModel.from_pretrained(str(model_dir), low_cpu_mem_usage=False)
             scheduler_config = DDPMScheduler.load_config(str(model_dir / "scheduler"))
         except (OSError, ValueError) as exc:
-            raise InvalidInput(f"model bundle at {model_dir} is unreadable: {exc}") from None
+            raise InvalidInput(f"model bundle {model_dir.name} is unreadable: {exc}") from None
         return cls(unet, scheduler_config, card, device)
 
-    def save(self, model_dir: str | Path, card: Mapping | None = None) -> None:
+    def save(self, model_dir: str | Path, card: ModelCard | None = None) -> None:
         """Write weights, scheduler and (last) the card."""
         model_dir = Path(model_dir)
         model_dir.mkdir(parents=True, exist_ok=True)
         self.unet.save_pretrained(str(model_dir), safe_serialization=True)
         DDPMScheduler.from_config(self.scheduler_config).save_pretrained(str(model_dir / "scheduler"))
         if card is not None:
-            self.card = dict(card)
-        write_json_atomic(model_dir / CARD_FILE, self.card)
+            self.card, self._label_ids = card, dict(card.labels)
+        write_card(model_dir, self.card)
 
     # ----------------------------------------------------------------------------------- sampling
     def _sampler(self, solver: str):
@@ -120,22 +98,17 @@ class DiffusionModel:
 
     def resolve_labels(self, labels: Mapping[str, int] | Sequence[str]) -> list[str]:
         """Expand ``{"lesion": 3}`` or ``["lesion", ...]`` into one label per sample, checking names and counts."""
-        if isinstance(labels, Mapping):
-            names: list[str] = []
-            for name, count in labels.items():
-                if not isinstance(count, int | np.integer) or isinstance(count, bool) or count < 0:
-                    raise InvalidInput(f"count for label {name!r} must be a non-negative integer, got {count!r}")
-                names.extend([str(name)] * int(count))
-        else:
-            names = [str(n) for n in labels]
-        unknown = sorted({n for n in names if n not in self.label_ids})
+        return expand_labels(labels, self.label_ids)
+
+    def sampling_options(self, **requested: Any) -> dict[str, Any]:
+        """Solver steps and guidance: the card's sampler defaults, overridden by non-``None`` requests."""
+        options = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "solver": "dpmsolver++"}
+        options.update({k: v for k, v in self.card.sampler.items() if k in options})
+        unknown = sorted(set(requested) - set(options))
         if unknown:
-            raise InvalidInput(f"unknown label(s) {unknown}; valid labels are {sorted(self.label_ids)}")
-        if not names:
-            raise InvalidInput("nothing to generate: ask for at least one sample")
-        if len(names) > MAX_SAMPLES_PER_CALL:
-            raise InvalidInput(f"{len(names)} samples requested; at most {MAX_SAMPLES_PER_CALL} per call")
-        return names
+            raise InvalidInput(f"unknown sampling option(s) {unknown} for {self.kind}; choose from {sorted(options)}")
+        options.update({k: v for k, v in requested.items() if v is not None})
+        return options
 
     @torch.no_grad()
     def generate(
@@ -197,16 +170,29 @@ class DiffusionModel:
                 progress(len(batch_seeds))
         return Generated(images=out, labels=names, seeds=seeds_arr)
 
+    @torch.no_grad()
+    def membership_losses(
+        self, images: np.ndarray, labels: np.ndarray, *, timesteps: Sequence[int], seed: int, batch_size: int = 256
+    ) -> np.ndarray:
+        """Denoising loss of each image at each fixed timestep, ``[len(timesteps), N]``.
 
-def save_grid(images: torch.Tensor, path: Path, *, columns: int = 8, scale: int = 2) -> None:
-    """Save ``[N, 1, H, W]`` images in [-1, 1] as one PNG grid (for looking at samples)."""
-    from PIL import Image
-
-    n, _, h, w = images.shape
-    rows = (n + columns - 1) // columns
-    grid = np.zeros((rows * h, columns * w), dtype=np.uint8)
-    pixels = ((images[:, 0].clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).numpy()
-    for i in range(n):
-        r, c = divmod(i, columns)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = pixels[i]
-    Image.fromarray(grid).resize((columns * w * scale, rows * h * scale), Image.NEAREST).save(path)
+        The noise of image ``i`` at timestep ``t`` is seeded by ``(seed, t)`` and the image's position, so two
+        calls on the same images measure the same draws.
+        """
+        if len(images) != len(labels):
+            raise InvalidInput("images and labels must have the same length")
+        alphas = noise_schedule(DDPMScheduler.from_config(self.scheduler_config)).to(self.device)
+        if any(not 0 <= int(t) < len(alphas) for t in timesteps):
+            raise InvalidInput(f"membership timesteps must lie in 0..{len(alphas) - 1}")
+        prediction = self.scheduler_config.get("prediction_type", "epsilon")
+        losses = np.empty((len(timesteps), len(images)), dtype=np.float64)
+        for k, t in enumerate(timesteps):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + int(t))
+            for start in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32)).to(self.device)
+                noise = torch.randn(x.shape, generator=generator).to(self.device)  # (B, 1, H, W)
+                y = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long, device=self.device)
+                steps = torch.full((len(x),), int(t), dtype=torch.long, device=self.device)
+                per_image = denoising_loss(self.unet, x, y, steps, noise, alphas, prediction, per_draw=True)
+                losses[k, start : start + len(x)] = per_image.double().cpu().numpy()
+        return losses

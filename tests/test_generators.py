@@ -1,0 +1,171 @@
+"""The generator interface: the typed card, the bundle layout, the registry, and a new kind end to end."""
+
+import json
+import shutil
+from pathlib import Path
+from typing import ClassVar
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_card
+
+from app.pipeline import CohortRequest, build_cohort
+from generators.base import Generated, Generator, expand_labels
+from generators.card import CARD_FORMAT, ModelCard, read_card, write_card
+from generators.diffusion_2d import DiffusionModel
+from generators.errors import InvalidInput, NotFound
+from generators.layout import BundleLayout
+from generators.registry import GENERATORS, load_generator, register
+
+
+def test_trained_card_round_trips_and_names_its_generator(tiny_model: Path) -> None:
+    on_disk = json.loads(BundleLayout(tiny_model).card.read_text())
+    card = read_card(tiny_model)
+    assert card.to_json() == on_disk
+    assert on_disk["format"] == CARD_FORMAT and card.generator == "diffusion-2d" and card.spatial_dims == 2
+    assert card.image_shape == (16, 16) and card.dp and card.epsilon is not None
+    model = load_generator(tiny_model, device="cpu")
+    assert isinstance(model, DiffusionModel) and isinstance(model, Generator)
+    assert model.image_shape == (16, 16) and model.label_ids == {"healthy": 0, "lesion": 1}
+
+
+def test_bundle_layout_is_where_training_writes(tiny_model: Path) -> None:
+    layout = BundleLayout(tiny_model)
+    for path in (layout.card, layout.training_record, layout.calibration, layout.seed_key, layout.filter_dir):
+        assert path.exists(), path.name
+    assert layout.private.stat().st_mode & 0o777 == 0o700
+    assert all(layout.sample_grid(label).is_file() for label in ("healthy", "lesion"))
+
+
+def test_format_2_cards_read_as_2d_diffusion(tiny_model: Path, tmp_path: Path) -> None:
+    old = json.loads(BundleLayout(tiny_model).card.read_text())
+    old["format"] = 2
+    del old["generator"], old["spatial_dims"]
+    card = ModelCard.parse(old)
+    assert (card.format, card.generator, card.spatial_dims) == (CARD_FORMAT, "diffusion-2d", 2)
+    bundle = tmp_path / "old"
+    shutil.copytree(tiny_model, bundle)
+    BundleLayout(bundle).card.write_text(json.dumps(old))
+    assert load_generator(bundle, device="cpu").card == card
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"format": 1}, "published exact private counts"),
+        ({"format": 4}, "newer synthcohort"),
+        ({"exact_patients": 812}, "Extra inputs are not permitted"),
+        ({"dp": True, "epsilon": None}, "must state epsilon"),
+        ({"labels": {"a": 0, "b": 0}}, "distinct id"),
+        ({"spatial_dims": 4}, "spatial_dims"),
+        ({"image_size": "big"}, "image_size"),
+    ],
+)
+def test_bad_cards_are_refused_with_the_reason(change: dict, message: str) -> None:
+    card = tiny_card(dp=True, epsilon=8.0, delta=1e-5, accountant="prv").to_json()
+    with pytest.raises(InvalidInput, match=message):
+        ModelCard.parse({**card, **change})
+
+
+def test_missing_or_unreadable_card(tmp_path: Path) -> None:
+    with pytest.raises(NotFound, match="no model bundle"):
+        read_card(tmp_path)
+    BundleLayout(tmp_path).card.write_text("{not json")
+    with pytest.raises(InvalidInput, match="unreadable"):
+        read_card(tmp_path)
+    write_card(tmp_path, tiny_card(generator="no-such-kind"))
+    with pytest.raises(InvalidInput, match="unknown generator kind 'no-such-kind'"):
+        load_generator(tmp_path)
+
+
+def test_sampling_options_come_from_the_card_and_refuse_unknown_ones(tiny_model: Path) -> None:
+    model = load_generator(tiny_model, device="cpu")
+    defaults = model.sampling_options()
+    assert defaults == {**defaults, **read_card(tiny_model).sampler}
+    assert model.sampling_options(steps=5, guidance=None)["steps"] == 5
+    assert model.sampling_options(guidance=None)["guidance"] == defaults["guidance"]
+    with pytest.raises(InvalidInput, match="unknown sampling option"):
+        model.sampling_options(temperature=0.7)
+
+
+class ShiftedNoise:
+    """A second generator kind, defined here only: Gaussian noise whose mean is the label id (no weights)."""
+
+    kind: ClassVar[str] = "test-shifted-noise"
+
+    def __init__(self, card: ModelCard) -> None:
+        self.card = card
+
+    @property
+    def label_ids(self) -> dict[str, int]:
+        return dict(self.card.labels)
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.card.spatial_dims
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.card.image_shape
+
+    @classmethod
+    def load(cls, model_dir, device: str = "auto") -> "ShiftedNoise":
+        return cls(read_card(model_dir))
+
+    def save(self, model_dir, card: ModelCard | None = None) -> None:
+        write_card(model_dir, card or self.card)
+
+    def sampling_options(self, **requested) -> dict:
+        return {k: v for k, v in requested.items() if v is not None and k == "scale"}
+
+    def generate(self, *, labels, seed, seeds=None, progress=None, scale: float = 0.3, **options) -> Generated:
+        names = expand_labels(labels, self.label_ids)
+        seeds = np.asarray(seeds if seeds is not None else [seed + i for i in range(len(names))], dtype=np.int64)
+        images = torch.stack(
+            [
+                (torch.randn(1, *self.image_shape, generator=torch.Generator().manual_seed(int(s))) * scale)
+                + 0.2 * self.label_ids[name]
+                for name, s in zip(names, seeds, strict=True)
+            ]
+        ).clamp(-1, 1)
+        return Generated(images=images, labels=names, seeds=seeds)
+
+    def membership_losses(self, images, labels, *, timesteps, seed) -> np.ndarray:
+        return np.zeros((len(timesteps), len(images)))
+
+
+def test_a_new_generator_kind_needs_only_its_class_and_registration(tiny_model: Path, tmp_path: Path) -> None:
+    """The release pipeline, its filter and its writers run a generator they have never heard of."""
+    register(ShiftedNoise)
+    try:
+        bundle = tmp_path / "noise"
+        shutil.copytree(tiny_model, bundle)  # its calibrated filter and seed key; the UNet files are ignored
+        card = read_card(tiny_model).model_copy(update={"generator": ShiftedNoise.kind})
+        ShiftedNoise(card).save(bundle)
+        assert isinstance(load_generator(bundle), ShiftedNoise)
+
+        out = tmp_path / "cohort"
+        manifest = build_cohort(bundle, CohortRequest(counts={"healthy": 3, "lesion": 2}, seed=4), out, device="cpu")
+        assert manifest["dataset"]["generator"] == ShiftedNoise.kind and len(manifest["samples"]) == 5
+        lesion = next(s for s in manifest["samples"] if s["label"] == "lesion")
+        pixels = np.asarray(nib.load(out / lesion["file"]).dataobj)[:, :, 0]
+        again = ShiftedNoise(card).generate(labels=["lesion"], seed=0, seeds=[lesion["seed"]])
+        np.testing.assert_allclose(pixels, again.images[0, 0].numpy()[::-1, :].T, atol=1e-6)
+    finally:
+        GENERATORS.pop(ShiftedNoise.kind, None)
+
+
+def test_the_service_skips_a_bundle_whose_card_is_invalid(tiny_model: Path, tmp_path: Path) -> None:
+    from app.api.registry import ModelRegistry
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_model, models / "good")
+    shutil.copytree(tiny_model, models / "tampered")
+    card = json.loads(BundleLayout(models / "tampered").card.read_text())
+    BundleLayout(models / "tampered").card.write_text(json.dumps({**card, "n_train_patients": 812}))
+    registry = ModelRegistry(models)
+    assert list(registry.models) == ["good"]
+    public = registry.get("good").public()
+    assert public["generator"] == "diffusion-2d" and public["image_shape"] == [16, 16] and public["private"]
