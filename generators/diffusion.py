@@ -46,16 +46,17 @@ def denoising_loss(
     """Mean squared error of the denoiser over a batch of draws.
 
     Args:
-        model: the UNet, or any callable ``model(x, t, class_labels=y)`` returning an object with ``.sample``.
-        images: clean images ``(K, 1, H, W)`` in [-1, 1] (the same image repeated for K draws).
+        model: the denoiser, any callable ``model(x, t, class_labels=y)`` returning the prediction or an object
+            with it in ``.sample`` (diffusers).
+        images: clean images ``(K, 1, H, W)`` or volumes ``(K, 1, D, H, W)`` in [-1, 1] (one patient's K draws).
         labels: class ids ``(K,)`` (the null class where the label was dropped).
         timesteps: ``(K,)`` integer timesteps.
-        noise: ``(K, 1, H, W)`` standard normal noise.
+        noise: standard normal noise shaped like ``images``.
         per_draw: return one loss per draw ``(K,)`` instead of their mean (membership-inference audits).
     Returns:
         A scalar: the loss averaged over the K draws and all pixels (or ``(K,)`` with ``per_draw``).
     """
-    abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)  # (K, 1, 1, 1)
+    abar = alphas_cumprod[timesteps].view(-1, *[1] * (images.dim() - 1))  # (K, 1, 1, 1[, 1])
     noisy = abar.sqrt() * images + (1.0 - abar).sqrt() * noise
     if prediction == "epsilon":
         target = noise
@@ -63,6 +64,7 @@ def denoising_loss(
         target = images
     else:  # v = √ᾱ·ε − √(1−ᾱ)·x0
         target = abar.sqrt() * noise - (1.0 - abar).sqrt() * images
-    predicted = model(noisy, timesteps, class_labels=labels).sample
-    squared = (predicted - target) ** 2  # (K, 1, H, W)
+    output = model(noisy, timesteps, class_labels=labels)
+    predicted = output.sample if hasattr(output, "sample") else output
+    squared = (predicted - target) ** 2  # (K, 1, H, W[, D])
     return squared.flatten(1).mean(1) if per_draw else squared.mean()

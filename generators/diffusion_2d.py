@@ -1,4 +1,4 @@
-"""The 2-D class-conditional diffusion model (generator kind ``diffusion-2d``).
+"""The 2-D class-conditional diffusion model (generator kind ``diffusion-2d``) on a ``diffusers.UNet2DModel``.
 
 Its part of a bundle (see :mod:`generators.layout` for the rest)::
 
@@ -9,190 +9,45 @@ Its part of a bundle (see :mod:`generators.layout` for the rest)::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
-from generators.base import Generated, expand_labels, resolve_device
-from generators.card import ModelCard, read_card, write_card
-from generators.diffusion import denoising_loss, noise_schedule
+from generators.card import ModelCard, read_card
+from generators.conditional_diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS, SOLVERS, ConditionalDiffusion
 from generators.errors import InvalidInput
-from generators.unet import null_class
 
-DEFAULT_STEPS = 20
-DEFAULT_GUIDANCE = 2.0
-SOLVERS = ("dpmsolver++", "unipc", "ddim")
+__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "SOLVERS", "DiffusionModel"]
 
 
-class DiffusionModel:
-    """A class-conditional 2-D diffusion model with its card; samples with a fast solver."""
+class DiffusionModel(ConditionalDiffusion):
+    """Axial slices ``[N, 1, H, W]``."""
 
     kind: ClassVar[str] = "diffusion-2d"
+    dims: ClassVar[int] = 2
 
     def __init__(self, unet: UNet2DModel, scheduler_config: Mapping, card: ModelCard, device: str = "auto") -> None:
-        if card.generator != self.kind or card.spatial_dims != 2:
-            raise InvalidInput(f"a {card.generator} card ({card.spatial_dims}-D) cannot load as {self.kind}")
-        self.device = resolve_device(device)
-        self.unet = unet.to(self.device).eval()
-        self.scheduler_config = dict(scheduler_config)
-        self.card = card
-        self._label_ids = dict(card.labels)
-
-    def __repr__(self) -> str:
-        return f"DiffusionModel(labels={list(self.label_ids)}, size={self.image_size}, dp={self.card.dp})"
+        super().__init__(unet, scheduler_config, card, device)
 
     @property
-    def label_ids(self) -> dict[str, int]:
-        return self._label_ids
+    def unet(self) -> UNet2DModel:
+        return self.network  # type: ignore[return-value]
 
-    @property
-    def spatial_dims(self) -> int:
-        return 2
+    def predict(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        return self.network(x, t, class_labels=class_labels).sample
 
-    @property
-    def image_size(self) -> int:
-        return self.card.image_size
-
-    @property
-    def image_shape(self) -> tuple[int, ...]:
-        return self.card.image_shape
-
-    # ------------------------------------------------------------------------------------ persist
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "auto") -> DiffusionModel:
         model_dir = Path(model_dir)
         card = read_card(model_dir)
         try:
             unet = UNet2DModel.from_pretrained(str(model_dir), low_cpu_mem_usage=False)
-            scheduler_config = DDPMScheduler.load_config(str(model_dir / "scheduler"))
         except (OSError, ValueError) as exc:
             raise InvalidInput(f"model bundle {model_dir.name} is unreadable: {exc}") from None
-        return cls(unet, scheduler_config, card, device)
+        return cls(unet, cls.load_scheduler_config(model_dir), card, device)
 
-    def save(self, model_dir: str | Path, card: ModelCard | None = None) -> None:
-        """Write weights, scheduler and (last) the card."""
-        model_dir = Path(model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        self.unet.save_pretrained(str(model_dir), safe_serialization=True)
-        DDPMScheduler.from_config(self.scheduler_config).save_pretrained(str(model_dir / "scheduler"))
-        if card is not None:
-            self.card, self._label_ids = card, dict(card.labels)
-        write_card(model_dir, self.card)
-
-    # ----------------------------------------------------------------------------------- sampling
-    def _sampler(self, solver: str):
-        config = self.scheduler_config
-        if solver == "dpmsolver++":
-            return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-        if solver == "unipc":
-            from diffusers import UniPCMultistepScheduler
-
-            return UniPCMultistepScheduler.from_config(config)
-        if solver == "ddim":
-            return DDIMScheduler.from_config(config, clip_sample=False, set_alpha_to_one=False)
-        raise InvalidInput(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")
-
-    def resolve_labels(self, labels: Mapping[str, int] | Sequence[str]) -> list[str]:
-        """Expand ``{"lesion": 3}`` or ``["lesion", ...]`` into one label per sample, checking names and counts."""
-        return expand_labels(labels, self.label_ids)
-
-    def sampling_options(self, **requested: Any) -> dict[str, Any]:
-        """Solver steps and guidance: the card's sampler defaults, overridden by non-``None`` requests."""
-        options = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "solver": "dpmsolver++"}
-        options.update({k: v for k, v in self.card.sampler.items() if k in options})
-        unknown = sorted(set(requested) - set(options))
-        if unknown:
-            raise InvalidInput(f"unknown sampling option(s) {unknown} for {self.kind}; choose from {sorted(options)}")
-        options.update({k: v for k, v in requested.items() if v is not None})
-        return options
-
-    @torch.no_grad()
-    def generate(
-        self,
-        *,
-        labels: Mapping[str, int] | Sequence[str],
-        seed: int,
-        steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
-        solver: str = "dpmsolver++",
-        batch_size: int = 64,
-        seeds: Sequence[int] | None = None,
-        progress: Callable[[int], None] | None = None,
-    ) -> Generated:
-        """Sample images; sample ``i`` starts from noise seeded with ``seed + i`` (or ``seeds[i]``).
-
-        Deterministic for the same request on the same device. Classifier-free guidance mixes the
-        conditional and null-class predictions: ``uncond + guidance · (cond − uncond)``.
-        """
-        # 1. check inputs
-        names = self.resolve_labels(labels)
-        if not 1 <= steps <= 1000:
-            raise InvalidInput(f"steps must be between 1 and 1000, got {steps}")
-        if not 0.0 <= guidance <= 20.0:
-            raise InvalidInput(f"guidance must be between 0 and 20, got {guidance}")
-        if seeds is None:
-            seeds = [seed + i for i in range(len(names))]
-        if len(seeds) != len(names):
-            raise InvalidInput("seeds must have one entry per sample")
-        seeds_arr = np.asarray(seeds, dtype=np.int64)
-        null = null_class(len(self.label_ids))
-        size = self.image_size
-        out = torch.empty(len(names), 1, size, size)
-
-        for start in range(0, len(names), batch_size):
-            # 2. initial noise, one generator per sample so each sample is reproducible from its seed
-            batch_seeds = seeds_arr[start : start + batch_size]
-            latents = torch.cat(
-                [torch.randn(1, 1, size, size, generator=torch.Generator().manual_seed(int(s))) for s in batch_seeds]
-            ).to(self.device)  # (B, 1, H, W)
-            ids = torch.tensor([self.label_ids[n] for n in names[start : start + batch_size]], device=self.device)
-            # 3. timesteps
-            scheduler = self._sampler(solver)
-            scheduler.set_timesteps(steps, device=self.device)
-            latents = latents * scheduler.init_noise_sigma
-            # 4. denoising loop
-            for t in scheduler.timesteps:
-                if guidance == 1.0:
-                    prediction = self.unet(latents, t, class_labels=ids).sample
-                else:
-                    both = self.unet(
-                        torch.cat([latents, latents]), t, class_labels=torch.cat([ids, torch.full_like(ids, null)])
-                    ).sample  # (2B, 1, H, W)
-                    cond, uncond = both.chunk(2)
-                    prediction = uncond + guidance * (cond - uncond)
-                latents = scheduler.step(prediction, t, latents).prev_sample
-            out[start : start + len(batch_seeds)] = latents.clamp(-1.0, 1.0).float().cpu()
-            if progress:
-                progress(len(batch_seeds))
-        return Generated(images=out, labels=names, seeds=seeds_arr)
-
-    @torch.no_grad()
-    def membership_losses(
-        self, images: np.ndarray, labels: np.ndarray, *, timesteps: Sequence[int], seed: int, batch_size: int = 256
-    ) -> np.ndarray:
-        """Denoising loss of each image at each fixed timestep, ``[len(timesteps), N]``.
-
-        The noise of image ``i`` at timestep ``t`` is seeded by ``(seed, t)`` and the image's position, so two
-        calls on the same images measure the same draws.
-        """
-        if len(images) != len(labels):
-            raise InvalidInput("images and labels must have the same length")
-        alphas = noise_schedule(DDPMScheduler.from_config(self.scheduler_config)).to(self.device)
-        if any(not 0 <= int(t) < len(alphas) for t in timesteps):
-            raise InvalidInput(f"membership timesteps must lie in 0..{len(alphas) - 1}")
-        prediction = self.scheduler_config.get("prediction_type", "epsilon")
-        losses = np.empty((len(timesteps), len(images)), dtype=np.float64)
-        for k, t in enumerate(timesteps):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + int(t))
-            for start in range(0, len(images), batch_size):
-                x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32)).to(self.device)
-                noise = torch.randn(x.shape, generator=generator).to(self.device)  # (B, 1, H, W)
-                y = torch.as_tensor(labels[start : start + batch_size], dtype=torch.long, device=self.device)
-                steps = torch.full((len(x),), int(t), dtype=torch.long, device=self.device)
-                per_image = denoising_loss(self.unet, x, y, steps, noise, alphas, prediction, per_draw=True)
-                losses[k, start : start + len(x)] = per_image.double().cpu().numpy()
-        return losses
+    def save_network(self, model_dir: Path) -> None:
+        self.network.save_pretrained(str(model_dir), safe_serialization=True)

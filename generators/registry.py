@@ -7,6 +7,7 @@ from pathlib import Path
 from generators.base import Generator
 from generators.card import ModelCard, read_card
 from generators.diffusion_2d import DiffusionModel
+from generators.diffusion_3d import Diffusion3DModel
 from generators.errors import InvalidInput
 
 GENERATORS: dict[str, type[Generator]] = {}
@@ -21,6 +22,7 @@ def register(cls: type[Generator]) -> type[Generator]:
 
 
 register(DiffusionModel)
+register(Diffusion3DModel)
 
 
 def generator_class(card: ModelCard) -> type[Generator]:
