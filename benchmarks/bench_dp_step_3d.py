@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 import warnings
 from datetime import date
 
 import torch
+from bench_dp_step import best_of  # scripts run from benchmarks/, which Python puts on the path
 from opacus.optimizers import DPOptimizer
 
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
@@ -24,16 +24,6 @@ from generators.diffusion_3d import UNet3DSize, build_unet_3d
 from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
 
 warnings.filterwarnings("ignore")
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
