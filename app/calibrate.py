@@ -61,6 +61,8 @@ def calibrate(
     size = store.image_size
     if card_exists(model_dir):
         card = read_card(model_dir)
+        if card.spatial_dims != 2:
+            raise InvalidInput(f"the memorization filter is 2-D only so far; this is a {card.spatial_dims}-D model")
         if card.store_id and card.store_id != store.store_id:
             raise InvalidInput(
                 "this model was trained on a different cohort store (store ids differ); calibrate with the "

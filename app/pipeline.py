@@ -156,6 +156,11 @@ class CohortWorker:
         layout = BundleLayout(self.model_dir)
         self.model = load_generator(self.model_dir, device=device)  # refuses cards of older formats
         self.card = self.model.card
+        if self.model.spatial_dims != 2:
+            raise InvalidInput(
+                f"the memorization filter is 2-D only so far: a {self.model.spatial_dims}-D {self.model.kind} model "
+                "cannot be released yet"
+            )
         if not self.card.dp and not allow_not_private:
             raise PrivacyPolicy(
                 "this model was trained WITHOUT differential privacy (dp: false); refusing to generate a cohort "

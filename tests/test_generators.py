@@ -217,7 +217,8 @@ def test_per_patient_gradients_are_exact_on_the_3d_blocks() -> None:
         assert (error / scale).max() < 1e-4, name
 
 
-def test_a_3d_model_saves_loads_and_generates_reproducible_volumes(tmp_path: Path) -> None:
+def test_a_3d_model_saves_loads_and_generates_reproducible_volumes(canary_store, tmp_path: Path) -> None:
+    from app.calibrate import calibrate
     from generators.diffusion import training_scheduler
     from generators.diffusion_3d import Diffusion3DModel
 
@@ -236,5 +237,11 @@ def test_a_3d_model_saves_loads_and_generates_reproducible_volumes(tmp_path: Pat
     assert not torch.equal(first.images[0], first.images[1])
     losses = loaded.membership_losses(first.images.numpy(), np.array([0, 0, 1]), timesteps=(10, 500), seed=0)
     assert losses.shape == (2, 3) and np.isfinite(losses).all()
+    with pytest.raises(InvalidInput, match="2-D only so far"):  # no 3-D filter yet: nothing 3-D is released
+        build_cohort(tmp_path, CohortRequest(counts={"healthy": 1}), tmp_path / "cohort", device="cpu")
+    assert not (tmp_path / "cohort").exists()
+    with pytest.raises(InvalidInput, match="2-D only so far"):
+        calibrate(canary_store.store.path, tmp_path)
+    assert not BundleLayout(tmp_path).private.exists()
     with pytest.raises(InvalidInput, match="cannot load as diffusion-3d"):
         Diffusion3DModel(untrained_3d(), tiny_3d_size(), {}, tiny_card())
