@@ -40,6 +40,27 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def shipped_dp_step(model, alphas, prediction, params: dict, batch_size: int, *batch):
+    """The DP step the trainer ships: torch.func per-patient gradients of ``params`` on ``batch`` (images, labels,
+    timesteps, noise), then Opacus' DPOptimizer (clip, noise, Adam). Returns the step and the gradient function."""
+    dp_opt = DPOptimizer(
+        torch.optim.Adam(params.values(), lr=1e-3),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=batch_size,
+    )
+    grad_fn = make_per_patient_grad_fn(model, alphas, prediction)
+
+    def dp_step() -> None:
+        grads, _ = grad_fn({n: p.detach() for n, p in params.items()}, *batch)
+        for name, p in params.items():
+            p.grad_sample = grads[name]
+        dp_opt.step()
+        dp_opt.zero_grad()
+
+    return dp_step, grad_fn
+
+
 def contiguous_conv_inputs(model: torch.nn.Module) -> None:
     """Forward pre-hooks that make every Conv2d input contiguous (the fix for Opacus' hooks mode)."""
     for module in model.modules():
@@ -77,18 +98,8 @@ def main() -> None:
         denoising_loss(model, *flat, alphas, preset.prediction).backward()
         adam.step()
 
-    dp_opt = DPOptimizer(
-        torch.optim.Adam(trainable.values(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=b
-    )
-    grad_fn = make_per_patient_grad_fn(model, alphas, preset.prediction)
     params = trainable
-
-    def dp_step() -> None:
-        grads, _ = grad_fn({n: p.detach() for n, p in params.items()}, images, labels, timesteps, noise)
-        for name, p in params.items():
-            p.grad_sample = grads[name]
-        dp_opt.step()
-        dp_opt.zero_grad()
+    dp_step, grad_fn = shipped_dp_step(model, alphas, preset.prediction, params, b, images, labels, timesteps, noise)
 
     base = best_of(non_private, args.repeats)
     ours = best_of(dp_step, args.repeats)

@@ -16,12 +16,11 @@ import warnings
 from datetime import date
 
 import torch
-from bench_dp_step import best_of  # scripts run from benchmarks/, which Python puts on the path
-from opacus.optimizers import DPOptimizer
+from bench_dp_step import best_of, shipped_dp_step  # scripts run from benchmarks/, which Python puts on the path
 
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
 from generators.diffusion_3d import UNet3DSize, build_unet_3d
-from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
+from train.per_patient_grads import brute_force_per_patient_grads
 
 warnings.filterwarnings("ignore")
 
@@ -60,17 +59,7 @@ def main() -> None:
         denoising_loss(model, images[:, 0], labels[:, 0], timesteps[:, 0], noise[:, 0], alphas, "sample").backward()
         adam.step()
 
-    dp_opt = DPOptimizer(
-        torch.optim.Adam(params.values(), lr=1e-3), noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=b
-    )
-    grad_fn = make_per_patient_grad_fn(model, alphas, "sample")
-
-    def dp_step() -> None:
-        grads, _ = grad_fn({n: p.detach() for n, p in params.items()}, images, labels, timesteps, noise)
-        for name, p in params.items():
-            p.grad_sample = grads[name]
-        dp_opt.step()
-        dp_opt.zero_grad()
+    dp_step, grad_fn = shipped_dp_step(model, alphas, "sample", params, b, images, labels, timesteps, noise)
 
     base = best_of(non_private, args.repeats)
     ours = best_of(dp_step, args.repeats)

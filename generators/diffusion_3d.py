@@ -66,7 +66,12 @@ class Diffusion3DModel(ConditionalDiffusion):
     dims: ClassVar[int] = 3
 
     def __init__(
-        self, network: DiffusionModelUNet, size: UNet3DSize, scheduler_config: Mapping, card: ModelCard, device="auto"
+        self,
+        network: DiffusionModelUNet,
+        size: UNet3DSize,
+        scheduler_config: Mapping,
+        card: ModelCard,
+        device: str = "auto",
     ) -> None:
         super().__init__(network, scheduler_config, card, device)
         self.size = size
