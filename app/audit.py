@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.calibrate import resize_images
 from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, load_seed_key, sample_seed
 from generators.base import Generator, resolve_device
 from generators.card import ModelCard
@@ -39,10 +38,11 @@ from generators.registry import load_generator
 from privacy_filters import MemorizationFilter, fidelity
 from privacy_filters import audit_classifier as clf
 from privacy_filters import membership_inference as mia
-from privacy_filters.canaries import DOCUMENTED, NOT_COVERED
+from privacy_filters.canaries import DOCUMENTED, KINDS_3D, NOT_COVERED, STRENGTH_GRID
 from privacy_filters.embeddings import embed, make_embedding
 from privacy_filters.memorization import rejection_curves
 from train.accounting import epsilon_of
+from train.preprocess import resize_split
 from train.store import CohortStore
 
 REPORT_FORMAT = 1
@@ -70,6 +70,7 @@ class AuditSettings:
     mc_quantile: float = 0.01
     ms_ssim_pairs: int = 500
     canary_sources: int = 100  # training slices copied per transform and strength for the filter's curves
+    sampler_steps: int | None = None  # solver steps of every sample (default: the card's, what a release uses)
     device: str = "auto"
 
 
@@ -129,8 +130,6 @@ def run_audit(
     step("loading the model, its filter and the cohort store")
     device = resolve_device(settings.device)
     model = load_generator(model_dir, device=str(device))
-    if model.spatial_dims != 2:
-        raise InvalidInput(f"the audit measures 2-D models so far; this is a {model.spatial_dims}-D {model.kind} model")
     card = model.card
     store = CohortStore.open(store_path)
     if card.store_id != store.store_id:
@@ -164,7 +163,7 @@ def run_audit(
 
         # 4. fidelity and diversity
         step("fidelity: Fréchet distances, MS-SSIM, intensity histograms")
-        embedding = make_embedding(FEATURE_EMBEDDING, model.image_shape[-1])  # fixed, so numbers stay comparable
+        embedding = make_embedding(FEATURE_EMBEDDING, model.image_shape[-1], model.spatial_dims)  # fixed across runs
         fid = _fidelity(real, cohort, label_names, trtr_model, embedding, settings)
         lap("fidelity")
 
@@ -256,10 +255,10 @@ def _load_real(store: CohortStore, model: Generator) -> RealData:
         raise InvalidInput("the store has no held-out patients; the audit needs them as non-members")
     size = model.image_shape[-1]
     return RealData(
-        train=np.ascontiguousarray(resize_images(train.images, size), dtype=np.float32),
+        train=np.ascontiguousarray(resize_split(train.images, size), dtype=np.float32),
         train_labels=to_model[train.labels],
         train_patients=np.asarray(train.patients),
-        holdout=np.ascontiguousarray(resize_images(holdout.images, size), dtype=np.float32),
+        holdout=np.ascontiguousarray(resize_split(holdout.images, size), dtype=np.float32),
         holdout_labels=to_model[holdout.labels],
         holdout_patients=np.asarray(holdout.patients),
     )
@@ -271,7 +270,11 @@ def _filtered_cohort(
 ) -> tuple[Synthetic | None, str | None]:
     """The cohort :func:`build_cohort` releases, or ``(None, finding)`` when it stops on memorization."""
     request = CohortRequest(
-        counts={name: s.n for name in label_names}, seed=s.seed, formats=("nifti", "npz"), allow_not_private=True
+        counts={name: s.n for name in label_names},
+        seed=s.seed,
+        formats=("nifti", "npz"),
+        steps=s.sampler_steps,
+        allow_not_private=True,
     )
     totals: dict[str, int] = {}
     try:  # the filter's totals come through the progress callback: the released dataset does not carry them
@@ -311,7 +314,7 @@ def _stand_in(raw: Synthetic, scores: np.ndarray, n_labels: int, finding: str | 
 def _unfiltered_batch(model: Generator, key: bytes, label_names: list[str], s: AuditSettings) -> Synthetic:
     names = [name for name in label_names for _ in range(s.n)]
     seeds = [sample_seed(key, s.seed, name, i, 0) for name in label_names for i in range(s.n)]
-    generated = model.generate(labels=names, seed=0, seeds=seeds)
+    generated = model.generate(labels=names, seed=0, seeds=seeds, **model.sampling_options(steps=s.sampler_steps))
     labels = np.array([model.label_ids[n] for n in names], dtype=np.int64)
     return Synthetic(generated.images.numpy(), labels)
 
@@ -322,13 +325,16 @@ def _utility(
 ) -> tuple[dict, clf.SmallCNN]:
     runs: dict[str, list[clf.ClassifierScores]] = {"trtr": [], "tstr": []}
     first_trtr = None
+    batch = 32 if real.train.ndim == 5 else 128  # volumes: a quarter of the batch, about the same compute
     for k in range(s.classifier_seeds):
         seed = s.seed * 1000 + k
         for name, (x, y) in {
             "trtr": (real.train, real.train_labels),
             "tstr": (synthetic.images, synthetic.labels),
         }.items():
-            model = clf.train_classifier(x, y, n_classes, steps=s.classifier_steps, seed=seed, device=device)
+            model = clf.train_classifier(
+                x, y, n_classes, steps=s.classifier_steps, batch_size=batch, seed=seed, device=device
+            )
             probs, _ = clf.predict(model, real.holdout)
             runs[name].append(clf.score(probs, real.holdout_labels))
             if name == "trtr" and first_trtr is None:
@@ -347,9 +353,10 @@ def _utility(
 
     trtr, tstr = summary(runs["trtr"]), summary(runs["tstr"])
     result = {
-        "classifier": "SmallCNN (3 conv blocks 16-32-64, GroupNorm, SiLU, 64-d features), AdamW one-cycle, "
-        f"{s.classifier_steps} steps of 128 with flips and ±2 px shifts; mean over {s.classifier_seeds} seeds",
-        "test_set": f"real held-out patients ({len(real.holdout)} slices), slice level",
+        "classifier": f"SmallCNN ({real.train.ndim - 2}-D, 3 conv blocks 16-32-64, GroupNorm, SiLU, 64-d features), "
+        f"AdamW one-cycle, {s.classifier_steps} steps of {batch} with flips and ±2 px shifts; mean over "
+        f"{s.classifier_seeds} seeds",
+        "test_set": f"real held-out patients ({len(real.holdout)} {_items(real)}), {_items(real)[:-1]} level",
         "trtr": trtr,
         "tstr": tstr,
         "ratio": {
@@ -389,8 +396,8 @@ def _fidelity(
     for i, name in enumerate(label_names):
         syn, trn = synthetic.images[synthetic.labels == i], real.train[real.train_labels == i]
         if len(syn) >= 2 and len(trn) >= 2:
-            ms_ssim["synthetic"][name] = fidelity.mean_pairwise_ms_ssim(syn, pairs=s.ms_ssim_pairs, seed=s.seed)
-            ms_ssim["real"][name] = fidelity.mean_pairwise_ms_ssim(trn, pairs=s.ms_ssim_pairs, seed=s.seed)
+            ms_ssim["synthetic"][name] = fidelity.mean_pairwise_ms_ssim(_axial(syn), pairs=s.ms_ssim_pairs, seed=s.seed)
+            ms_ssim["real"][name] = fidelity.mean_pairwise_ms_ssim(_axial(trn), pairs=s.ms_ssim_pairs, seed=s.seed)
         if len(syn) and len(trn):
             syn_hist, edges = fidelity.intensity_histogram(syn)
             real_hist, _ = fidelity.intensity_histogram(trn)
@@ -412,10 +419,20 @@ def _fidelity(
         "ms_ssim": {
             **ms_ssim,
             "meaning": f"mean MS-SSIM of {s.ms_ssim_pairs} random same-label pairs within a set "
-            f"({fidelity.ms_ssim_levels(real.train.shape[-1])} scales); lower = more diverse; real = training split",
+            f"({fidelity.ms_ssim_levels(real.train.shape[-1])} scales; volumes: their axial mid-slices); lower = more "
+            "diverse; real = training split",
         },
         "intensity": intensity,
     }
+
+
+def _items(real: RealData) -> str:
+    return "volumes" if real.train.ndim == 5 else "slices"
+
+
+def _axial(images: np.ndarray) -> np.ndarray:
+    """Slices as they are; volumes ``[N, 1, D, H, W]`` as their axial mid-slices (2-D measures)."""
+    return images[:, :, images.shape[2] // 2] if images.ndim == 5 else images
 
 
 # ------------------------------------------------------------------------------------------ privacy
@@ -455,12 +472,14 @@ def _canaries(real: RealData, filt: MemorizationFilter, s: AuditSettings) -> dic
     sources = real.train[
         np.sort(rng.choice(len(real.train), size=min(s.canary_sources, len(real.train)), replace=False))
     ]
-    curves = rejection_curves(filt, sources, seed=s.seed)
+    grid = {k: v for k, v in STRENGTH_GRID.items() if k in KINDS_3D} if sources.ndim == 5 else None
+    curves = rejection_curves(filt, sources, grid, seed=s.seed)
     at_documented = {
         kind: next(p["rejected"] for p in points if p["strength"] == DOCUMENTED[kind])
         for kind, points in curves.items()
     }
     covered = {k: v for k, v in at_documented.items() if k not in NOT_COVERED}
+    kinds = ", ".join(curves)
     return {
         "curves": curves,
         "documented": DOCUMENTED,
@@ -468,10 +487,9 @@ def _canaries(real: RealData, filt: MemorizationFilter, s: AuditSettings) -> dic
         "covered_rejection": float(np.mean(list(covered.values()))),
         "worst": min(covered, key=covered.get) + f" {min(covered.values()):.0%}",
         "not_covered": list(NOT_COVERED),
-        "meaning": f"near-copies of {len(sources)} random training slices under each transform in "
-        "privacy_filters.canaries (rotation, zoom, crop, shift, blur, gamma, contrast, noise, elastic warp, "
-        "occlusion, combined) at growing strength: the share the filter rejects. The filter promises ≥ 99 % at "
-        f"the documented strengths for every kind but {', '.join(NOT_COVERED)}.",
+        "meaning": f"near-copies of {len(sources)} random training images under each transform in "
+        f"privacy_filters.canaries ({kinds}) at growing strength: the share the filter rejects. The filter "
+        f"promises ≥ 99 % at the documented strengths for every kind but {', '.join(NOT_COVERED)}.",
     }
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display needed
 
-from generators.base import save_grid
+from generators.base import preview_panel, save_grid
 from privacy_filters.membership_inference import dp_tpr_bound
 
 FIGURES = "figures"
@@ -193,7 +193,7 @@ def _neighbours(figures: Path, neighbours: dict) -> str:
     axes = fig.subplots(2, len(syn), squeeze=False)
     for j in range(len(syn)):
         for row, image in ((0, syn[j]), (1, trn[j])):
-            axes[row][j].imshow(image[0], cmap="gray", vmin=-1, vmax=1)
+            axes[row][j].imshow(preview_panel(image[0]), cmap="gray", vmin=-1, vmax=1)
             axes[row][j].set_axis_off()
         axes[0][j].set_title(f"score {scores[j]:.2f}", fontsize=7)
     fig.suptitle("Closest unfiltered samples (top) and their nearest TRAINING slices (bottom) — PRIVATE", fontsize=8)

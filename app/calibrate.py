@@ -13,13 +13,11 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
-
 from generators.card import card_exists, read_card
 from generators.errors import InvalidInput
 from generators.layout import BundleLayout, write_json_atomic
 from privacy_filters import MemorizationFilter
-from train.preprocess import resize_slices
+from train.preprocess import resize_split
 from train.store import CohortStore
 
 
@@ -34,35 +32,28 @@ def ensure_seed_key(model_dir: Path) -> None:
         handle.write(secrets.token_bytes(32))
 
 
-def resize_images(images: np.ndarray, size: int, *, chunk: int = 8192) -> np.ndarray:
-    """Chunked :func:`train.preprocess.resize_slices` over a (memory-mapped) split."""
-    if images.shape[-1] == size:
-        return images
-    out = np.empty((len(images), 1, size, size), dtype=np.float32)
-    for start in range(0, len(images), chunk):
-        block = resize_slices(images[start : start + chunk], size)
-        out[start : start + len(block)] = block.numpy()
-    return out
-
-
 def calibrate(
     store_path: Path,
     model_dir: Path,
     *,
     quantile: float = 0.05,
-    embedding: str = "near-copy,aligned-pyramid",
+    embedding: str | None = None,
     index: str = "flat",
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
 ) -> dict:
-    """Build, self-test and save the filter; returns the calibration record."""
+    """Build, self-test and save the filter; returns the calibration record. ``embedding`` defaults to the
+    views for the store's items (slices: near-copy + aligned-pyramid; volumes: the 3-D aligned pyramid)."""
     store = CohortStore.open(store_path)
     layout = BundleLayout(model_dir)
     size = store.image_size
     if card_exists(model_dir):
         card = read_card(model_dir)
-        if card.spatial_dims != 2:
-            raise InvalidInput(f"the memorization filter is 2-D only so far; this is a {card.spatial_dims}-D model")
+        if card.spatial_dims != store.spatial_dims:
+            raise InvalidInput(
+                f"this {card.spatial_dims}-D model was not trained on this store of {store.spatial_dims}-D items; "
+                "calibrate with the store the model was trained on"
+            )
         if card.store_id and card.store_id != store.store_id:
             raise InvalidInput(
                 "this model was trained on a different cohort store (store ids differ); calibrate with the "
@@ -73,8 +64,8 @@ def calibrate(
     if len(holdout.images) == 0:
         raise InvalidInput("the store has no held-out patients; re-ingest with --holdout > 0 to calibrate")
     filt = MemorizationFilter.build(
-        resize_images(train.images, size),
-        resize_images(holdout.images, size),
+        resize_split(train.images, size),
+        resize_split(holdout.images, size),
         quantile=quantile,
         holdout_groups=holdout.patients,
         embedding=embedding,

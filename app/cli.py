@@ -79,8 +79,16 @@ def ingest(
     labels: Annotated[
         Path | None, typer.Option(help="CSV with [scan,]patient_id,label[,age,sex] (scan: file stem or folder).")
     ] = None,
-    size: Annotated[int, typer.Option(min=8, max=1024, help="In-plane size of stored slices.")] = 64,
-    slices: Annotated[int, typer.Option(min=1, max=512, help="Axial slices taken around each volume's centre.")] = 8,
+    size: Annotated[
+        int, typer.Option(min=8, max=1024, help="Side of stored slices (--dims 2) or of the isotropic grid (--dims 3).")
+    ] = 64,
+    slices: Annotated[
+        int, typer.Option(min=1, max=512, help="--dims 2: axial slices taken around each volume's centre.")
+    ] = 8,
+    dims: Annotated[int, typer.Option(min=2, max=3, help="2: store axial slices; 3: store whole volumes.")] = 2,
+    keep_faces: Annotated[
+        bool, typer.Option(help="--dims 3: confirm the volumes carry no face (brain-extracted, defaced, not a head).")
+    ] = False,
     holdout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of patients held out (per label).")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
     store_budget: Annotated[
@@ -100,6 +108,8 @@ def ingest(
     options = IngestOptions(
         size=size,
         slices=slices,
+        dims=dims,
+        keep_faces=keep_faces,
         holdout=holdout,
         seed=seed,
         allow_burned_in=allow_burned_in,
@@ -147,9 +157,12 @@ def calibrate(
     model_dir: Annotated[Path, typer.Argument(help="Model bundle directory; the filter goes to MODEL_DIR/private/.")],
     quantile: Annotated[float, typer.Option(min=0.001, max=0.49, help="Held-out distance quantile q.")] = 0.05,
     embedding: Annotated[
-        str,
-        typer.Option(help="Views, comma-separated: near-copy (aligned re-ranking), aligned-pyramid, pixels."),
-    ] = "near-copy,aligned-pyramid",
+        str | None,
+        typer.Option(
+            help="Views, comma-separated: near-copy (aligned re-ranking), aligned-pyramid, pixels. Default: "
+            "near-copy,aligned-pyramid for slices; aligned-pyramid (3-D) for volumes."
+        ),
+    ] = None,
     index: Annotated[str, typer.Option(help="flat (exact), ivf, hnsw or numpy.")] = "flat",
     seed: Annotated[int, typer.Option(help="Seed of the canary self-test.")] = 0,
 ) -> None:
@@ -157,13 +170,13 @@ def calibrate(
     from app.calibrate import calibrate as run_calibrate
     from generators.layout import BundleLayout
 
-    with _progress(None, "embed training slices", "slice") as bar:
+    with _progress(None, "embed training images", "image") as bar:
         record = run_calibrate(
             store, model_dir, quantile=quantile, embedding=embedding, index=index, seed=seed, progress=bar.update
         )
     typer.echo(
-        f"filter: {record['n_train']} training slices indexed ({record['embedding']}, {index}); "
-        f"q={record['quantile']}, {record['n_holdout']} held-out slices from {record['n_holdout_patients']} patients"
+        f"filter: {record['n_train']} training images indexed ({record['embedding']}, {index}); "
+        f"q={record['quantile']}, {record['n_holdout']} held-out images from {record['n_holdout_patients']} patients"
     )
     typer.echo(
         f"  held-out acceptance {record['holdout_acceptance_rate']:.1%} (cross-validated), canary rejection "
@@ -243,7 +256,9 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Model bundle directory.")],
     epsilon: Annotated[float | None, typer.Option(help="Target ε (patient-level). Required unless --no-dp.")] = None,
     delta: Annotated[float | None, typer.Option(help="δ; default: well below 1/N_patients (≤ 1e-5).")] = None,
-    preset: Annotated[str, typer.Option(help="cpu-small, cpu-quality, cpu-medium or gpu.")] = "cpu-small",
+    preset: Annotated[
+        str, typer.Option(help="cpu-small, cpu-quality, cpu-medium, gpu; cpu-3d, gpu-3d for volume stores.")
+    ] = "cpu-small",
     epochs: Annotated[float | None, typer.Option(min=0.01, help="Override the preset's epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Expected patients per step (logical batch).")] = None,
     physical_batch_size: Annotated[int | None, typer.Option(min=1, help="Patients per forward pass.")] = None,
@@ -634,11 +649,12 @@ def audit_log(
 def _print_store(store) -> None:
     """Exact counts for the operator's terminal (never published), and the store's privacy budget."""
     report = store.report
-    typer.echo(f"cohort store {store.path}: {store.n_slices} slices of {store.image_size}x{store.image_size}")
+    side, what = store.image_size, ("volumes" if store.spatial_dims == 3 else "slices")
+    typer.echo(f"cohort store {store.path}: {store.n_slices} {what} of {'x'.join([str(side)] * store.spatial_dims)}")
     for split in ("train", "holdout"):
         patients = report["patients"].get(split, {})
-        n_slices = report["slices"].get(split, {})
-        typer.echo(f"  {split:8s} patients {json.dumps(patients)}  slices {json.dumps(n_slices)}")
+        n_items = report["slices"].get(split, {})
+        typer.echo(f"  {split:8s} patients {json.dumps(patients)}  {what} {json.dumps(n_items)}")
     typer.echo(
         f"  privacy unit: {store.privacy_unit}; published size: ≈{store.patients_estimate} training "
         f"{store.privacy_unit}s (DP count, noise σ = {store.meta['patients_estimate']['noise_std']:g})"

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from generators.base import preview_panel
 from generators.card import ModelCard
 from privacy_filters import public_summary
 from train.scan_io import write_nifti
@@ -53,19 +54,8 @@ def slice_affine(spacing_mm: list[float]) -> np.ndarray:
 
 
 def preview_pixels(image: np.ndarray) -> np.ndarray:
-    """8-bit preview of a sample ``[H, W]``, or of a volume ``[D, H, W]`` as its three orthogonal mid-slices
-    side by side (axial, coronal, sagittal; each in display orientation, superior up)."""
-    if image.ndim not in (2, 3):
-        raise ValueError(f"a sample is [H, W] or [D, H, W], got shape {image.shape}")
-    if image.ndim == 3:
-        d, h, w = image.shape
-        axial = image[d // 2]
-        coronal = image[::-1, h // 2, :]  # superior up, patient left→right
-        sagittal = image[::-1, :, w // 2]  # superior up, anterior→posterior
-        height = max(h, d)
-        panels = [np.pad(p, ((0, height - p.shape[0]), (0, 1)), constant_values=-1) for p in (axial, coronal, sagittal)]
-        image = np.concatenate(panels, axis=1)
-    return ((np.clip(image, -1, 1) + 1.0) * 127.5).round().astype(np.uint8)
+    """8-bit preview of a slice ``[H, W]`` or a volume ``[D, H, W]`` (:func:`generators.base.preview_panel`)."""
+    return ((np.clip(preview_panel(image), -1, 1) + 1.0) * 127.5).round().astype(np.uint8)
 
 
 def _replace_into(path: Path, write) -> None:

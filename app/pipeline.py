@@ -156,11 +156,6 @@ class CohortWorker:
         layout = BundleLayout(self.model_dir)
         self.model = load_generator(self.model_dir, device=device)  # refuses cards of older formats
         self.card = self.model.card
-        if self.model.spatial_dims != 2:
-            raise InvalidInput(
-                f"the memorization filter is 2-D only so far: a {self.model.spatial_dims}-D {self.model.kind} model "
-                "cannot be released yet"
-            )
         if not self.card.dp and not allow_not_private:
             raise PrivacyPolicy(
                 "this model was trained WITHOUT differential privacy (dp: false); refusing to generate a cohort "
@@ -178,7 +173,7 @@ class CohortWorker:
                 "the memorization filter was calibrated on a different cohort store than the model was trained on; "
                 "re-run calibrate with the model's training store"
             )
-        if (self.filter.image_size,) * 2 != self.model.image_shape:
+        if self.filter.image_shape != self.model.image_shape:
             raise InvalidInput("the filter's image shape differs from the model's; re-run calibrate")
         self.model_id = f"{self.model_dir.name}@{self.card.training_inputs_digest[:12]}"
 

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from app.audit_report import canary_figure
-from app.calibrate import resize_images
 from privacy_filters import MemorizationFilter
 from privacy_filters.canaries import DOCUMENTED, STRENGTH_GRID
 from privacy_filters.memorization import rejection_curves
+from train.preprocess import resize_split
 from train.store import CohortStore
 
 
@@ -44,8 +44,8 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     store = CohortStore.open(args.store)
     train, holdout = store.read("train"), store.read("holdout")
-    train_images = resize_images(train.images, args.size)
-    holdout_images = resize_images(holdout.images, args.size)
+    train_images = resize_split(train.images, args.size)
+    holdout_images = resize_split(holdout.images, args.size)
     sources = train_images[np.random.default_rng(0).choice(len(train_images), size=args.n, replace=False)]
     args.out.mkdir(parents=True, exist_ok=True)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; {date.today()}")

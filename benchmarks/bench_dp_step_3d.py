@@ -19,7 +19,8 @@ import torch
 from bench_dp_step import best_of, shipped_dp_step  # scripts run from benchmarks/, which Python puts on the path
 
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
-from generators.diffusion_3d import UNet3DSize, build_unet_3d
+from generators.diffusion_3d import build_unet_3d
+from generators.unet import UNet3DSize
 from train.per_patient_grads import brute_force_per_patient_grads
 
 warnings.filterwarnings("ignore")

@@ -113,17 +113,36 @@ def expand_labels(labels: Mapping[str, int] | Sequence[str], label_ids: Mapping[
     return names
 
 
+def preview_panel(image: np.ndarray) -> np.ndarray:
+    """What a person looks at for one sample: a slice ``[H, W]`` as it is, a volume ``[D, H, W]`` as its three
+    orthogonal mid-slices side by side (axial, coronal, sagittal; each in display orientation, superior up)."""
+    if image.ndim not in (2, 3):
+        raise InvalidInput(f"a sample is [H, W] or [D, H, W], got shape {image.shape}")
+    if image.ndim == 2:
+        return image
+    d, h, w = image.shape
+    axial = image[d // 2]
+    coronal = image[::-1, h // 2, :]  # superior up, patient left→right
+    sagittal = image[::-1, :, w // 2]  # superior up, anterior→posterior
+    height = max(h, d)
+    panels = [np.pad(p, ((0, height - p.shape[0]), (0, 1)), constant_values=-1) for p in (axial, coronal, sagittal)]
+    return np.concatenate(panels, axis=1)
+
+
 def save_grid(images: torch.Tensor, path: Path, *, columns: int = 8, scale: int = 2) -> None:
-    """Save ``[N, 1, H, W]`` images in [-1, 1] as one PNG grid (for looking at samples)."""
+    """Save ``[N, 1, H, W]`` images (or ``[N, 1, D, H, W]`` volumes, as :func:`preview_panel`) in [-1, 1] as one
+    PNG grid (for looking at samples)."""
     from PIL import Image
 
-    if images.dim() != 4:
-        raise InvalidInput(f"a preview grid needs [N, 1, H, W] images, got shape {tuple(images.shape)}")
-    n, _, h, w = images.shape
+    if images.dim() not in (4, 5):
+        raise InvalidInput(f"a preview grid needs [N, 1, H, W] or [N, 1, D, H, W], got shape {tuple(images.shape)}")
+    panels = [preview_panel(image[0]) for image in images.float().numpy()]
+    if images.dim() == 5:
+        columns = max(1, columns // 2)  # a volume's panel is three slices wide
+    n, (h, w) = len(panels), panels[0].shape
     rows = (n + columns - 1) // columns
     grid = np.zeros((rows * h, columns * w), dtype=np.uint8)
-    pixels = ((images[:, 0].clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).numpy()
-    for i in range(n):
+    for i, panel in enumerate(panels):
         r, c = divmod(i, columns)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = pixels[i]
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = ((np.clip(panel, -1, 1) + 1.0) * 127.5).round()
     Image.fromarray(grid).resize((columns * w * scale, rows * h * scale), Image.NEAREST).save(path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import ClassVar
 
@@ -26,20 +26,10 @@ from safetensors.torch import load_file, save_file
 from generators.card import ModelCard, read_card
 from generators.conditional_diffusion import ConditionalDiffusion
 from generators.errors import InvalidInput
+from generators.unet import UNet3DSize
 
 CONFIG_FILE = "unet3d_config.json"
 WEIGHTS_FILE = "unet3d.safetensors"
-
-
-@dataclass(frozen=True)
-class UNet3DSize:
-    """Width and depth of the 3-D denoiser (one entry per resolution level)."""
-
-    channels: tuple[int, ...] = (16, 32, 32)
-    attention_levels: tuple[bool, ...] = (False, False, True)
-    num_res_blocks: int = 1
-    num_head_channels: int = 16
-    norm_num_groups: int = 8
 
 
 def build_unet_3d(*, n_classes: int, size: UNet3DSize) -> DiffusionModelUNet:

@@ -1,4 +1,5 @@
-"""The class-conditional denoiser: a ``diffusers.UNet2DModel`` with a class embedding.
+"""The class-conditional 2-D denoiser (a ``diffusers.UNet2DModel`` with a class embedding) and the size records
+of the 2-D and 3-D denoisers (the 3-D network itself is built in :mod:`generators.diffusion_3d`).
 
 Class ids ``0 .. n_classes-1`` are the cohort's labels (sorted names); id ``n_classes`` is the *null*
 class used for classifier-free guidance (trained by label dropout). No training code lives here.
@@ -18,6 +19,17 @@ class UNetSize:
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = 1
     attention_levels: tuple[bool, ...] = (False, False, True)
+    norm_num_groups: int = 8
+
+
+@dataclass(frozen=True)
+class UNet3DSize:
+    """Width and depth of the 3-D denoiser (one entry per resolution level)."""
+
+    channels: tuple[int, ...] = (16, 32, 32)
+    attention_levels: tuple[bool, ...] = (False, False, True)
+    num_res_blocks: int = 1
+    num_head_channels: int = 16
     norm_num_groups: int = 8
 
 

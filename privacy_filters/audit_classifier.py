@@ -1,4 +1,5 @@
-"""A small CNN label classifier for utility audits (train on synthetic / test on real, TSTR, vs TRTR).
+"""A small CNN label classifier for utility audits (train on synthetic / test on real, TSTR, vs TRTR), for slices
+or (3-D convolutions) volumes.
 
 Its 64-d penultimate layer is also the feature space of the audit's Fréchet distance: features that were
 learned to tell the labels apart, need no download, and fit the image size of the model under audit.
@@ -16,20 +17,25 @@ from torch import nn
 from generators.errors import InvalidInput
 
 FEATURE_DIM = 64
+LAYERS_2D = (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)
 
 
 class SmallCNN(nn.Module):
-    """Three conv blocks (16-32-64 channels, GroupNorm, SiLU), global average pool, 64-d features, logits."""
+    """Three conv blocks (16-32-64 channels, GroupNorm, SiLU), global average pool, 64-d features, logits; 2-D or
+    3-D convolutions (``spatial_dims``)."""
 
-    def __init__(self, n_classes: int) -> None:
+    def __init__(self, n_classes: int, spatial_dims: int = 2) -> None:
         super().__init__()
+        conv, pool, gap = (
+            (nn.Conv3d, nn.MaxPool3d, nn.AdaptiveAvgPool3d)
+            if spatial_dims == 3
+            else (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)
+        )
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(4, c_out), nn.SiLU(), nn.MaxPool2d(2)
-            )
+            return nn.Sequential(conv(c_in, c_out, 3, padding=1), nn.GroupNorm(4, c_out), nn.SiLU(), pool(2))
 
-        self.body = nn.Sequential(block(1, 16), block(16, 32), block(32, 64), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(block(1, 16), block(16, 32), block(32, 64), gap(1), nn.Flatten())
         self.features = nn.Sequential(nn.Linear(64, FEATURE_DIM), nn.SiLU())
         self.head = nn.Linear(FEATURE_DIM, n_classes)
 
@@ -57,7 +63,8 @@ def train_classifier(
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> SmallCNN:
-    """Train :class:`SmallCNN` for a fixed number of steps (same budget whatever the training set size).
+    """Train :class:`SmallCNN` for a fixed number of steps (same budget whatever the training set size) on slices
+    ``[N, 1, H, W]`` or volumes ``[N, 1, D, H, W]`` (3-D convolutions).
 
     Augmentation: random left-right flips and ±2-pixel shifts, so the classifier learns the label, not the pose.
     """
@@ -65,7 +72,7 @@ def train_classifier(
         raise InvalidInput("classifier training needs one label per image and at least one image")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = SmallCNN(n_classes).to(device)
+    model = SmallCNN(n_classes, spatial_dims=np.ndim(images) - 2).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps)
     x_all = torch.from_numpy(np.asarray(images, dtype=np.float32))
@@ -82,17 +89,20 @@ def train_classifier(
     return model.eval()
 
 
-def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:  # (B, 1, H, W)
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:  # (B, 1, [D,] H, W)
     flip = torch.rand(len(x), generator=generator) < 0.5
-    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-    dy, dx = (int(v) for v in torch.randint(-2, 3, (2,), generator=generator))
-    return torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+    x = torch.where(flip.view(-1, *(1,) * (x.dim() - 1)), x.flip(-1), x)
+    axes = tuple(range(2, x.dim()))
+    shifts = tuple(int(v) for v in torch.randint(-2, 3, (len(axes),), generator=generator))
+    return torch.roll(x, shifts=shifts, dims=axes)
 
 
 @torch.no_grad()
 def predict(model: SmallCNN, images: np.ndarray, *, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """``(class probabilities [N, C], 64-d features [N, 64])``."""
     device = next(model.parameters()).device
+    if np.ndim(images) == 5:
+        batch_size = max(1, batch_size // 16)  # volumes: about the memory of a batch of slices
     probs, feats = [], []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32)).to(device)

@@ -17,6 +17,9 @@ gamma and noise at the given fraction of their reference strengths (``COMBINED_P
 
 The filter promises ≥ 99 % rejection at :data:`DOCUMENTED` strengths for every kind except those in
 :data:`NOT_COVERED` (reported with their curves, not promised).
+
+Volumes ``[N, 1, D, H, W]`` (3-D models) have the kinds in :data:`KINDS_3D`: exact and left-right flipped
+copies, and shift (a random direction in 3-D), blur, gamma, contrast and noise at the same strengths.
 """
 
 from __future__ import annotations
@@ -61,7 +64,8 @@ STRENGTH_GRID: dict[str, tuple[float, ...]] = {
 
 
 def _warp(images: np.ndarray, theta: np.ndarray) -> np.ndarray:
-    """Apply per-image affine maps (output → input, normalised coordinates ``[N, 2, 3]``), background fill."""
+    """Apply per-image affine maps (output → input, normalised coordinates ``[N, 2, 3]``, or ``[N, 3, 4]`` for
+    volumes), background fill."""
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)) + 1.0
     grid = F.affine_grid(torch.from_numpy(theta.astype(np.float32)), list(x.shape), align_corners=False)
     return (F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0).numpy()
@@ -81,6 +85,11 @@ def _affine(n: int, *, angle_deg=0.0, scale=1.0, shift_x=0.0, shift_y=0.0) -> np
 
 def _signs(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.choice([-1.0, 1.0], size=n)
+
+
+def _per_image(values: np.ndarray, images: np.ndarray) -> np.ndarray:
+    """One value per image, shaped to broadcast over its channel and spatial axes."""
+    return values.reshape(-1, *(1,) * (images.ndim - 1))
 
 
 def _px(images: np.ndarray, pixels: float) -> float:
@@ -105,19 +114,23 @@ def crop(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.nd
 
 def shift(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     n, size = len(images), images.shape[-1]
-    angle = rng.uniform(0, 2 * np.pi, size=n)
     step = _px(images, strength) * 2.0 / size  # pixels → normalised units
+    if images.ndim == 5:  # a random direction in 3-D
+        direction = rng.normal(size=(n, 3))
+        direction /= np.linalg.norm(direction, axis=1, keepdims=True)
+        theta = np.concatenate([np.broadcast_to(np.eye(3), (n, 3, 3)), -step * direction[:, :, None]], axis=2)
+        return _warp(images, theta)
+    angle = rng.uniform(0, 2 * np.pi, size=n)
     return _warp(images, _affine(n, shift_x=step * np.cos(angle), shift_y=step * np.sin(angle)))
 
 
 def blur(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    return gaussian_blur(
-        torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), _px(images, strength)
-    ).numpy()
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    return gaussian_blur(x, _px(images, strength)).numpy()
 
 
 def gamma(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
-    exponent = (1.0 + strength * _signs(rng, len(images))).reshape(-1, 1, 1, 1)
+    exponent = _per_image(1.0 + strength * _signs(rng, len(images)), images)
     unit = np.clip((images + 1.0) / 2.0, 0.0, 1.0)
     return unit**exponent * 2.0 - 1.0
 
@@ -125,8 +138,8 @@ def gamma(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.n
 def contrast(images: np.ndarray, strength: float, rng: np.random.Generator) -> np.ndarray:
     """A window change: gain ``1 ± strength`` and offset ``± strength`` on the whole image (then clipped)."""
     n = len(images)
-    gain = (1.0 + strength * _signs(rng, n)).reshape(-1, 1, 1, 1)
-    offset = (strength * _signs(rng, n)).reshape(-1, 1, 1, 1)
+    gain = _per_image(1.0 + strength * _signs(rng, n), images)
+    offset = _per_image(strength * _signs(rng, n), images)
     return images * gain + offset
 
 
@@ -189,10 +202,15 @@ TRANSFORMS: dict[str, Callable[[np.ndarray, float, np.random.Generator], np.ndar
 }
 
 
+KINDS_3D = ("exact", "flip", "shift", "blur", "gamma", "contrast", "noise")
+
+
 def transform(images: np.ndarray, kind: str, strength: float | None = None, *, seed: int = 0) -> np.ndarray:
     """A near-copy of each image under ``kind`` at ``strength`` (default: its documented strength)."""
     if kind not in TRANSFORMS:
         raise ValueError(f"unknown transform {kind!r}; choose one of {sorted(TRANSFORMS)}")
+    if np.ndim(images) == 5 and kind not in KINDS_3D:
+        raise ValueError(f"transform {kind!r} is 2-D only; volumes have {list(KINDS_3D)}")
     rng = np.random.default_rng(seed)
     images = np.asarray(images, dtype=np.float32)
     value = DOCUMENTED[kind] if strength is None else float(strength)

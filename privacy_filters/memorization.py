@@ -2,7 +2,7 @@
 real patients do.
 
 ```python
-f = MemorizationFilter.build(train_images, holdout_images, quantile=0.05)  # [N, 1, H, W] float32 in [-1, 1]
+f = MemorizationFilter.build(train_images, holdout_images, quantile=0.05)  # [N, 1, (D,) H, W] float32 in [-1, 1]
 f.save(path); f = MemorizationFilter.load(path)
 decisions = f.check(images)  # list[FilterDecision(accepted, score, reason)]
 ```
@@ -15,6 +15,10 @@ Closeness is measured in one or more *views* (default: two), each an embedding w
   pixels). It catches rotated, zoomed, cropped, re-contrasted, blurred and noised copies.
 - ``aligned-pyramid``: the plain embedding distance to the nearest training slice (image or mirror). It is
   the more sensitive to what a memorizing generator actually produces (see BENCHMARKS.md).
+
+Volumes (3-D models) are measured in the 3-D ``aligned-pyramid`` view (centre-of-mass alignment on three axes,
+z-scoring, blur, pooling to 8³; image and left-right mirror image) and self-tested with the 3-D canary kinds
+(:data:`~privacy_filters.canaries.KINDS_3D`).
 
 Each view's threshold is the ``q / V``-th quantile of held-out patients' nearest-training distances in that
 view, so that by the union bound at most ``q`` of unseen patients are rejected; an image is rejected when it
@@ -39,13 +43,22 @@ import torch
 
 from generators.errors import InvalidInput, NotFound
 from privacy_filters import calibration
-from privacy_filters.canaries import DOCUMENTED, NOT_COVERED, STRENGTH_GRID, make_blends, make_canaries, transform
+from privacy_filters.canaries import (
+    DOCUMENTED,
+    KINDS_3D,
+    NOT_COVERED,
+    STRENGTH_GRID,
+    make_blends,
+    make_canaries,
+    transform,
+)
 from privacy_filters.embeddings import Embedding, NearCopy, embed, make_embedding
 from privacy_filters.near_copy import AlignmentSearch, compared, near_copy_distance
 from privacy_filters.nearest_neighbour import NearestNeighbourIndex
 
 FILTER_FORMAT = 2
 DEFAULT_VIEWS = ("near-copy", "aligned-pyramid")
+DEFAULT_VIEWS_3D = ("aligned-pyramid",)
 SELF_TEST_IMAGES = 256
 SELF_TEST_KINDS = ("exact", "flip", *DOCUMENTED)
 RERANK_K = 8  # candidates per query and per mirror image, re-ranked by the aligned distance
@@ -78,20 +91,24 @@ class FilterDecision:
     reason: str
 
 
-def validate_images(images: np.ndarray | torch.Tensor, *, what: str, size: int | None = None) -> np.ndarray:
-    """Check ``[N, 1, H, W]`` float32 in [-1, 1], finite and non-empty; return a NumPy view."""
+def validate_images(
+    images: np.ndarray | torch.Tensor, *, what: str, size: int | None = None, spatial_dims: int | None = None
+) -> np.ndarray:
+    """Check ``[N, 1, H, H]`` slices or ``[N, 1, H, H, H]`` volumes, float32 in [-1, 1], finite and non-empty;
+    return a NumPy view. ``size`` and ``spatial_dims`` pin the shape to a built filter's."""
     if isinstance(images, torch.Tensor):
         images = images.detach().cpu().numpy()
     if not isinstance(images, np.ndarray):
         raise InvalidInput(f"{what} must be a NumPy array or torch tensor, got {type(images).__name__}")
-    if images.ndim != 4 or images.shape[1] != 1 or images.shape[2] != images.shape[3]:
-        raise InvalidInput(f"{what} must have shape [N, 1, H, H], got {list(images.shape)}")
+    if images.ndim not in (4, 5) or images.shape[1] != 1 or len(set(images.shape[2:])) != 1:
+        raise InvalidInput(f"{what} must have shape [N, 1, H, H] or [N, 1, H, H, H], got {list(images.shape)}")
     if len(images) == 0:
         raise InvalidInput(f"{what} is empty")
     if images.dtype != np.float32:
         raise InvalidInput(f"{what} must be float32, got {images.dtype}")
-    if size is not None and images.shape[2] != size:
-        raise InvalidInput(f"{what} are {images.shape[2]}x{images.shape[3]} but the filter was built for {size}x{size}")
+    if (size is not None and images.shape[2] != size) or (spatial_dims is not None and images.ndim - 2 != spatial_dims):
+        wanted = "x".join([str(size)] * (spatial_dims or images.ndim - 2))
+        raise InvalidInput(f"{what} are {'x'.join(map(str, images.shape[2:]))} but the filter was built for {wanted}")
     if images.shape[2] < 8:
         raise InvalidInput(f"{what} are too small ({images.shape[2]} px); need at least 8")
     sample = np.asarray(images[: min(len(images), 65536)])  # bounded check on huge memory maps
@@ -120,7 +137,7 @@ class View:
 
     @classmethod
     def build(cls, name: str, train: np.ndarray, index: str, progress: Callable[[int], None] | None) -> View:
-        emb = make_embedding(name, train.shape[2])
+        emb = make_embedding(name, train.shape[2], train.ndim - 2)
         vectors, canonical = _embed_training(emb, train, progress)
         return cls(
             emb,
@@ -177,8 +194,8 @@ class View:
             np.save(root / entry["rerank"]["file"], self.reranker.canonical, allow_pickle=False)
 
     @classmethod
-    def load(cls, root: Path, entry: dict, image_size: int) -> View:
-        emb = make_embedding(entry["embedding"], image_size)
+    def load(cls, root: Path, entry: dict, image_size: int, spatial_dims: int = 2) -> View:
+        emb = make_embedding(entry["embedding"], image_size, spatial_dims)
         index = NearestNeighbourIndex.load(
             root / entry["index_file"],
             dim=emb.dim,
@@ -201,7 +218,13 @@ class MemorizationFilter:
     def __init__(self, views: list[View], image_size: int, record: dict) -> None:
         self._views = views
         self.image_size = image_size
+        self.spatial_dims = int(record.get("spatial_dims", 2))  # filters written before 3-D measure slices
         self.record = record  # calibration record: q, threshold (1 on normalised distances), rates, statement
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        """The spatial shape of the images this filter measures: ``(H, W)`` or ``(D, H, W)``."""
+        return (self.image_size,) * self.spatial_dims
 
     def __repr__(self) -> str:
         names = "+".join(view.name for view in self._views)
@@ -224,7 +247,7 @@ class MemorizationFilter:
         quantile: float = 0.05,
         *,
         holdout_groups: np.ndarray | None = None,
-        embedding: str | Sequence[str] = DEFAULT_VIEWS,
+        embedding: str | Sequence[str] | None = None,
         index: str = "flat",
         self_test: bool = True,
         seed: int = 0,
@@ -234,7 +257,8 @@ class MemorizationFilter:
         """Index ``train_images`` in every view and calibrate the views' thresholds on ``holdout_images``.
 
         Args:
-            embedding: one view name or several (``"near-copy,aligned-pyramid"`` or a sequence).
+            embedding: one view name or several (``"near-copy,aligned-pyramid"`` or a sequence); default
+                :data:`DEFAULT_VIEWS` for slices, :data:`DEFAULT_VIEWS_3D` for volumes.
             holdout_groups: patient key per held-out image; thresholds are quantiles over patients
                 (defaults to one group per image).
             min_holdout_patients: refuse to calibrate on fewer held-out patients (tests of the filter's
@@ -242,9 +266,12 @@ class MemorizationFilter:
             self_test: plant near-copies of training images and record how many are rejected.
         """
         train = validate_images(train_images, what="training images")
-        holdout = validate_images(holdout_images, what="held-out images", size=train.shape[2])
+        dims = train.ndim - 2
+        holdout = validate_images(holdout_images, what="held-out images", size=train.shape[2], spatial_dims=dims)
         if not 0.0 < quantile < 0.5:
             raise InvalidInput(f"quantile must be in (0, 0.5), got {quantile}")
+        if embedding is None:
+            embedding = DEFAULT_VIEWS_3D if dims == 3 else DEFAULT_VIEWS
         names = [n.strip() for n in embedding.split(",")] if isinstance(embedding, str) else list(embedding)
         if not names or len(set(names)) != len(names):
             raise InvalidInput(f"give one or more distinct embeddings, got {names}")
@@ -267,6 +294,7 @@ class MemorizationFilter:
             "embedding": "+".join(names),
             "views": [view.describe(f"view{i}") for i, view in enumerate(views)],
             "image_size": train.shape[2],
+            "spatial_dims": dims,
             "n_train": len(train),
             "n_holdout": len(holdout),
             "n_holdout_patients": len(patient_distances),
@@ -285,9 +313,10 @@ class MemorizationFilter:
         rng = np.random.default_rng(seed)
         pick = np.sort(rng.choice(len(train), size=min(SELF_TEST_IMAGES, len(train)), replace=False))
         sources = np.asarray(train[pick], dtype=np.float32)
+        kinds = KINDS_3D if self.spatial_dims == 3 else SELF_TEST_KINDS
         by_kind = {
             kind: float(np.mean(self.distances(make_canaries(sources, kind, seed=seed)) < self.threshold))
-            for kind in SELF_TEST_KINDS
+            for kind in kinds
         }
         others = np.asarray(train[np.sort(rng.choice(len(train), size=len(pick), replace=True))], dtype=np.float32)
         blend = float(np.mean(self.distances(make_blends(sources, others)) < self.threshold))
@@ -306,7 +335,7 @@ class MemorizationFilter:
         return self._search(images)[0]
 
     def _search(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        images = validate_images(images, what="images", size=self.image_size)
+        images = validate_images(images, what="images", size=self.image_size, spatial_dims=self.spatial_dims)
         found = [view.search(images) for view in self._views]
         ratios = np.stack([d / view.threshold for view, (d, _) in zip(self._views, found, strict=True)])  # (V, N)
         ids = np.stack([i for _, i in found])
@@ -369,8 +398,8 @@ class MemorizationFilter:
             raise InvalidInput(
                 f"unsupported filter format {meta.get('format')!r}; re-run `synthcohort calibrate STORE MODEL_DIR`"
             )
-        size = int(meta["image_size"])
-        return cls([View.load(path, entry, size) for entry in meta["views"]], size, meta)
+        size, dims = int(meta["image_size"]), int(meta.get("spatial_dims", 2))
+        return cls([View.load(path, entry, size, dims) for entry in meta["views"]], size, meta)
 
 
 def _embed_training(

@@ -52,14 +52,21 @@ class AlignmentSearch:
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with edge replication; ``x`` is ``(N, 1, H, W)``."""
+    """Separable Gaussian blur with edge replication over the spatial axes of ``(N, 1, H, W)`` images or
+    ``(N, 1, D, H, W)`` volumes (the last axis first)."""
     if sigma <= 0:
         return x
     radius = max(1, int(3 * sigma + 0.5))
     taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=x.dtype) ** 2) / (2 * sigma**2))
     taps = taps / taps.sum()
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="replicate"), taps.view(1, 1, 1, -1))
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="replicate"), taps.view(1, 1, -1, 1))
+    conv = F.conv3d if x.dim() == 5 else F.conv2d
+    for axis in range(x.dim() - 1, 1, -1):
+        pad = [0] * (2 * (x.dim() - 2))  # F.pad lists the last axis first
+        pad[2 * (x.dim() - 1 - axis)] = pad[2 * (x.dim() - 1 - axis) + 1] = radius
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        x = conv(F.pad(x, pad, mode="replicate"), taps.view(shape))
+    return x
 
 
 def otsu_threshold(x: torch.Tensor, *, bins: int = 64) -> torch.Tensor:

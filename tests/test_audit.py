@@ -14,7 +14,14 @@ import pytest
 from app.audit import RECIPE_KEYS, AuditSettings, run_audit
 from generators.errors import Conflict, InvalidInput
 
-FAST = {"n": 6, "classifier_steps": 15, "classifier_seeds": 2, "mia_timesteps": (50, 200), "ms_ssim_pairs": 10}
+FAST = {
+    "n": 6,
+    "classifier_steps": 15,
+    "classifier_seeds": 2,
+    "mia_timesteps": (50, 200),
+    "ms_ssim_pairs": 10,
+    "sampler_steps": 4,
+}
 
 
 @pytest.fixture(scope="module")

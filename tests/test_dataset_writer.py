@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from app.dataset_writer import preview_pixels, write_sample
+from generators.errors import InvalidInput
 
 SPACING = [2.0, 1.5, 3.0]  # row (anterior→posterior), column (left→right), slice (inferior→superior) in mm
 
@@ -46,5 +47,5 @@ def test_a_volume_previews_as_three_orthogonal_mid_slices(tmp_path: Path) -> Non
     assert png.shape == (8, 10 + 1 + 10 + 1 + 8 + 1)
     np.testing.assert_array_equal(png[:, :10], preview_pixels(volume[3]))  # axial mid-slice first
     np.testing.assert_array_equal(png[:6, 11:21], preview_pixels(volume[::-1, 4, :]))  # coronal, superior up
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(InvalidInput, match="shape"):
         preview_pixels(np.zeros((2, 2, 2, 2)))

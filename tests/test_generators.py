@@ -173,7 +173,7 @@ def test_the_service_skips_a_bundle_whose_card_is_invalid(tiny_model: Path, tmp_
 
 # ------------------------------------------------------------------------------------------------ 3-D
 def tiny_3d_size():
-    from generators.diffusion_3d import UNet3DSize
+    from generators.unet import UNet3DSize
 
     return UNet3DSize(channels=(8, 16), attention_levels=(False, True), num_head_channels=8, norm_num_groups=4)
 
@@ -237,10 +237,12 @@ def test_a_3d_model_saves_loads_and_generates_reproducible_volumes(canary_store,
     assert not torch.equal(first.images[0], first.images[1])
     losses = loaded.membership_losses(first.images.numpy(), np.array([0, 0, 1]), timesteps=(10, 500), seed=0)
     assert losses.shape == (2, 3) and np.isfinite(losses).all()
-    with pytest.raises(InvalidInput, match="2-D only so far"):  # no 3-D filter yet: nothing 3-D is released
-        build_cohort(tmp_path, CohortRequest(counts={"healthy": 1}), tmp_path / "cohort", device="cpu")
+    with pytest.raises(NotFound, match="no memorization filter"):  # nothing leaves without the filter
+        build_cohort(
+            tmp_path, CohortRequest(counts={"healthy": 1}, allow_not_private=True), tmp_path / "cohort", device="cpu"
+        )
     assert not (tmp_path / "cohort").exists()
-    with pytest.raises(InvalidInput, match="2-D only so far"):
+    with pytest.raises(InvalidInput, match="not trained on this store of 2-D items"):
         calibrate(canary_store.store.path, tmp_path)
     assert not BundleLayout(tmp_path).private.exists()
     with pytest.raises(InvalidInput, match="cannot load as diffusion-3d"):

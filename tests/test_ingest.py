@@ -307,3 +307,41 @@ def test_dicom_multi_series_folder_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(InvalidInput, match="several DICOM series"):
         read_dicom_series(tmp_path / "x")
+
+
+def test_volumes_need_keep_faces_and_are_stored_whole(demo_raw, tmp_path: Path) -> None:
+    raw, plan = demo_raw
+    out = tmp_path / "store3d"
+    with pytest.raises(InvalidInput, match="--keep-faces"):
+        ingest(raw, out, labels_path=raw / "labels.csv", options=IngestOptions(dims=3, size=16))
+    assert not out.exists()
+
+    result = ingest(raw, out, labels_path=raw / "labels.csv", options=IngestOptions(dims=3, size=16, keep_faces=True))
+    store = result.store
+    assert store.spatial_dims == 3 and CohortStore.open(out).spatial_dims == 3
+    train = store.read("train")
+    assert train.images.shape[1:] == (1, 16, 16, 16)
+    assert float(train.images.min()) >= -1.0 and float(train.images.max()) <= 1.0
+    # one volume per scan: every patient once, DICOM patients twice
+    assert store.n_slices == len(plan) + sum(1 for p in plan if p.dicom)
+    assert {row["position"] for row in store.index()} == {"0"}
+    spacing = store.spacing()
+    assert spacing[0] == spacing[1] == spacing[2]
+    settings = result.report["settings"]
+    assert settings["dims"] == 3 and settings["slices_per_scan"] is None and "keep-faces" in settings["faces"]
+
+
+def test_archives_of_2d_images_are_skipped_for_volumes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "tiny.npz",
+        train_images=rng.integers(0, 255, (4, 28, 28), dtype=np.uint8),
+        train_labels=np.array([[0], [1], [0], [1]]),
+    )
+    with pytest.raises(InvalidInput, match="2-D images"):
+        ingest(
+            tmp_path / "tiny.npz",
+            tmp_path / "store",
+            labels_path=None,
+            options=IngestOptions(dims=3, size=16, keep_faces=True),
+        )

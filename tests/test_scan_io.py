@@ -7,7 +7,7 @@ import pytest
 
 from generators.errors import InvalidInput
 from train.demo_cohort import plan_patients, write_dicom_series
-from train.preprocess import axial_slices
+from train.preprocess import axial_slices, isotropic_volume, resize_images
 from train.scan_io import read_dicom_series, read_medmnist, read_nifti, scan_from_display, write_nifti
 
 
@@ -186,3 +186,38 @@ def test_slice_orientation_anterior_top_right_on_right() -> None:
     image = axial_slices(nib_scan(data, np.eye(4)), n_slices=1, size=16).images[0, 0]
     rows, cols = np.nonzero(image > 0)
     assert rows.max() < 6 and cols.min() > 10  # top of the image, right-hand side
+
+
+def test_volume_orientation_and_isotropic_grid() -> None:
+    """A volume is [D, H, W]: depth inferior→superior, rows anterior→posterior, columns left→right; a
+    non-isotropic, non-cubic field of view keeps its proportions on the isotropic grid."""
+    affine = np.diag([2.0, 1.0, 4.0, 1.0])  # 20 x 40 x 10 voxels of 2 x 1 x 4 mm: a 40 mm cube
+    right_anterior_superior = np.zeros((20, 40, 10), np.float32)
+    right_anterior_superior[15:19, 30:38, 7:9] = 1.0  # high i, j, k in RAS voxel order: a 8 x 8 x 8 mm block
+    slab = isotropic_volume(nib_scan(right_anterior_superior, affine), size=16)
+    assert slab.images.shape == (1, 1, 16, 16, 16) and list(slab.positions) == [0]
+    assert slab.spacing == pytest.approx((2.5, 2.5, 2.5))
+    volume = slab.images[0, 0]
+    assert volume.min() >= -1.0 and volume.max() <= 1.0
+    depth, rows, cols = np.nonzero(volume > 0)
+    assert depth.min() > 10 and rows.max() < 6 and cols.min() > 10  # superior, anterior (top), right
+    assert all(2 <= np.ptp(axis) + 1 <= 5 for axis in (depth, rows, cols))  # 8 mm ≈ 3.2 voxels on every axis
+
+    left_posterior_inferior = np.zeros((20, 40, 10), np.float32)
+    left_posterior_inferior[1:5, 2:10, 1:3] = 1.0
+    volume = isotropic_volume(nib_scan(left_posterior_inferior, affine), size=16).images[0, 0]
+    depth, rows, cols = np.nonzero(volume > 0)
+    assert depth.max() < 6 and rows.min() > 10 and cols.max() < 6  # inferior, posterior (bottom), left
+
+
+def test_resize_images_takes_slices_and_volumes() -> None:
+    slices = np.random.default_rng(0).uniform(-1, 1, (3, 1, 16, 16)).astype(np.float32)
+    volumes = np.random.default_rng(1).uniform(-1, 1, (2, 1, 16, 16, 16)).astype(np.float32)
+    assert tuple(resize_images(slices, 8).shape) == (3, 1, 8, 8)
+    small = resize_images(volumes, 8)
+    assert tuple(small.shape) == (2, 1, 8, 8, 8)
+    # shrinking a volume averages 2 x 2 x 2 blocks (no aliasing)
+    np.testing.assert_allclose(small[0, 0, 0, 0, 0], volumes[0, 0, :2, :2, :2].mean(), atol=1e-6)
+    assert tuple(resize_images(volumes, 20).shape) == (2, 1, 20, 20, 20)
+    with pytest.raises(InvalidInput, match="shape"):
+        resize_images(np.zeros((2, 16, 16), np.float32), 8)

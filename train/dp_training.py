@@ -1,11 +1,12 @@
-"""Patient-level DP-SGD training of the class-conditional diffusion model (Opacus).
+"""Patient-level DP-SGD training of the class-conditional diffusion model (Opacus), on slices (``diffusion-2d``)
+or whole volumes (``diffusion-3d``): the preset names the generator kind and the store must hold matching items.
 
 One step:
 1. Opacus' ``UniformWithReplacementSampler`` Poisson-samples *patients* with rate ``q = B / N̂`` (``N̂`` the
    store's DP patient count); Opacus' ``BatchSplittingSampler`` splits the logical batch into physical
    batches (an empty batch still steps).
-2. Each sampled patient contributes ``m`` uniformly chosen slices (over all of the patient's scans, with
-   replacement), each seen under ``K`` (timestep, noise) draws with label dropout (null class) for
+2. Each sampled patient contributes ``m`` uniformly chosen slices (volumes in 3-D; over all of the patient's
+   scans, with replacement), each seen under ``K`` (timestep, noise) draws with label dropout (null class) for
    classifier-free guidance. Only the preset's trainable parameter set is trained (``train.trainable``).
 3. Exact per-patient gradients (``train.per_patient_grads``) go into ``p.grad_sample``; Opacus'
    ``DPOptimizer`` clips each patient to ``C``, adds ``N(0, σ²C²)`` (``secure_mode``: robust to floating-point
@@ -51,6 +52,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from generators.base import resolve_device, save_grid
 from generators.card import CARD_FORMAT, ModelCard, card_exists, read_card
+from generators.conditional_diffusion import ConditionalDiffusion
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
 from generators.diffusion_2d import DEFAULT_GUIDANCE, DEFAULT_STEPS, DiffusionModel
 from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarning
@@ -58,10 +60,10 @@ from generators.layout import BundleLayout, write_json_atomic
 from generators.unet import build_unet, null_class, use_plain_attention
 from train.accounting import RELATION, PrivacyPlan, check_delta, count_mechanism, epsilon_of, plan_privacy
 from train.per_patient_grads import make_per_patient_grad_fn
-from train.preprocess import resize_slices
+from train.preprocess import resize_images
 from train.presets import Preset
 from train.public_prior import DESCRIPTION as PUBLIC_PRIOR_DESCRIPTION
-from train.public_prior import cosine_lr, pretrain
+from train.public_prior import cosine_lr, pretrain, template_images
 from train.store import CohortStore
 from train.trainable import TRAINABLE_SETS, count_parameters, freeze_except
 
@@ -79,6 +81,11 @@ PRIVACY_STATEMENT = (
     "does NOT cover the memorization filter or which samples were released (the filter reads private data), "
     "nor the held-out patients who calibrate that filter."
 )
+ORIENTATION = {
+    2: "axial slice; rows anterior→posterior, columns patient left→right",
+    3: "volume [D, H, W]: axial slices stacked inferior→superior; rows anterior→posterior, columns patient "
+    "left→right (RAS+ in the NIfTI output)",
+}
 NOT_PRIVATE_STATEMENT = "NOT PRIVATE: this model was trained without differential privacy."
 RANDOMNESS = {
     "seeded_by_public_seed": ["initialisation", "public-prior pretraining", "sample grids"],
@@ -365,6 +372,10 @@ def _prepare_output(config: TrainConfig) -> None:
 def _plan_run(config: TrainConfig, store: CohortStore) -> _Run:
     """Solve the privacy plan from public numbers (N̂, B, epochs); check δ against the exact count."""
     preset = config.preset
+    if store.spatial_dims != preset.spatial_dims:
+        have = "volumes" if store.spatial_dims == 3 else "axial slices"
+        want = "3-D preset (cpu-3d, gpu-3d) for it" if store.spatial_dims == 3 else "store ingested with --dims 3"
+        raise InvalidInput(f"preset {preset.name} trains {preset.generator} but the store holds {have}; use a {want}")
     train_split = store.read("train")
     slices = PatientSlices(train_split.patients, train_split.labels)
     n_patients = slices.n_patients  # exact and private: used only for operator-side checks
@@ -409,8 +420,7 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
     """A fresh model from the public seed, pretrained on public data; the DP optimiser; OS-entropy generators."""
     config, preset, device = run.config, run.config.preset, run.device
     torch.manual_seed(config.seed)
-    model = build_unet(image_size=preset.image_size, n_classes=run.n_classes, size=preset.unet).to(device)
-    use_plain_attention(model)
+    model = build_network(preset, run.n_classes).to(device)
     pretrain_seconds = _public_prior(run, model, progress)
     if preset.label_init == "null" and not config.resume:
         start_labels_at_null(model, null_class(run.n_classes))
@@ -429,6 +439,27 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
         pretrain_seconds=pretrain_seconds,
     )
     return state
+
+
+def build_network(preset: Preset, n_classes: int) -> torch.nn.Module:
+    """A fresh denoiser of the preset's generator kind (initialised from torch's current seed)."""
+    if preset.spatial_dims == 3:
+        from generators.diffusion_3d import build_unet_3d
+
+        return build_unet_3d(n_classes=n_classes, size=preset.unet)  # type: ignore[arg-type]
+    model = build_unet(image_size=preset.image_size, n_classes=n_classes, size=preset.unet)  # type: ignore[arg-type]
+    use_plain_attention(model)
+    return model
+
+
+def wrap_generator(preset: Preset, network: torch.nn.Module, card: ModelCard, device: str) -> ConditionalDiffusion:
+    """The trained network as the generator its card names (what ``save`` writes and ``load`` reads back)."""
+    scheduler_config = training_scheduler(preset.prediction).config  # type: ignore[arg-type]
+    if preset.spatial_dims == 3:
+        from generators.diffusion_3d import Diffusion3DModel
+
+        return Diffusion3DModel(network, preset.unet, scheduler_config, card, device=device)  # type: ignore[arg-type]
+    return DiffusionModel(network, scheduler_config, card, device=device)  # type: ignore[arg-type]
 
 
 def start_labels_at_null(model: torch.nn.Module, null: int) -> None:
@@ -456,6 +487,7 @@ def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], 
 
     pretrain(
         model,
+        images=template_images(preset.image_size, preset.spatial_dims),
         steps=preset.public_pretrain_steps,
         batch_size=preset.public_batch_size,
         learning_rate=preset.public_learning_rate,
@@ -479,6 +511,7 @@ def prior_cache_path(config: TrainConfig, n_classes: int) -> Path | None:
         return None
     p = config.preset
     key = {
+        "generator": p.generator,
         "image_size": p.image_size,
         "unet": asdict(p.unet),
         "prediction": p.prediction,
@@ -550,6 +583,7 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
     grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction)  # type: ignore[arg-type]
     params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
     null, size = null_class(run.n_classes), preset.image_size
+    item = (1, *(size,) * preset.spatial_dims)  # one slice [1, H, W] or volume [1, D, H, W]
     m, k = preset.slices_per_patient, preset.slices_per_patient * preset.noise_multiplicity
     poisson = UniformWithReplacementSampler(
         num_samples=run.slices.n_patients,
@@ -566,13 +600,13 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
     def draws(patient_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:  # all from the private draw generator
         b, gen = len(patient_ids), state.draw_gen
         rows = run.slices.pick(patient_ids, gen, m).reshape(-1)  # (b·m,)
-        images = resize_slices(run.train_images[rows.numpy()], size)  # (b·m, 1, size, size)
+        images = resize_images(run.train_images[rows.numpy()], size)  # (b·m, *item)
         labels = run.slices.labels[patient_ids].view(b, 1).expand(b, k).clone()
         labels[torch.rand(b, k, generator=gen) < preset.label_dropout] = null
         timesteps = torch.randint(0, len(alphas), (b, k), generator=gen)
-        noise = torch.randn(b, k, 1, size, size, generator=gen)
-        # each of a patient's m slices under K draws: (b, m·K, 1, size, size)
-        images = images.view(b, m, 1, 1, size, size).expand(b, m, k // m, 1, size, size).reshape(b, k, 1, size, size)
+        noise = torch.randn(b, k, *item, generator=gen)
+        # each of a patient's m slices (or volumes) under K draws: (b, m·K, *item)
+        images = images.view(b, m, 1, *item).expand(b, m, k // m, *item).reshape(b, k, *item)
         return images.to(device), labels.to(device), timesteps.to(device), noise.to(device)
 
     state.model.train()
@@ -665,7 +699,7 @@ def _write_bundle(run: _Run, state: _State) -> dict:
     """EMA weights, the card (written last), the private record, the ledger entry and sample grids; returns the
     card's JSON."""
     preset = run.config.preset
-    final = build_unet(image_size=preset.image_size, n_classes=run.n_classes, size=preset.unet)
+    final = build_network(preset, run.n_classes)
     final.load_state_dict({**state.model.state_dict(), **state.ema})
     history = _history(run, state) if run.plan is not None else []
     epsilon = epsilon_of(history, delta=run.plan.delta, accountant=run.config.accountant) if run.plan else math.inf
@@ -681,7 +715,7 @@ def _write_bundle(run: _Run, state: _State) -> dict:
             epsilon=epsilon,
             delta=run.plan.delta,
         )
-    bundle = DiffusionModel(final, training_scheduler(preset.prediction).config, card, device=str(run.device))  # type: ignore[arg-type]
+    bundle = wrap_generator(preset, final, card, str(run.device))
     bundle.save(run.out)
     for label in run.store.label_names:
         generated = bundle.generate(labels={label: run.config.samples_per_label}, seed=run.config.seed)
@@ -695,19 +729,22 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
     config, preset, plan, store = run.config, run.config.preset, run.plan, run.store
     row_mm, col_mm, slice_mm = store.spacing()
     scale = store.image_size / preset.image_size
-    unit = store.privacy_unit
+    unit, dims = store.privacy_unit, preset.spatial_dims
+    item = "volume" if dims == 3 else "slice"
     card = {
         "format": CARD_FORMAT,
         "created": datetime.now(UTC).date().isoformat(),
-        "generator": DiffusionModel.kind,
-        "spatial_dims": 2,
+        "generator": preset.generator,
+        "spatial_dims": dims,
         "labels": {name: i for i, name in enumerate(store.label_names)},
         "null_class": null_class(run.n_classes),
         "image_size": preset.image_size,
-        "voxel_spacing_mm": [round(row_mm * scale, 2), round(col_mm * scale, 2), slice_mm],
-        "voxel_spacing_source": "median spacing of the store's slices rounded to 0.1 mm, scaled to the model's "
+        "voxel_spacing_mm": [round(row_mm * scale, 2), round(col_mm * scale, 2), round(slice_mm * scale, 2)]
+        if dims == 3
+        else [round(row_mm * scale, 2), round(col_mm * scale, 2), slice_mm],
+        "voxel_spacing_source": f"median spacing of the store's {item}s rounded to 0.1 mm, scaled to the model's "
         "size: a coarse acquisition statistic of the private store, declared here (not covered by ε)",
-        "orientation": "axial slice; rows anterior→posterior, columns patient left→right",
+        "orientation": ORIENTATION[dims],
         "dp": bool(config.dp),
         "privacy_unit": unit,
         "neighbouring_relation": RELATION if unit == "patient" else "add/remove one image",
@@ -721,7 +758,7 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
         "noise_multiplier": plan.noise_multiplier if plan else 0.0,
         "max_grad_norm": preset.max_grad_norm if config.dp else None,
         "sampling": f"Poisson sampling of {unit}s at rate q = B / N̂; {preset.slices_per_patient} uniformly chosen "
-        f"slice(s) per sampled {unit}, each under {preset.noise_multiplicity} (timestep, noise) draw(s), averaged "
+        f"{item}(s) per sampled {unit}, each under {preset.noise_multiplicity} (timestep, noise) draw(s), averaged "
         f"before the {unit}'s gradient is clipped",
         "sample_rate": plan.sample_rate if plan else None,
         "expected_batch_size": plan.expected_batch_size if plan else preset.batch_size,
@@ -737,7 +774,7 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
         "preset": preset.as_dict(),
         "public_pretraining": (
             {
-                "data": PUBLIC_PRIOR_DESCRIPTION,
+                "data": PUBLIC_PRIOR_DESCRIPTION[dims],
                 "steps": preset.public_pretrain_steps,
                 "batch_size": preset.public_batch_size,
                 "privacy": "public data about no patient: spends no ε",

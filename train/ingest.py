@@ -13,6 +13,11 @@ Which patient a scan belongs to:
 Patient ids are compared after :func:`train.deidentify.normalise_patient_id` (case, whitespace, zero
 padding), so ``P007`` in the labels file and ``p7.nii.gz`` are one patient.
 
+What is stored of each scan: ``--dims 2`` (default) keeps ``--slices`` axial slices around its centre;
+``--dims 3`` keeps the whole volume on an isotropic ``--size``³ grid (RAS orientation, see
+:mod:`train.preprocess`). A head volume carries the patient's face, so ``--dims 3`` needs an explicit
+``--keep-faces`` (for brain-extracted or non-head volumes); the report records that choice.
+
 Real ids only ever live in memory: they are turned into keyed pseudonyms before anything is written,
 and the report refers to skipped inputs by pseudonymous references, never by path.
 """
@@ -30,7 +35,7 @@ from pathlib import Path
 
 from generators.errors import InvalidInput, SynthCohortError
 from train.deidentify import Pseudonymizer, clean_age, clean_sex, new_secret, normalise_patient_id
-from train.preprocess import Slab, axial_slices
+from train.preprocess import Slab, axial_slices, isotropic_volume
 from train.scan_io import (
     is_dicom_file,
     is_nifti,
@@ -43,6 +48,8 @@ from train.scan_io import (
 from train.split import split_patients
 from train.store import DEFAULT_STORE_BUDGET, CohortStore, SliceRecord, StoreWriter
 
+FACES_KEPT = "kept as ingested: --keep-faces (the operator confirmed the volumes carry no face)"
+MAX_VOLUME_SIZE = 128  # --dims 3: 128³ float32 is 8 MiB a volume
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 LABEL_RULE = "label names must be 1-64 letters, digits, '_', '.', '+' or '-' and start with a letter or digit"
 
@@ -53,6 +60,8 @@ class IngestOptions:
 
     size: int = 64
     slices: int = 8
+    dims: int = 2  # 2: axial slices; 3: whole volumes on an isotropic grid
+    keep_faces: bool = False  # --dims 3: store head volumes as they are (brain-extracted or not a head)
     holdout: float = 0.2
     seed: int = 0
     allow_burned_in: bool = False
@@ -201,8 +210,10 @@ def discover(root: Path, *, exclude: set[Path] | None = None) -> Iterator[InputI
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_item(item: InputItem, *, size: int, slices: int, allow_burned_in: bool, scan_key: str = "") -> LoadedScan:
-    """Read one NIfTI or DICOM item into slices (runs in worker processes)."""
+def load_item(
+    item: InputItem, *, size: int, slices: int, allow_burned_in: bool, scan_key: str = "", dims: int = 2
+) -> LoadedScan:
+    """Read one NIfTI or DICOM item into slices, or one volume for ``dims=3`` (runs in worker processes)."""
     if item.kind == "nifti":
         scan, patient = read_nifti(item.path), nifti_stem(item.path)
     elif item.kind == "dicom":
@@ -210,7 +221,7 @@ def load_item(item: InputItem, *, size: int, slices: int, allow_burned_in: bool,
         scan, patient = series.scan, series.patient_id.strip() or item.path.name
     else:
         raise InvalidInput(f"unsupported input kind {item.kind}")
-    slab = axial_slices(scan, n_slices=slices, size=size)
+    slab = isotropic_volume(scan, size=size) if dims == 3 else axial_slices(scan, n_slices=slices, size=size)
     return LoadedScan(patient_id=patient, slab=slab, scan_key=scan_key)
 
 
@@ -221,10 +232,10 @@ def scan_key(item: InputItem, root: Path) -> str:
     return item.path.relative_to(root).as_posix() if root.is_dir() and item.path != root else item.path.name
 
 
-def _load_safely(args: tuple[InputItem, int, int, bool, str]) -> LoadedScan | str:
-    item, size, slices, allow_burned_in, key = args
+def _load_safely(args: tuple[InputItem, int, int, bool, str, int]) -> LoadedScan | str:
+    item, size, slices, allow_burned_in, key, dims = args
     try:
-        return load_item(item, size=size, slices=slices, allow_burned_in=allow_burned_in, scan_key=key)
+        return load_item(item, size=size, slices=slices, allow_burned_in=allow_burned_in, scan_key=key, dims=dims)
     except SynthCohortError as exc:
         return str(exc)
     except Exception as exc:  # a reader bug must not abort a 10 000-file ingestion
@@ -290,7 +301,7 @@ def ingest(
 
     # 3. split by patient, write the store (with its DP patient count) atomically
     split_of = cohort.split(options)
-    with StoreWriter(out, size=options.size, overwrite=options.overwrite) as writer:
+    with StoreWriter(out, size=options.size, spatial_dims=options.dims, overwrite=options.overwrite) as writer:
         for pseudonym, scan_no, slab in cohort.pending:
             writer.add(slab.images, cohort.records(pseudonym, scan_no, slab, split_of[pseudonym]))
         report = _report(
@@ -314,6 +325,16 @@ def ingest(
 def _check_options(options: IngestOptions) -> None:
     if options.size < 8 or options.size > 1024:
         raise InvalidInput(f"--size must be between 8 and 1024, got {options.size}")
+    if options.dims not in (2, 3):
+        raise InvalidInput(f"--dims must be 2 (axial slices) or 3 (volumes), got {options.dims}")
+    if options.dims == 3 and options.size > MAX_VOLUME_SIZE:
+        raise InvalidInput(f"--size must be at most {MAX_VOLUME_SIZE} with --dims 3, got {options.size}")
+    if options.dims == 3 and not options.keep_faces:
+        raise InvalidInput(
+            "--dims 3 stores whole volumes, and a head volume carries the patient's face: defacing is not "
+            "built yet, so deface the volumes first (or use brain-extracted / non-head volumes) and pass "
+            "--keep-faces to confirm"
+        )
     if options.slices < 1:
         raise InvalidInput(f"--slices must be at least 1, got {options.slices}")
     if not 0.0 <= options.holdout < 1.0:
@@ -331,7 +352,9 @@ def _load_all(
 ) -> Iterator[tuple[InputItem, LoadedScan | str]]:
     """Every item's scans (NIfTI/DICOM in a process pool, then MedMNIST archives), or why it was skipped."""
     scan_items = [i for i in items if i.kind != "npz"]
-    jobs = [(i, options.size, options.slices, options.allow_burned_in, scan_key(i, root)) for i in scan_items]
+    jobs = [
+        (i, options.size, options.slices, options.allow_burned_in, scan_key(i, root), options.dims) for i in scan_items
+    ]
     if options.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=options.workers) as pool:
             yield from zip(scan_items, pool.map(_load_safely, jobs, chunksize=4), strict=True)
@@ -339,6 +362,9 @@ def _load_all(
         for item, job in zip(scan_items, jobs, strict=True):
             yield item, _load_safely(job)
     for item in (i for i in items if i.kind == "npz"):
+        if options.dims == 3:
+            yield item, "a MedMNIST archive holds 2-D images; --dims 3 needs volumes (NIfTI or DICOM series)"
+            continue
         try:
             for result in _load_npz(item, options.size, options.slices):
                 # a per-image failure is reported by the image's own pseudonymous reference
@@ -429,9 +455,13 @@ def _report(
         slices[split_of[pseudonym]][info.label] += cohort.slices_of[pseudonym]
     return {
         "settings": {
+            "dims": options.dims,
             "size": options.size,
-            "slices_per_scan": options.slices,
-            "axis": "axial",
+            "slices_per_scan": options.slices if options.dims == 2 else None,
+            "axis": "axial" if options.dims == 2 else "volume (isotropic grid, RAS)",
+            "faces": "kept: --keep-faces (the operator confirmed the volumes carry no face)"
+            if options.dims == 3
+            else None,
             "holdout": options.holdout,
             "seed": options.seed,
             "allow_burned_in": options.allow_burned_in,

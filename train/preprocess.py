@@ -1,8 +1,9 @@
-"""From a 3-D scan to model-ready 2-D slices: robust intensity scaling, slab selection, square resampling.
+"""From a 3-D scan to model-ready images: robust intensity scaling, then either 2-D axial slices resampled to a
+square, or the whole volume resampled to an isotropic cube.
 
-Slice orientation (the convention used everywhere downstream): an axial slice is an image ``[H, W]``
-whose rows run anterior→posterior (anterior at the top) and whose columns run from the patient's left
-to right (RAS voxel axes: ``row = -j``, ``col = +i``).
+Orientation (the convention used everywhere downstream): an axial slice is an image ``[H, W]`` whose rows run
+anterior→posterior (anterior at the top) and whose columns run from the patient's left to right (RAS voxel
+axes: ``row = -j``, ``col = +i``); a volume ``[D, H, W]`` stacks such slices inferior→superior (``depth = +k``).
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ def robust_normalise(volume: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Slab:
-    """Slices taken from one scan.
+    """Slices (or one volume) taken from one scan.
 
     Attributes:
-        images: ``[N, 1, size, size]`` float32 in [-1, 1].
-        positions: ``[N]`` slice offsets from the volume centre, in slices (0 = centre).
+        images: ``[N, 1, size, size]`` slices, or ``[1, 1, size, size, size]`` for a volume; float32 in [-1, 1].
+        positions: ``[N]`` slice offsets from the volume centre, in slices (0 = centre; ``[0]`` for a volume).
         spacing: ``(row_mm, col_mm, slice_mm)`` after resampling.
     """
 
@@ -83,12 +84,58 @@ def axial_slices(scan: Scan, *, n_slices: int, size: int) -> Slab:
     return Slab(images=out.numpy(), positions=index - depth // 2, spacing=(pixel_mm, pixel_mm, float(sz)))
 
 
-def resize_slices(images: np.ndarray, size: int) -> torch.Tensor:
-    """``[N, 1, S, S]`` slices → ``[N, 1, size, size]`` (antialiased bilinear, clamped to [-1, 1]).
+def isotropic_volume(scan: Scan, *, size: int) -> Slab:
+    """The whole scan on an isotropic ``size³`` grid in the volume convention above.
+
+    The physical field of view is padded to a cube (background value) so anatomy keeps its proportions; the
+    new voxel spacing is ``longest side / size`` on every axis.
+    """
+    if size < 8:
+        raise InvalidInput(f"need size >= 8, got {size}")
+    volume = robust_normalise(scan.data)
+    display = np.ascontiguousarray(volume[:, ::-1, :].transpose(2, 1, 0))  # (D=Z, H=Y reversed, W=X)
+    sx, sy, sz = scan.spacing
+    extent = (display.shape[0] * sz, display.shape[1] * sy, display.shape[2] * sx)
+    side_mm = max(extent)
+    shape = tuple(max(1, round(size * e / side_mm)) for e in extent)
+    out = torch.full((1, 1, size, size, size), -1.0)
+    d, h, w = ((size - n) // 2 for n in shape)
+    out[..., d : d + shape[0], h : h + shape[1], w : w + shape[2]] = _resample(
+        torch.from_numpy(display)[None, None], shape
+    )
+    pixel_mm = side_mm / size
+    return Slab(images=out.numpy(), positions=np.zeros(1, dtype=np.int64), spacing=(pixel_mm, pixel_mm, pixel_mm))
+
+
+def _resample(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``[N, 1, *spatial]`` → ``[N, 1, *shape]``: box-filtered where every axis shrinks (no aliasing), bilinear
+    or trilinear otherwise (antialiased in 2-D); clamped to [-1, 1]."""
+    if tuple(x.shape[2:]) == tuple(shape):
+        return x
+    if len(shape) == 2:
+        return F.interpolate(x, size=shape, mode="bilinear", antialias=True, align_corners=False).clamp(-1.0, 1.0)
+    if all(n <= m for n, m in zip(shape, x.shape[2:], strict=True)):
+        return F.interpolate(x, size=shape, mode="area").clamp(-1.0, 1.0)
+    return F.interpolate(x, size=shape, mode="trilinear", align_corners=False).clamp(-1.0, 1.0)
+
+
+def resize_images(images: np.ndarray, size: int) -> torch.Tensor:
+    """``[N, 1, S, S]`` slices or ``[N, 1, S, S, S]`` volumes → the same at ``size`` per side (clamped to [-1, 1]).
 
     Training and the memorization filter both use this, so the filter sees images as the model does.
     """
     x = torch.tensor(np.asarray(images, dtype=np.float32))  # a copy: memory-mapped stores are read-only
-    if x.shape[-1] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(-1.0, 1.0)
+    if x.dim() not in (4, 5):
+        raise InvalidInput(f"expected [N, 1, H, W] or [N, 1, D, H, W] images, got shape {tuple(x.shape)}")
+    return _resample(x, (size,) * (x.dim() - 2))
+
+
+def resize_split(images: np.ndarray, size: int, *, chunk: int = 8192) -> np.ndarray:
+    """:func:`resize_images` over a whole (memory-mapped) split, ``chunk`` images at a time."""
+    if images.shape[-1] == size:
+        return images
+    out = np.empty((len(images), 1, *(size,) * (images.ndim - 2)), dtype=np.float32)
+    for start in range(0, len(images), chunk):
+        block = resize_images(images[start : start + chunk], size)
+        out[start : start + len(block)] = block.numpy()
+    return out

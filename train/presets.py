@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 
 from generators.errors import InvalidInput
-from generators.unet import UNetSize
+from generators.unet import UNet3DSize, UNetSize
 from train.trainable import TRAINABLE_SETS
 
 
@@ -14,8 +14,8 @@ class Preset:
     """Everything about a training run except the privacy target and the data."""
 
     name: str
-    image_size: int
-    unet: UNetSize
+    image_size: int  # side of the model's images (slices) or of its isotropic volumes
+    unet: UNetSize | UNet3DSize  # UNet3DSize exactly when generator is "diffusion-3d"
     batch_size: int  # expected logical batch (patients per step)
     physical_batch_size: int  # patients per forward/backward (memory bound)
     epochs: float
@@ -33,7 +33,12 @@ class Preset:
     public_pretrain_steps: int = 400
     public_batch_size: int = 64
     public_learning_rate: float = 2e-3
+    generator: str = "diffusion-2d"  # the generator kind trained: "diffusion-2d" (slices) or "diffusion-3d"
     extra: dict = field(default_factory=dict)
+
+    @property
+    def spatial_dims(self) -> int:
+        return 3 if self.generator == "diffusion-3d" else 2
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +79,47 @@ PRESETS = {
         ema_decay=0.995,
         public_pretrain_steps=1000,
     ),
+    # ≤ 60 min on 2 CPU cores: whole volumes on a 32³ grid (≈ 7 mm on the demo data; ingest --dims 3 --size 32).
+    "cpu-3d": Preset(
+        name="cpu-3d",
+        generator="diffusion-3d",
+        image_size=32,
+        unet=UNet3DSize(channels=(16, 32, 32), attention_levels=(False, False, True), num_head_channels=16),
+        batch_size=128,
+        physical_batch_size=16,
+        epochs=8,
+        learning_rate=1e-3,
+        max_grad_norm=1.0,
+        noise_multiplicity=1,
+        ema_decay=0.99,
+        label_init="null",  # few DP steps: labels start from the public prior's (null-class) embedding
+        checkpoint_every=10,
+        public_pretrain_steps=600,
+        public_batch_size=8,
+    ),
+    # one 24–80 GB GPU (sized, not measured here): 64³ volumes (≈ 3.4 mm on the demo data; --size 64).
+    "gpu-3d": Preset(
+        name="gpu-3d",
+        generator="diffusion-3d",
+        image_size=64,
+        unet=UNet3DSize(
+            channels=(32, 64, 128, 128),
+            attention_levels=(False, False, False, True),
+            num_res_blocks=2,
+            num_head_channels=32,
+        ),
+        batch_size=256,
+        physical_batch_size=16,
+        epochs=100,
+        learning_rate=5e-4,
+        max_grad_norm=1.0,
+        noise_multiplicity=2,
+        ema_decay=0.999,
+        label_init="null",
+        checkpoint_every=100,
+        public_pretrain_steps=3000,
+        public_batch_size=8,
+    ),
     "gpu": Preset(
         name="gpu",
         image_size=64,
@@ -98,9 +144,11 @@ def get_preset(name: str, **overrides: object) -> Preset:
     if name not in PRESETS:
         raise InvalidInput(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     changes = {k: v for k, v in overrides.items() if v is not None}
+    base = PRESETS[name]
     if "unet" in changes and isinstance(changes["unet"], dict):
-        changes["unet"] = UNetSize(**changes["unet"])
-    preset = replace(PRESETS[name], **changes)
+        size_class = UNet3DSize if base.generator == "diffusion-3d" else UNetSize
+        changes["unet"] = size_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in changes["unet"].items()})
+    preset = replace(base, **changes)
     if preset.prediction not in ("sample", "v_prediction", "epsilon"):
         raise InvalidInput(f"unknown prediction {preset.prediction!r}; choose sample, v_prediction or epsilon")
     if preset.public_prior not in ("mni152", "none"):
@@ -115,4 +163,6 @@ def get_preset(name: str, **overrides: object) -> Preset:
         raise InvalidInput(f"unknown trainable set {preset.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}")
     if preset.batch_size < 1 or preset.physical_batch_size < 1:
         raise InvalidInput("batch sizes must be positive")
+    if preset.spatial_dims == 3 and preset.trainable != "all":
+        raise InvalidInput("the 3-D model trains every parameter (--trainable all)")
     return preset

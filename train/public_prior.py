@@ -2,9 +2,10 @@
 
 The template (ICBM 2009a, shipped inside nilearn) is public data about no patient, so training on it
 spends no privacy budget; DP-SGD then only has to learn what the cohort adds (its variation and the
-label-specific findings). Slices are taken like ingestion takes them and augmented on the fly with random
-affine and elastic warps, intensity gamma/scale and noise; they are trained as the *null* class because
-they carry no label. Use it for brain MRI; pass ``--public-prior none`` for other anatomy.
+label-specific findings). Slices (or, for 3-D models, the whole volume) are taken like ingestion takes them and
+augmented on the fly with random affine and elastic warps, intensity gamma/scale and noise; they are trained
+as the *null* class because they carry no label. Use it for brain MRI; pass ``--public-prior none`` for other
+anatomy.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from functools import lru_cache
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DModel
 
 from generators.diffusion import Prediction, denoising_loss
-from train.preprocess import axial_slices
+from train.preprocess import axial_slices, isotropic_volume
 from train.scan_io import Scan
 
 PUBLIC_PRIORS = ("mni152", "none")
-DESCRIPTION = "MNI152 ICBM 2009a T1 template (public, shipped with nilearn), augmented axial slices"
+DESCRIPTION = {
+    2: "MNI152 ICBM 2009a T1 template (public, shipped with nilearn), augmented axial slices",
+    3: "MNI152 ICBM 2009a T1 template (public, shipped with nilearn), augmented whole volume",
+}
 
 
 @lru_cache(maxsize=1)
@@ -37,34 +40,45 @@ def load_template() -> tuple[np.ndarray, np.ndarray]:
     return data / float(data.max()), image.affine.copy()
 
 
-def template_slices(image_size: int, n_slices: int = 16) -> torch.Tensor:
-    """Central axial template slices, preprocessed like ingestion: ``(n_slices, 1, size, size)`` in [-1, 1]."""
-    data, affine = load_template()
-    return torch.from_numpy(axial_slices(Scan(data, affine), n_slices=n_slices, size=image_size).images)
+def template_images(image_size: int, spatial_dims: int = 2, n_slices: int = 16) -> torch.Tensor:
+    """The template preprocessed like ingestion: ``n_slices`` central axial slices ``(n, 1, size, size)``, or for
+    ``spatial_dims=3`` the whole volume ``(1, 1, size, size, size)``; in [-1, 1]."""
+    scan = Scan(*load_template())
+    if spatial_dims == 3:
+        return torch.from_numpy(isotropic_volume(scan, size=image_size).images)
+    return torch.from_numpy(axial_slices(scan, n_slices=n_slices, size=image_size).images)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random affine + smooth elastic warp, gamma and scale jitter, Gaussian noise. ``(B, 1, H, W)`` in [-1, 1]."""
-    b, _, h, w = images.shape
+    """Random affine + smooth elastic warp, gamma and scale jitter, Gaussian noise, for slices ``(B, 1, H, W)`` or
+    volumes ``(B, 1, D, H, W)`` in [-1, 1]. Volumes rotate in the axial plane, like slices do."""
+    b, dims, spatial = len(images), images.dim() - 2, images.shape[2:]
     angle = (torch.rand(b, generator=generator) - 0.5) * np.deg2rad(16)
-    scale = 0.9 + 0.2 * torch.rand(b, 2, generator=generator)
-    theta = torch.zeros(b, 2, 3)
+    scale = 0.9 + 0.2 * torch.rand(b, dims, generator=generator)
+    theta = torch.zeros(b, dims, dims + 1)  # grid axes are (W, H[, D]): rotate the first two
     theta[:, 0, 0], theta[:, 0, 1] = torch.cos(angle) * scale[:, 0], -torch.sin(angle) * scale[:, 0]
     theta[:, 1, 0], theta[:, 1, 1] = torch.sin(angle) * scale[:, 1], torch.cos(angle) * scale[:, 1]
-    theta[:, :, 2] = (torch.rand(b, 2, generator=generator) - 0.5) * 0.1
-    grid = F.affine_grid(theta, [b, 1, h, w], align_corners=False)
-    coarse = torch.randn(b, 2, 5, 5, generator=generator) * 0.03
-    grid = grid + F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
+    if dims == 3:
+        theta[:, 2, 2] = scale[:, 2]
+    theta[:, :, dims] = (torch.rand(b, dims, generator=generator) - 0.5) * 0.1
+    grid = F.affine_grid(theta, [b, 1, *spatial], align_corners=False)
+    coarse = torch.randn(b, dims, *(5,) * dims, generator=generator) * 0.03
+    smooth = F.interpolate(
+        coarse, size=tuple(spatial), mode="bicubic" if dims == 2 else "trilinear", align_corners=True
+    )
+    grid = grid + smooth.movedim(1, -1)
     x = F.grid_sample(images + 1.0, grid, mode="bilinear", padding_mode="zeros", align_corners=False) / 2.0
-    gamma = torch.exp((torch.rand(b, 1, 1, 1, generator=generator) - 0.5) * 0.4)
-    x = x.clamp(min=0.0) ** gamma * (0.85 + 0.3 * torch.rand(b, 1, 1, 1, generator=generator))
+    per_image = (b, *(1,) * (dims + 1))
+    gamma = torch.exp((torch.rand(per_image, generator=generator) - 0.5) * 0.4)
+    x = x.clamp(min=0.0) ** gamma * (0.85 + 0.3 * torch.rand(per_image, generator=generator))
     x = x + 0.02 * torch.randn(x.shape, generator=generator)
     return (x * 2.0 - 1.0).clamp(-1.0, 1.0)
 
 
 def pretrain(
-    model: UNet2DModel,
+    model: torch.nn.Module,
     *,
+    images: torch.Tensor,
     steps: int,
     batch_size: int,
     learning_rate: float,
@@ -75,12 +89,11 @@ def pretrain(
     device: torch.device,
     progress: Callable[[int, float], None] | None = None,
 ) -> None:
-    """Non-private denoising training on augmented template slices (null class), in place.
-
-    The learning rate follows a cosine decay to 10 %; the model ends holding the EMA of its iterates.
+    """Non-private denoising training on augmented public ``images`` (:func:`template_images`; null class), in
+    place. The learning rate follows a cosine decay to 10 %; the model ends holding the EMA of its iterates.
     """
     generator = torch.Generator().manual_seed(seed)
-    slices = template_slices(model.config.sample_size)
+    slices = images
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     model.train()

@@ -4,10 +4,11 @@ Layout (every file 0600, the directory 0700)::
 
     STORE/
       PRIVATE              marker: this directory holds training-derived data, never serve it
-      store.json           format, image size, split ranges, label names, fingerprint, a random store id,
-                           the privacy unit, the DP patient-count estimate N̂ and the store's privacy budget
-      images.npy           float32 [N, 1, H, W] in [-1, 1]; train slices first, then holdout
-      index.csv            one row per slice: pseudonym, split, label, covariates, position, spacing
+      store.json           format, spatial dims, image size, split ranges, label names, fingerprint, a random
+                           store id, the privacy unit, the DP patient-count estimate N̂ and the privacy budget
+      images.npy           float32 [N, 1, H, W] slices (spatial dims 2) or [N, 1, D, H, W] volumes (3) in
+                           [-1, 1]; train items first, then holdout
+      index.csv            one row per slice or volume: pseudonym, split, label, covariates, position, spacing
       ingest_report.json   exact counts per split/label and every skipped input with its reason
       privacy_ledger.jsonl every release computed from the patients (see ``train.ledger``)
       secret.key           HMAC key for pseudonyms (never printed or logged)
@@ -40,6 +41,7 @@ from train.ledger import PrivacyLedger
 
 STORE_FORMAT = 2
 SPLITS = ("train", "holdout")
+SPATIAL_DIMS = (2, 3)
 PRIVACY_UNITS = ("patient", "image")
 DEFAULT_STORE_BUDGET = 10.0
 PRIVATE_MARKER = "PRIVATE"
@@ -51,7 +53,7 @@ PRIVATE_TEXT = (
 
 @dataclass(frozen=True)
 class SliceRecord:
-    """One row of ``index.csv``: everything the store knows about a slice besides its pixels."""
+    """One row of ``index.csv``: everything the store knows about a slice (or volume) besides its pixels."""
 
     patient: str
     split: str
@@ -70,7 +72,8 @@ class SplitArrays:
     """One split of the store.
 
     Attributes:
-        images: ``[N, 1, H, W]`` float32 in [-1, 1] (a read-only memory map).
+        images: ``[N, 1, H, W]`` slices or ``[N, 1, D, H, W]`` volumes, float32 in [-1, 1] (a read-only memory
+            map).
         labels: ``[N]`` int64 label ids (see :attr:`CohortStore.label_names`).
         patients: ``[N]`` patient pseudonyms.
     """
@@ -99,14 +102,18 @@ def _sha256(paths: Iterable[Path]) -> str:
 class StoreWriter:
     """Accumulates slabs in a spill file, then writes the store atomically with :meth:`commit`.
 
-    Use as a context manager; leaving the block without ``commit`` removes all temporary files.
+    ``spatial_dims`` 2 stores slices ``[1, size, size]``, 3 stores volumes ``[1, size, size, size]``. Use as a
+    context manager; leaving the block without ``commit`` removes all temporary files.
     """
 
-    def __init__(self, path: Path, *, size: int, overwrite: bool = False) -> None:
+    def __init__(self, path: Path, *, size: int, spatial_dims: int = 2, overwrite: bool = False) -> None:
         self.path = Path(path)
         if self.path.exists() and not overwrite:
             raise Conflict(f"{self.path} already exists; choose a new --out or pass --force to replace it")
-        self.size = size
+        if spatial_dims not in SPATIAL_DIMS:
+            raise InvalidInput(f"spatial dims must be one of {SPATIAL_DIMS}, got {spatial_dims}")
+        self.size, self.spatial_dims = size, spatial_dims
+        self.item_shape = (1, *(size,) * spatial_dims)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
         os.chmod(self._tmp, 0o700)
@@ -128,9 +135,9 @@ class StoreWriter:
         return len(self._records)
 
     def add(self, images: np.ndarray, records: list[SliceRecord]) -> None:
-        """Append slices ``[n, 1, size, size]`` with one record each."""
-        if images.shape != (len(records), 1, self.size, self.size):
-            raise InvalidInput(f"slab shape {images.shape} does not match {len(records)} x 1 x {self.size}^2")
+        """Append ``n`` slices ``[n, 1, size, size]`` or volumes ``[n, 1, size, size, size]``, one record each."""
+        if images.shape != (len(records), *self.item_shape):
+            raise InvalidInput(f"slab shape {images.shape} does not match {(len(records), *self.item_shape)}")
         self._spill.write(np.ascontiguousarray(images, dtype=np.float32).tobytes())
         self._records.extend(records)
 
@@ -157,12 +164,13 @@ class StoreWriter:
             key=lambda i: (split_rank[self._records[i].split], self._records[i].patient, i),
         )
         n = len(order)
-        spill = np.memmap(self._tmp / "spill.f32", dtype=np.float32, mode="r", shape=(n, 1, self.size, self.size))
+        spill = np.memmap(self._tmp / "spill.f32", dtype=np.float32, mode="r", shape=(n, *self.item_shape))
         images = np.lib.format.open_memmap(
-            self._tmp / "images.npy", mode="w+", dtype=np.float32, shape=(n, 1, self.size, self.size)
+            self._tmp / "images.npy", mode="w+", dtype=np.float32, shape=(n, *self.item_shape)
         )
-        for start in range(0, n, 4096):
-            chunk = order[start : start + 4096]
+        block = max(1, 4096 // self.size ** (self.spatial_dims - 2))  # ≈ the same bytes per copy in 2-D and 3-D
+        for start in range(0, n, block):
+            chunk = order[start : start + block]
             images[start : start + len(chunk)] = spill[chunk]
         images.flush()
         del images, spill
@@ -187,6 +195,7 @@ class StoreWriter:
         meta = {
             "format": STORE_FORMAT,
             "store_id": uuid.uuid4().hex,  # random, so naming the store reveals nothing about its data
+            "spatial_dims": self.spatial_dims,
             "image_size": self.size,
             "n_slices": n,
             "splits": ranges,
@@ -251,14 +260,23 @@ class CohortStore:
         return cls(path, meta)
 
     def __repr__(self) -> str:
-        return f"CohortStore(slices={self.n_slices}, size={self.image_size}, labels={self.label_names})"
+        return (
+            f"CohortStore(dims={self.spatial_dims}, items={self.n_slices}, size={self.image_size}, "
+            f"labels={self.label_names})"
+        )
 
     @property
     def image_size(self) -> int:
         return int(self.meta["image_size"])
 
     @property
+    def spatial_dims(self) -> int:
+        """2: the store holds axial slices; 3: whole volumes (``ingest --dims 3``)."""
+        return int(self.meta.get("spatial_dims", 2))  # stores written before 3-D hold slices
+
+    @property
     def n_slices(self) -> int:
+        """How many items (slices, or volumes in a 3-D store) the store holds."""
         return int(self.meta["n_slices"])
 
     @property
