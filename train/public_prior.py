@@ -93,19 +93,18 @@ def pretrain(
     place. The learning rate follows a cosine decay to 10 %; the model ends holding the EMA of its iterates.
     """
     generator = torch.Generator().manual_seed(seed)
-    slices = images
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
     ema = {name: p.detach().clone() for name, p in model.named_parameters()}
     model.train()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(learning_rate, step, steps)
-        pick = torch.randint(0, len(slices), (batch_size,), generator=generator)
-        images = augment(slices[pick], generator).to(device)
+        pick = torch.randint(0, len(images), (batch_size,), generator=generator)
+        batch = augment(images[pick], generator).to(device)
         labels = torch.full((batch_size,), null_label, device=device)
         timesteps = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=generator).to(device)
-        noise = torch.randn(images.shape, generator=generator).to(device)
-        loss = denoising_loss(model, images, labels, timesteps, noise, alphas_cumprod, prediction)
+        noise = torch.randn(batch.shape, generator=generator).to(device)
+        loss = denoising_loss(model, batch, labels, timesteps, noise, alphas_cumprod, prediction)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
