@@ -36,7 +36,7 @@ def main() -> None:
         raise SystemExit(f"{args.store} holds slices; ingest with --dims 3")
     train, holdout = store.read("train"), store.read("holdout")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; date {date.today()}; store {store!r}\n")
-    kinds = [k for k in KINDS_3D]
+    kinds = list(KINDS_3D)
     print(f"| grid | held-out accepted | {' | '.join(kinds)} | blend 0.8/0.2 | build s |")
     print("| --- " * (len(kinds) + 4) + "|")
     first = None
