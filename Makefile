@@ -9,7 +9,7 @@ DEMO_PATIENTS ?= 1000
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,ray]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev,ray,postgres]"
 	touch $@
 
 install: $(BIN)/.installed

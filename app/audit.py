@@ -320,6 +320,15 @@ def _unfiltered_batch(model: Generator, key: bytes, label_names: list[str], s: A
 
 
 # ------------------------------------------------------------------------------------------ utility
+def _classifier_design(spatial_dims: int) -> str:
+    if spatial_dims == 3:
+        return (
+            "3-D, voxels standardised by its own training set, 3 conv blocks 16-32-64, GroupNorm, SiLU, global max "
+            "pool, 64-d features"
+        )
+    return "2-D, 3 conv blocks 16-32-64, GroupNorm, SiLU, global average pool, 64-d features"
+
+
 def _utility(
     real: RealData, synthetic: Synthetic, n_classes: int, s: AuditSettings, device: torch.device
 ) -> tuple[dict, clf.SmallCNN]:
@@ -353,7 +362,7 @@ def _utility(
 
     trtr, tstr = summary(runs["trtr"]), summary(runs["tstr"])
     result = {
-        "classifier": f"SmallCNN ({real.train.ndim - 2}-D, 3 conv blocks 16-32-64, GroupNorm, SiLU, 64-d features), "
+        "classifier": f"SmallCNN ({_classifier_design(real.train.ndim - 2)}), "
         f"AdamW one-cycle, {s.classifier_steps} steps of {batch} with flips and ±2 px shifts; mean over "
         f"{s.classifier_seeds} seeds",
         "test_set": f"real held-out patients ({len(real.holdout)} {_items(real)}), {_items(real)[:-1]} level",

@@ -24,6 +24,8 @@ app = typer.Typer(
 
 keys_app = typer.Typer(help="Manage API keys for the REST service.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+db_app = typer.Typer(help="The service database's schema (Alembic migrations).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 
 
 def _settings_with(db: str | None):
@@ -86,6 +88,9 @@ def ingest(
         int, typer.Option(min=1, max=512, help="--dims 2: axial slices taken around each volume's centre.")
     ] = 8,
     dims: Annotated[int, typer.Option(min=2, max=3, help="2: store axial slices; 3: store whole volumes.")] = 2,
+    deface: Annotated[
+        bool, typer.Option(help="Remove the face of every head scan before storing it (one it cannot deface: skipped).")
+    ] = False,
     keep_faces: Annotated[
         bool, typer.Option(help="--dims 3: confirm the volumes carry no face (brain-extracted, defaced, not a head).")
     ] = False,
@@ -110,6 +115,7 @@ def ingest(
         slices=slices,
         dims=dims,
         keep_faces=keep_faces,
+        deface=deface,
         holdout=holdout,
         seed=seed,
         allow_burned_in=allow_burned_in,
@@ -596,6 +602,9 @@ def keys_create(
         int | None,
         typer.Option(min=1, help="Samples per 24 h for this key (default: SYNTHCOHORT_DEFAULT_DAILY_QUOTA)."),
     ] = None,
+    expires_days: Annotated[
+        float | None, typer.Option(min=0.001, max=3650, help="The key stops working this many days from now.")
+    ] = None,
     db: Annotated[
         str | None, typer.Option(help="Database URL (default: SYNTHCOHORT_DB_URL or SQLite in data dir).")
     ] = None,
@@ -605,10 +614,28 @@ def keys_create(
     from app.keys import create_key
 
     with session_factory(_settings_with(db))() as session:
-        row, token = create_key(session, role=role, quota_samples_per_day=quota_samples_per_day)
+        row, token = create_key(
+            session, role=role, quota_samples_per_day=quota_samples_per_day, expires_days=expires_days
+        )
         record_event(session, action="key.create", outcome="ok", key_id=row.id, detail=f"role={row.role}")
     typer.echo(token)
-    _echo_err(f"key {row.prefix} ({row.role}) created; store it now: it cannot be shown again")
+    until = f", valid until {row.expires_at:%Y-%m-%d %H:%M} UTC" if row.expires_at else ""
+    _echo_err(f"key {row.prefix} ({row.role}) created{until}; store it now: it cannot be shown again")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    prefix: Annotated[str, typer.Argument(help="The key's prefix (`keys list`).")],
+    db: Annotated[str | None, typer.Option(help="Database URL.")] = None,
+) -> None:
+    """Revoke a key: every API process refuses it from its next request on."""
+    from app.db import record_event, session_factory
+    from app.keys import revoke_key
+
+    with session_factory(_settings_with(db))() as session:
+        row = revoke_key(session, prefix)
+        record_event(session, action="key.revoke", outcome="ok", key_id=row.id)
+    _echo_err(f"key {row.prefix} revoked")
 
 
 @keys_app.command("list")
@@ -617,13 +644,37 @@ def keys_list(db: Annotated[str | None, typer.Option(help="Database URL.")] = No
     from sqlalchemy import select
 
     from app.db import ApiKey, session_factory
+    from app.keys import is_expired
 
     settings = _settings_with(db)
     with session_factory(settings)() as session:
         for row in session.scalars(select(ApiKey).order_by(ApiKey.id)):
             quota = row.quota_samples_per_day or f"{settings.default_daily_quota} (default)"
-            state = "revoked" if row.revoked else "active"
+            state = "revoked" if row.revoked else "expired" if is_expired(row) else "active"
+            if row.expires_at and state == "active":
+                state += f" until {row.expires_at:%Y-%m-%d}"
             typer.echo(f"{row.prefix}  {row.role:10s}  quota/day {quota}  {state}  created {row.created_at:%Y-%m-%d}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(db: Annotated[str | None, typer.Option(help="Database URL.")] = None) -> None:
+    """Apply pending schema migrations (keys, jobs and the audit log are kept)."""
+    from app.db import database_url, upgrade
+
+    before, after = upgrade(database_url(_settings_with(db)))
+    _echo_err(f"database schema: {before or 'empty'} -> {after}" if before != after else f"already at {after}")
+
+
+@db_app.command("current")
+def db_current(db: Annotated[str | None, typer.Option(help="Database URL.")] = None) -> None:
+    """Print the schema revision the database is at, and the one this version needs."""
+    from app.db import database_url, head_revision, make_engine, revision_of
+
+    engine = make_engine(database_url(_settings_with(db)))
+    try:
+        typer.echo(f"{revision_of(engine) or 'empty'} (this version needs {head_revision()})")
+    finally:
+        engine.dispose()
 
 
 @app.command("audit-log")

@@ -1,5 +1,10 @@
 """The service database: API keys, cohort jobs and the audit log (SQLAlchemy; SQLite by default,
-PostgreSQL by URL with the same code). Plain data-access functions, no HTTP in here."""
+PostgreSQL by URL with the same code). Plain data-access functions, no HTTP in here.
+
+The schema changes through Alembic migrations (``app/migrations``): :func:`upgrade` applies them
+(``synthcohort db upgrade``), and the embedded SQLite default is upgraded automatically when it is opened. Any
+other database must be upgraded by the operator first; opening one whose schema is behind is refused.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,31 @@ from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, create_engine, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    inspect,
+    select,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from app.settings import Settings
+from generators.errors import SynthCohortError
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+FIRST_REVISION = "0001"  # the schema databases created before migrations have
+
+
+class SchemaOutOfDate(SynthCohortError):
+    """The database's schema is older (or newer) than this version of synthcohort expects."""
 
 
 def utcnow() -> datetime:
@@ -33,6 +58,7 @@ class ApiKey(Base):
     quota_samples_per_day: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class AuditEvent(Base):
@@ -58,7 +84,7 @@ class Job(Base):
     key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
     model: Mapped[str] = mapped_column(String(128))
     counts: Mapped[dict] = mapped_column(JSON)
-    seed: Mapped[int] = mapped_column(Integer)
+    seed: Mapped[int] = mapped_column(BigInteger)
     formats: Mapped[list] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     progress: Mapped[float] = mapped_column(default=0.0)
@@ -81,11 +107,70 @@ def database_url(settings: Settings) -> str:
 
 @lru_cache(maxsize=8)
 def engine_for(url: str) -> Engine:
-    """One engine per URL; tables are created on first use."""
-    connect_args = {"check_same_thread": False} if url.startswith("sqlite") else {}
-    engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
-    Base.metadata.create_all(engine)
+    """One engine per URL. SQLite is migrated to the current schema on first use; any other database must
+    already be there (:class:`SchemaOutOfDate` says to run ``synthcohort db upgrade``)."""
+    engine = make_engine(url)
+    if url.startswith("sqlite"):
+        upgrade(engine)
+    else:
+        current, head = revision_of(engine), head_revision()
+        if current != head:
+            engine.dispose()
+            raise SchemaOutOfDate(
+                f"the database schema is at revision {current or 'none'}, this version needs {head}: "
+                "run `synthcohort db upgrade` (with the same SYNTHCOHORT_DB_URL) first"
+            )
     return engine
+
+
+def make_engine(url: str) -> Engine:
+    connect_args = {"check_same_thread": False} if url.startswith("sqlite") else {}
+    return create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+
+
+def alembic_config():  # an Alembic Config pointing at the packaged migrations
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def revision_of(engine: Engine) -> str | None:
+    """The schema revision a database is at (``None``: empty, or created before migrations existed)."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        current = MigrationContext.configure(connection).get_current_revision()
+        if current is None and inspect(connection).has_table("api_keys"):
+            return FIRST_REVISION  # made by the service's create_all before migrations: that schema is 0001
+        return current
+
+
+def upgrade(target: Engine | str) -> tuple[str | None, str]:
+    """Apply every pending migration; ``(revision before, revision after)``. A database created before
+    migrations existed is first marked as the first revision (its schema), so its keys, jobs and log stay."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(target) if isinstance(target, str) else target
+    config = alembic_config()
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        before = MigrationContext.configure(connection).get_current_revision()
+        if before is None and inspect(connection).has_table("api_keys"):
+            command.stamp(config, FIRST_REVISION)
+            before = FIRST_REVISION
+        command.upgrade(config, "head")
+    if isinstance(target, str):
+        engine.dispose()
+    return before, head_revision()
 
 
 def session_factory(settings: Settings) -> sessionmaker[Session]:

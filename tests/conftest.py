@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,6 +30,90 @@ def tiny_card(*, image_size: int = 16, labels: tuple[str, ...] = ("healthy", "le
         "dp": False,
     }
     return ModelCard.parse({**base, **fields})
+
+
+# --------------------------------------------------------------------------- service databases
+# The service tests run twice: on SQLite (the embedded default) and on the local PostgreSQL server, each test
+# or module in a database of its own that the run creates and drops. SYNTHCOHORT_TEST_POSTGRES_URL names the
+# server's maintenance database; where none answers, the PostgreSQL half is skipped with one reason.
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SYNTHCOHORT_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+BACKENDS = ("sqlite", "postgresql")
+
+
+@functools.cache
+def _postgres_reachable() -> str:  # "" or why not (asked once per test run)
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(POSTGRES_ADMIN_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("select 1"))
+    except Exception as exc:  # any failure to connect means: no PostgreSQL here
+        return f"PostgreSQL not reachable ({type(exc).__name__}): PostgreSQL half of the service tests skipped"
+    finally:
+        engine.dispose()
+    return ""
+
+
+def _postgres_admin():  # an autocommit engine on the maintenance database, or the reason there is none
+    from sqlalchemy import create_engine
+
+    reason = _postgres_reachable()
+    if reason:
+        return None, reason
+    return create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}), ""
+
+
+@contextmanager
+def fresh_database(backend: str, directory: Path) -> Iterator[str]:
+    """A new, empty database at the current schema; its URL. PostgreSQL databases are dropped afterwards."""
+    from sqlalchemy import text
+
+    from app.db import upgrade
+
+    if backend == "sqlite":
+        url = f"sqlite:///{directory / f'service-{uuid.uuid4().hex[:8]}.db'}"
+        upgrade(url)
+        yield url
+        return
+    admin, reason = _postgres_admin()
+    if admin is None:
+        pytest.skip(reason)
+    name = f"synthcohort_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = f"{POSTGRES_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        from app.db import engine_for
+
+        engine_for.cache_clear()  # this process's pools let go of the database before it is dropped
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request) -> str:
+    """Each service test module runs once per database backend (PostgreSQL: skipped here, with one reason, where
+    no server answers)."""
+    if request.param == "postgresql":
+        admin, reason = _postgres_admin()
+        if admin is None:
+            pytest.skip(reason)
+        admin.dispose()
+    return request.param
+
+
+@pytest.fixture
+def db_url(backend: str, tmp_path: Path) -> Iterator[str]:
+    """A database of this test's own."""
+    with fresh_database(backend, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
-"""The REST service on a real uvicorn (127.0.0.1) with a tiny trained model: health, auth, model cards."""
+"""The REST service on a real uvicorn (127.0.0.1) with a tiny trained model: health, auth, model cards, jobs,
+datasets. Every test runs twice: on SQLite and on PostgreSQL (``backend``)."""
 
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import fresh_database
 
 
 def free_port() -> int:
@@ -56,17 +58,22 @@ def start_server(models: Path, env: dict, port: int) -> subprocess.Popen:
     pytest.fail(f"server did not start: {proc.stderr.read()}")
 
 
+def service_env(root: Path, db_url: str, **extra: str) -> dict:
+    return {**os.environ, "SYNTHCOHORT_DATA_DIR": str(root / "data"), "SYNTHCOHORT_DB_URL": db_url, **extra}
+
+
 @pytest.fixture(scope="module")
-def service(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+def service(tiny_model: Path, backend: str, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("service")
     models = make_models(tiny_model, root)
-    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(root / "data"), "SYNTHCOHORT_MAX_SAMPLES_PER_REQUEST": "500"}
-    key = new_key(env, "--role", "researcher")
-    port = free_port()
-    proc = start_server(models, env, port)
-    yield f"http://127.0.0.1:{port}", key, env
-    proc.terminate()
-    proc.wait(timeout=30)
+    with fresh_database(backend, root) as url:
+        env = service_env(root, url, SYNTHCOHORT_MAX_SAMPLES_PER_REQUEST="500")
+        key = new_key(env, "--role", "researcher")
+        port = free_port()
+        proc = start_server(models, env, port)
+        yield f"http://127.0.0.1:{port}", key, env
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -208,9 +215,11 @@ def test_researchers_see_only_their_jobs_and_quotas_apply(service) -> None:
     assert "refused: daily quota" in log.stdout and "cohort.finish" in log.stdout
 
 
-def test_restart_resumes_a_killed_job_and_never_shows_a_partial_dataset(tiny_model: Path, tmp_path: Path) -> None:
+def test_restart_resumes_a_killed_job_and_never_shows_a_partial_dataset(
+    tiny_model: Path, db_url: str, tmp_path: Path
+) -> None:
     models = make_models(tiny_model, tmp_path)
-    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(tmp_path / "data")}
+    env = service_env(tmp_path, db_url)
     headers = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -305,10 +314,10 @@ def test_cancel_stops_a_running_job_and_leaves_nothing(service) -> None:
     assert not (datasets / job["id"]).exists() and not (datasets / f".{job['id']}.partial").exists()
 
 
-def test_every_job_counts_against_a_default_daily_quota(tiny_model: Path, tmp_path: Path) -> None:
+def test_every_job_counts_against_a_default_daily_quota(tiny_model: Path, db_url: str, tmp_path: Path) -> None:
     """Keys without their own quota get the default; cancelled and failed jobs are charged too."""
     models = make_models(tiny_model, tmp_path)
-    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(tmp_path / "data"), "SYNTHCOHORT_DEFAULT_DAILY_QUOTA": "300"}
+    env = service_env(tmp_path, db_url, SYNTHCOHORT_DEFAULT_DAILY_QUOTA="300")
     headers = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
     port = free_port()
     base = f"http://127.0.0.1:{port}"
@@ -325,7 +334,7 @@ def test_every_job_counts_against_a_default_daily_quota(tiny_model: Path, tmp_pa
         proc.wait(timeout=30)
 
 
-def test_failed_jobs_and_server_errors_reveal_no_detail(tiny_model: Path, tmp_path: Path) -> None:
+def test_failed_jobs_and_server_errors_reveal_no_detail(tiny_model: Path, db_url: str, tmp_path: Path) -> None:
     """A job that fails tells the researcher a plain sentence (no path, no counts); admins get the detail in the
     audit log; an unexpected server error is a generic 500 with a request id."""
     models = make_models(tiny_model, tmp_path)
@@ -337,7 +346,7 @@ def test_failed_jobs_and_server_errors_reveal_no_detail(tiny_model: Path, tmp_pa
     (models / "demo" / "private" / "seed.key").rename(models / "nokey")  # and a second model cannot load at all
     shutil.copytree(models / "demo", models / "broken")
     (models / "nokey").rename(models / "demo" / "private" / "seed.key")
-    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(tmp_path / "data")}
+    env = service_env(tmp_path, db_url)
     researcher = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
     admin = {"Authorization": f"Bearer {new_key(env, '--role', 'admin')}"}
     port = free_port()

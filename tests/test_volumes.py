@@ -1,14 +1,20 @@
 """The 3-D path end to end on real files: ingest whole volumes, DP-train the 3-D model, calibrate the 3-D filter,
 export a cohort of NIfTI volumes."""
 
+import io
 import json
+import os
+import shutil
+import zipfile
 from pathlib import Path
 
+import httpx
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from conftest import pin_patient_estimate
+from test_api import free_port, new_key, start_server, wait_for
 
 from app.audit import AuditSettings, run_audit
 from app.calibrate import calibrate
@@ -172,3 +178,36 @@ def test_the_audit_measures_a_3d_model(volume_store, model_3d, tmp_path: Path) -
     assert (tmp_path / "report" / "report.html").is_file() and (
         tmp_path / "report" / "figures" / "neighbours.png"
     ).is_file()
+
+
+def test_the_rest_service_serves_a_3d_model_and_its_volumes(volume_store, model_3d, tmp_path: Path) -> None:
+    """A real uvicorn: the card says volumes, a cohort job finishes, its files and archive hold RAS+ volumes."""
+    out, card, _ = model_3d
+    if not (BundleLayout(out).filter_dir / "filter.json").is_file():
+        calibrate(volume_store.path, out)
+    (tmp_path / "models").mkdir()
+    shutil.copytree(out, tmp_path / "models" / "volumes")
+    env = {**os.environ, "SYNTHCOHORT_DATA_DIR": str(tmp_path / "data")}
+    headers = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
+    port = free_port()
+    proc = start_server(tmp_path / "models", env, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        served = httpx.get(f"{base}/v1/models/volumes", headers=headers).json()
+        assert served["generator"] == "diffusion-3d" and served["spatial_dims"] == 3
+        assert served["image_shape"] == [12, 12, 12] and served["epsilon"] == card["epsilon"]
+        body = {"model": "volumes", "counts": {"healthy": 1, "lesion": 1}, "seed": 3}
+        created = httpx.post(f"{base}/v1/cohorts", headers=headers, json=body)
+        assert created.status_code == 202, created.text
+        job = wait_for(base, headers, created.json()["id"])
+        assert job["status"] == "succeeded" and job["done"] == 2, job
+        samples = httpx.get(f"{base}/v1/datasets/{job['id']}", headers=headers).json()["manifest"]["samples"]
+        archive = httpx.get(f"{base}/v1/datasets/{job['id']}/archive", headers=headers)
+        with zipfile.ZipFile(io.BytesIO(archive.content)) as zf:
+            for row in samples:
+                (tmp_path / "v.nii.gz").write_bytes(zf.read(row["file"]))
+                volume = nib.load(tmp_path / "v.nii.gz")
+                assert volume.shape == (12, 12, 12) and nib.aff2axcodes(volume.affine) == ("R", "A", "S")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -15,8 +15,9 @@ padding), so ``P007`` in the labels file and ``p7.nii.gz`` are one patient.
 
 What is stored of each scan: ``--dims 2`` (default) keeps ``--slices`` axial slices around its centre;
 ``--dims 3`` keeps the whole volume on an isotropic ``--size``³ grid (RAS orientation, see
-:mod:`train.preprocess`). A head volume carries the patient's face, so ``--dims 3`` needs an explicit
-``--keep-faces`` (for brain-extracted or non-head volumes); the report records that choice.
+:mod:`train.preprocess`). A head volume carries the patient's face, so ``--dims 3`` needs ``--deface`` (the
+face is removed before anything else, :mod:`train.deface`; a scan that cannot be defaced is skipped) or an
+explicit ``--keep-faces`` (for brain-extracted or non-head volumes); the report records that choice.
 
 Real ids only ever live in memory: they are turned into keyed pseudonyms before anything is written,
 and the report refers to skipped inputs by pseudonymous references, never by path.
@@ -34,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from generators.errors import InvalidInput, SynthCohortError
+from train.deface import METHOD as DEFACE_METHOD
+from train.deface import deface as remove_face
 from train.deidentify import Pseudonymizer, clean_age, clean_sex, new_secret, normalise_patient_id
 from train.preprocess import Slab, axial_slices, isotropic_volume
 from train.scan_io import (
@@ -48,7 +51,7 @@ from train.scan_io import (
 from train.split import split_patients
 from train.store import DEFAULT_STORE_BUDGET, CohortStore, SliceRecord, StoreWriter
 
-FACES_KEPT = "kept as ingested: --keep-faces (the operator confirmed the volumes carry no face)"
+FACES_KEPT = "kept: --keep-faces (the operator confirmed the volumes carry no face)"
 MAX_VOLUME_SIZE = 128  # --dims 3: 128³ float32 is 8 MiB a volume
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 LABEL_RULE = "label names must be 1-64 letters, digits, '_', '.', '+' or '-' and start with a letter or digit"
@@ -62,6 +65,7 @@ class IngestOptions:
     slices: int = 8
     dims: int = 2  # 2: axial slices; 3: whole volumes on an isotropic grid
     keep_faces: bool = False  # --dims 3: store head volumes as they are (brain-extracted or not a head)
+    deface: bool = False  # remove the face of every scan before it is sliced or resampled (2-D and 3-D)
     holdout: float = 0.2
     seed: int = 0
     allow_burned_in: bool = False
@@ -211,9 +215,17 @@ def discover(root: Path, *, exclude: set[Path] | None = None) -> Iterator[InputI
 
 # ------------------------------------------------------------------------------------------ loading
 def load_item(
-    item: InputItem, *, size: int, slices: int, allow_burned_in: bool, scan_key: str = "", dims: int = 2
+    item: InputItem,
+    *,
+    size: int,
+    slices: int,
+    allow_burned_in: bool,
+    scan_key: str = "",
+    dims: int = 2,
+    deface: bool = False,
 ) -> LoadedScan:
-    """Read one NIfTI or DICOM item into slices, or one volume for ``dims=3`` (runs in worker processes)."""
+    """Read one NIfTI or DICOM item into slices, or one volume for ``dims=3`` (runs in worker processes); with
+    ``deface`` its face is removed first (or it is refused)."""
     if item.kind == "nifti":
         scan, patient = read_nifti(item.path), nifti_stem(item.path)
     elif item.kind == "dicom":
@@ -221,6 +233,8 @@ def load_item(
         scan, patient = series.scan, series.patient_id.strip() or item.path.name
     else:
         raise InvalidInput(f"unsupported input kind {item.kind}")
+    if deface:
+        scan = remove_face(scan).scan
     slab = isotropic_volume(scan, size=size) if dims == 3 else axial_slices(scan, n_slices=slices, size=size)
     return LoadedScan(patient_id=patient, slab=slab, scan_key=scan_key)
 
@@ -232,10 +246,12 @@ def scan_key(item: InputItem, root: Path) -> str:
     return item.path.relative_to(root).as_posix() if root.is_dir() and item.path != root else item.path.name
 
 
-def _load_safely(args: tuple[InputItem, int, int, bool, str, int]) -> LoadedScan | str:
-    item, size, slices, allow_burned_in, key, dims = args
+def _load_safely(args: tuple[InputItem, int, int, bool, str, int, bool]) -> LoadedScan | str:
+    item, size, slices, allow_burned_in, key, dims, deface = args
     try:
-        return load_item(item, size=size, slices=slices, allow_burned_in=allow_burned_in, scan_key=key, dims=dims)
+        return load_item(
+            item, size=size, slices=slices, allow_burned_in=allow_burned_in, scan_key=key, dims=dims, deface=deface
+        )
     except SynthCohortError as exc:
         return str(exc)
     except Exception as exc:  # a reader bug must not abort a 10 000-file ingestion
@@ -329,11 +345,12 @@ def _check_options(options: IngestOptions) -> None:
         raise InvalidInput(f"--dims must be 2 (axial slices) or 3 (volumes), got {options.dims}")
     if options.dims == 3 and options.size > MAX_VOLUME_SIZE:
         raise InvalidInput(f"--size must be at most {MAX_VOLUME_SIZE} with --dims 3, got {options.size}")
-    if options.dims == 3 and not options.keep_faces:
+    if options.deface and options.keep_faces:
+        raise InvalidInput("--deface and --keep-faces contradict each other: choose one")
+    if options.dims == 3 and not (options.keep_faces or options.deface):
         raise InvalidInput(
-            "--dims 3 stores whole volumes, and a head volume carries the patient's face: defacing is not "
-            "built yet, so deface the volumes first (or use brain-extracted / non-head volumes) and pass "
-            "--keep-faces to confirm"
+            "--dims 3 stores whole volumes, and a head volume carries the patient's face: pass --deface to "
+            "remove it, or --keep-faces to confirm the volumes carry none (brain-extracted or non-head volumes)"
         )
     if options.slices < 1:
         raise InvalidInput(f"--slices must be at least 1, got {options.slices}")
@@ -353,7 +370,8 @@ def _load_all(
     """Every item's scans (NIfTI/DICOM in a process pool, then MedMNIST archives), or why it was skipped."""
     scan_items = [i for i in items if i.kind != "npz"]
     jobs = [
-        (i, options.size, options.slices, options.allow_burned_in, scan_key(i, root), options.dims) for i in scan_items
+        (i, options.size, options.slices, options.allow_burned_in, scan_key(i, root), options.dims, options.deface)
+        for i in scan_items
     ]
     if options.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=options.workers) as pool:
@@ -362,6 +380,9 @@ def _load_all(
         for item, job in zip(scan_items, jobs, strict=True):
             yield item, _load_safely(job)
     for item in (i for i in items if i.kind == "npz"):
+        if options.deface:
+            yield item, "a MedMNIST archive holds 2-D images, which --deface cannot register to a head"
+            continue
         if options.dims == 3:
             yield item, "a MedMNIST archive holds 2-D images; --dims 3 needs volumes (NIfTI or DICOM series)"
             continue
@@ -439,6 +460,12 @@ def _summarise(skipped: list[Skipped]) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in counts.most_common()) or "none"
 
 
+def _faces(options: IngestOptions) -> str | None:
+    if options.deface:
+        return f"removed from every stored scan (--deface): {DEFACE_METHOD}; scans it could not deface were skipped"
+    return FACES_KEPT if options.dims == 3 else None
+
+
 def _report(
     *,
     options: IngestOptions,
@@ -459,9 +486,7 @@ def _report(
             "size": options.size,
             "slices_per_scan": options.slices if options.dims == 2 else None,
             "axis": "axial" if options.dims == 2 else "volume (isotropic grid, RAS)",
-            "faces": "kept: --keep-faces (the operator confirmed the volumes carry no face)"
-            if options.dims == 3
-            else None,
+            "faces": _faces(options),
             "holdout": options.holdout,
             "seed": options.seed,
             "allow_burned_in": options.allow_burned_in,
@@ -469,6 +494,7 @@ def _report(
         },
         "privacy_unit": cohort.privacy_unit,
         "inputs": {"found": n_inputs, "skipped": sum(1 for s in skipped if s.kind != "label-row")},
+        "defaced_scans": sum(cohort.scans_of.values()) if options.deface else 0,
         "patients": {split: dict(sorted(c.items())) for split, c in sorted(patients.items())},
         "slices": {split: dict(sorted(c.items())) for split, c in sorted(slices.items())},
         "patients_with_multiple_scans": sum(1 for n in cohort.scans_of.values() if n > 1),
