@@ -585,14 +585,52 @@ def serve(
     allow_not_private: Annotated[
         bool, typer.Option(help="Also serve models trained without DP (marked NOT PRIVATE).")
     ] = False,
+    worker: Annotated[
+        bool,
+        typer.Option(help="Also run cohort jobs in this process (--no-worker: API only, for `synthcohort worker`)."),
+    ] = True,
 ) -> None:
-    """Run the REST service (so far: health, readiness and public model cards)."""
+    """Run the REST service: model cards, cohort jobs, datasets (and, by default, the jobs themselves)."""
     import uvicorn
 
     from app.api.main import create_app
 
-    application = create_app(_settings_with(db), models, allow_not_private=allow_not_private)
+    settings = _settings_with(db)
+    application = create_app(settings, models, allow_not_private=allow_not_private, run_jobs=worker)
     uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+@app.command("worker")
+def worker_command(
+    models: Annotated[Path, typer.Option("--models", help="Directory with one model bundle per subdirectory.")],
+    db: Annotated[
+        str | None, typer.Option(help="Database URL (default: SYNTHCOHORT_DB_URL or SQLite in data dir).")
+    ] = None,
+    allow_not_private: Annotated[
+        bool, typer.Option(help="Also run jobs of models trained without DP (as `serve --allow-not-private`).")
+    ] = False,
+) -> None:
+    """Run cohort jobs only, for API processes started with `serve --no-worker` on the same database and data
+    directory. Stops on SIGTERM or Ctrl-C, giving running jobs back to the other workers."""
+    import signal
+    import threading
+
+    from app.api.registry import ModelRegistry
+    from app.jobs import job_runner
+
+    settings = _settings_with(db)
+    runner = job_runner(
+        settings, ModelRegistry(models, allow_not_private=allow_not_private), workers=settings.job_workers
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    runner.start()
+    _echo_err(f"worker {runner.owner}: running up to {settings.job_workers} job(s) at once; Ctrl-C stops")
+    while not stop.wait(1.0):  # a timed wait, so signals are handled promptly
+        pass
+    runner.shutdown()
+    _echo_err("worker stopped; its unfinished jobs were given back")
 
 
 @keys_app.command("create")

@@ -1,9 +1,15 @@
-"""Cohort jobs for the REST service: persisted in the database, run on a bounded pool with the one
-pipeline (:func:`app.pipeline.build_cohort`). No HTTP in here.
+"""Cohort jobs for the REST service: persisted in the database, claimed by workers under a lease, run with the
+one pipeline (:func:`app.pipeline.build_cohort`). No HTTP in here.
+
+Any number of processes may run jobs against one database and one shared dataset directory: the embedded
+``serve`` (API and jobs in one process, the default), ``serve --no-worker`` (API only) and ``worker`` (jobs only).
+A worker claims a job with a compare-and-set on its lease (``lease_owner``, ``lease_expires_at``), renews the lease
+while it runs, and gives it back when it stops; a job whose worker died (its lease ran out) is claimed by another
+worker and resumed from its finished shards. So a job runs in one process at a time, and exactly once to the end.
+A cancel is a flag in the database that the running worker reads within a second.
 
 Datasets live in ``DATA_DIR/datasets/<job id>/`` and appear only when complete (the pipeline renames them
-into place). On start-up, jobs left ``queued`` or ``running`` by a stopped server are resumed from their
-finished shards.
+into place).
 
 What a researcher sees of a job is its progress ("n of N done") and a public error sentence; the filter's
 totals (generated, rejected) and the full error text are for admins and the audit log only.
@@ -12,21 +18,23 @@ totals (generated, rejected) and the full error text are for admins and the audi
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import socket
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.api.metrics import GENERATED, JOBS, REJECTED, SAMPLES
 from app.api.registry import ModelRegistry
-from app.db import ApiKey, Job, record_event, utcnow
+from app.db import ApiKey, Job, record_event, session_factory, utcnow
 from app.errors import public_job_error
 from app.pipeline import CohortProgress, CohortRequest, build_cohort, partial_dir
+from app.settings import Settings
 from generators.errors import SynthCohortError
 
 ACTIVE = ("queued", "running")
@@ -34,50 +42,133 @@ log = logging.getLogger("synthcohort.jobs")
 
 
 class JobRunner:
-    """A bounded pool running cohort jobs; cancellation is cooperative (checked after every shard)."""
+    """``workers`` threads that claim and run cohort jobs (none: an API-only process that only records them).
 
-    def __init__(self, sessions: sessionmaker[Session], registry: ModelRegistry, datasets: Path, workers: int) -> None:
+    Cancellation is cooperative (checked after every shard); stopping the runner gives running jobs back (their
+    leases are released, their shards kept) instead of cancelling them.
+    """
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        registry: ModelRegistry,
+        datasets: Path,
+        workers: int,
+        *,
+        lease_seconds: float = 30.0,
+        poll_seconds: float = 1.0,
+    ) -> None:
         self.sessions, self.registry, self.datasets = sessions, registry, Path(datasets)
         self.datasets.mkdir(parents=True, exist_ok=True)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cohort-job")
-        self._cancel: dict[str, threading.Event] = {}
+        self.workers, self.lease, self.poll = workers, timedelta(seconds=lease_seconds), poll_seconds
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._stopping, self._wake = threading.Event(), threading.Event()
+        self._running: dict[str, threading.Event] = {}  # job id -> "stop this job" (cancel, lost lease, shutdown)
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
 
-    def recover(self) -> int:
-        """Resubmit jobs a previous server left unfinished; returns how many."""
-        with self.sessions() as session:
-            ids = list(session.scalars(select(Job.id).where(Job.status.in_(ACTIVE)).order_by(Job.created_at)))
-        for job_id in ids:
-            self.submit(job_id, resume=True)
-        return len(ids)
+    def start(self) -> None:
+        """Start the worker threads and the lease keeper (no-op for an API-only runner)."""
+        if self.workers < 1 or self._threads:
+            return
+        for i in range(self.workers):
+            self._threads.append(threading.Thread(target=self._work, name=f"cohort-job-{i}", daemon=True))
+        self._threads.append(threading.Thread(target=self._keep_leases, name="cohort-leases", daemon=True))
+        for thread in self._threads:
+            thread.start()
 
-    def submit(self, job_id: str, *, resume: bool = False) -> None:
-        self._cancel[job_id] = threading.Event()
-        self.pool.submit(self._run, job_id, resume)
+    def submit(self, job_id: str) -> None:
+        """A new job was recorded: wake an idle worker of this process (other processes poll)."""
+        self._wake.set()
 
     def cancel(self, job_id: str) -> None:
-        event = self._cancel.get(job_id)
+        """Ask whichever worker runs the job to cancel it (a queued job is cancelled when it is next claimed)."""
+        with self.sessions() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+            session.commit()
+        with self._lock:
+            event = self._running.get(job_id)
         if event is not None:
             event.set()
 
     def shutdown(self) -> None:
-        for event in self._cancel.values():
-            event.set()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._stopping.set()
+        self._wake.set()
+        with self._lock:
+            for event in self._running.values():
+                event.set()
+        for thread in self._threads:
+            thread.join(timeout=120)
 
-    def _update(self, job_id: str, **fields: object) -> None:
+    # ---------------------------------------------------------------------------------- claiming and leases
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            job_id = self._claim()
+            if job_id is None:
+                self._wake.wait(self.poll)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job_id)
+            finally:
+                with self._lock:
+                    self._running.pop(job_id, None)
+
+    def _claim(self) -> str | None:
+        """The oldest active job nobody holds (or whose holder's lease ran out), now held by this process."""
+        now = utcnow()
+        free = Job.status.in_(ACTIVE) & or_(Job.lease_expires_at.is_(None), Job.lease_expires_at < now)
         with self.sessions() as session:
-            job = session.get(Job, job_id)
-            for name, value in fields.items():
-                setattr(job, name, value)
-            job.updated_at = utcnow()
+            for job_id in session.scalars(select(Job.id).where(free).order_by(Job.created_at).limit(16)):
+                claimed = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, free)
+                    .values(lease_owner=self.owner, lease_expires_at=now + self.lease)
+                )
+                session.commit()
+                if claimed.rowcount == 1:
+                    with self._lock:
+                        self._running[job_id] = threading.Event()
+                    return job_id
+        return None
+
+    def _keep_leases(self) -> None:
+        """Renew this process's leases; stop a job whose lease was lost or whose cancel was asked for."""
+        interval = min(1.0, self.lease.total_seconds() / 3)
+        while not self._stopping.wait(interval):
+            with self._lock:
+                mine = dict(self._running)
+            if not mine:
+                continue
+            try:
+                with self.sessions() as session:
+                    for job_id, stop in mine.items():
+                        renewed = session.execute(
+                            update(Job)
+                            .where(Job.id == job_id, Job.lease_owner == self.owner)
+                            .values(lease_expires_at=utcnow() + self.lease)
+                        )
+                        if renewed.rowcount != 1 or session.get(Job, job_id).cancel_requested:
+                            stop.set()
+                    session.commit()
+            except Exception:  # the database is away for a moment: keep running, renew next time
+                log.warning("could not renew job leases", exc_info=True)
+
+    def _update(self, job_id: str, **fields: object) -> bool:
+        """Write fields of a job this process holds; ``False`` if it no longer holds it."""
+        with self.sessions() as session:
+            done = session.execute(
+                update(Job).where(Job.id == job_id, Job.lease_owner == self.owner).values(**fields, updated_at=utcnow())
+            )
             session.commit()
+            return done.rowcount == 1
 
-    def _run(self, job_id: str, resume: bool) -> None:
-        cancelled = self._cancel[job_id]
+    # --------------------------------------------------------------------------------------------- running
+    def _run(self, job_id: str) -> None:
+        with self._lock:
+            stop = self._running[job_id]
         with self.sessions() as session:
             job = session.get(Job, job_id)
-            if job is None or job.status not in ACTIVE:
-                return
             model_id, counts, seed, formats, key_id = (
                 job.model,
                 dict(job.counts),
@@ -85,11 +176,13 @@ class JobRunner:
                 tuple(job.formats),
                 job.key_id,
             )
+            cancel_requested = job.cancel_requested
         out = self.datasets / job_id
-        if cancelled.is_set():
+        if cancel_requested:
             self._finish(job_id, key_id, model_id, counts, "cancelled", None)
             return
-        self._update(job_id, status="running")
+        if not self._update(job_id, status="running"):
+            return
         total = sum(counts.values())
 
         last = {"generated": 0, "rejected": 0, "accepted": 0}
@@ -99,13 +192,15 @@ class JobRunner:
             REJECTED.inc(max(0, state.rejected - last["rejected"]))
             SAMPLES.inc(max(0, state.accepted - last["accepted"]))
             last.update(generated=state.generated, rejected=state.rejected, accepted=state.accepted)
-            self._update(
+            held = self._update(
                 job_id,
                 progress=state.accepted / total,
                 generated=state.generated,
                 rejected=state.rejected,
                 accepted=state.accepted,
             )
+            if not held:
+                stop.set()
 
         try:
             model = self.registry.get(model_id)
@@ -116,28 +211,38 @@ class JobRunner:
                 model.path,
                 request,
                 out,
-                resume=resume or partial_dir(out).exists(),
+                resume=partial_dir(out).exists(),
                 device="auto",
                 progress=on_progress,
-                cancelled=cancelled.is_set,
+                cancelled=stop.is_set,
             )
         except Exception as error:  # a bug must not leave the job "running" forever either
-            if cancelled.is_set() and isinstance(error, SynthCohortError):
-                self._finish(job_id, key_id, model_id, counts, "cancelled", None)
+            if stop.is_set() and isinstance(error, SynthCohortError):
+                self._stopped(job_id, key_id, model_id, counts)
             else:
                 log.error("cohort job %s failed", job_id, exc_info=error)
                 self._finish(job_id, key_id, model_id, counts, "failed", error)
             return
         self._finish(job_id, key_id, model_id, counts, "succeeded", None, dataset_id=job_id)
 
+    def _stopped(self, job_id: str, key_id: int, model_id: str, counts: dict) -> None:
+        """The job stopped early: cancelled if its owner asked, else given back (shutdown, lost lease)."""
+        with self.sessions() as session:
+            cancel_requested = session.get(Job, job_id).cancel_requested
+        if cancel_requested:
+            self._finish(job_id, key_id, model_id, counts, "cancelled", None)
+        else:  # shards stay on disk; whoever claims it next resumes from them
+            self._update(job_id, lease_owner=None, lease_expires_at=None)
+
     def _finish(self, job_id, key_id, model_id, counts, status, error: BaseException | None, dataset_id=None) -> None:
-        if status != "succeeded":
-            shutil.rmtree(partial_dir(self.datasets / job_id), ignore_errors=True)
-        JOBS.labels(status).inc()
         fields = {"status": status, "error": public_job_error(error) if error else None, "dataset_id": dataset_id}
         if status == "succeeded":
             fields["progress"] = 1.0
-        self._update(job_id, **fields)
+        if not self._update(job_id, **fields, lease_owner=None, lease_expires_at=None):
+            return  # another worker holds it now: the outcome is its to record
+        if status != "succeeded":
+            shutil.rmtree(partial_dir(self.datasets / job_id), ignore_errors=True)
+        JOBS.labels(status).inc()
         detail = None
         if error is not None:  # the full text, for admins only
             detail = f"{type(error).__name__}: {error}" + (f" ({error.detail})" if getattr(error, "detail", "") else "")
@@ -152,6 +257,18 @@ class JobRunner:
                 dataset_id=dataset_id,
                 detail=detail,
             )
+
+
+def job_runner(settings: Settings, registry: ModelRegistry, *, workers: int) -> JobRunner:
+    """The runner the settings describe (database, dataset directory, lease and polling)."""
+    return JobRunner(
+        session_factory(settings),
+        registry,
+        Path(settings.data_dir) / "datasets",
+        workers,
+        lease_seconds=settings.job_lease_seconds,
+        poll_seconds=settings.job_poll_seconds,
+    )
 
 
 def create_job(

@@ -18,7 +18,14 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Torch device for training/sampling.")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; None keeps torch's default.")
     workers: int = Field(2, ge=1, le=256, description="Worker processes for data preparation and exports.")
-    job_workers: int = Field(1, ge=1, le=64, description="Cohort jobs the service runs at once.")
+    job_workers: int = Field(1, ge=1, le=64, description="Cohort jobs one process (serve or worker) runs at once.")
+    job_lease_seconds: float = Field(
+        30.0,
+        ge=2.0,
+        le=3600.0,
+        description="A job whose worker stops renewing its lease this long is resumed elsewhere.",
+    )
+    job_poll_seconds: float = Field(1.0, gt=0.0, le=60.0, description="How often an idle worker looks for jobs.")
     max_samples_per_request: int = Field(10_000, ge=1, description="Largest cohort one REST request may ask for.")
     default_daily_quota: int = Field(
         10_000, ge=1, description="Samples per 24 h for keys created without their own quota (every job counts)."

@@ -39,9 +39,9 @@ def new_key(env: dict, *args: str) -> str:
     ).stdout.strip()
 
 
-def start_server(models: Path, env: dict, port: int) -> subprocess.Popen:
+def start_server(models: Path, env: dict, port: int, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--models", str(models), "--port", str(port)],
+        [sys.executable, "-m", "app.cli", "serve", "--models", str(models), "--port", str(port), *extra],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -59,7 +59,15 @@ def start_server(models: Path, env: dict, port: int) -> subprocess.Popen:
 
 
 def service_env(root: Path, db_url: str, **extra: str) -> dict:
-    return {**os.environ, "SYNTHCOHORT_DATA_DIR": str(root / "data"), "SYNTHCOHORT_DB_URL": db_url, **extra}
+    # short leases: a killed server's jobs are resumed within seconds, not the default half minute
+    return {
+        **os.environ,
+        "SYNTHCOHORT_DATA_DIR": str(root / "data"),
+        "SYNTHCOHORT_DB_URL": db_url,
+        "SYNTHCOHORT_JOB_LEASE_SECONDS": "3",
+        "SYNTHCOHORT_JOB_POLL_SECONDS": "0.2",
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -150,7 +150,7 @@ def test_upgrading_an_old_database_keeps_its_keys_jobs_and_log(backend: str, tmp
             done = subprocess.run(
                 [sys.executable, "-m", "app.cli", "db", "upgrade"], capture_output=True, text=True, env=env
             )
-            assert done.returncode == 0 and "0001 -> 0002" in done.stderr, done.stderr
+            assert done.returncode == 0 and "0001 -> 0003" in done.stderr, done.stderr
         sessions = session_factory(Settings(data_dir=tmp_path, db_url=url))  # SQLite: upgraded on opening
         with sessions() as session:
             assert [k.prefix for k in session.scalars(select(ApiKey))] == ["abc"]
@@ -160,10 +160,10 @@ def test_upgrading_an_old_database_keeps_its_keys_jobs_and_log(backend: str, tmp
             session.commit()
             assert session.get(Job, "j1").seed == 2**62
             assert [e.action for e in audit_events(session)] == ["x"]
-        assert upgrade(url) == ("0002", "0002")
+        assert upgrade(url) == ("0003", "0003")
         current = subprocess.run(
             [sys.executable, "-m", "app.cli", "db", "current"], capture_output=True, text=True, env=env
         )
-        assert current.stdout.startswith("0002")
+        assert current.stdout.startswith("0003")
         engine.dispose()
         engine_for.cache_clear()

@@ -18,7 +18,7 @@ from app.api.metrics import MetricsMiddleware, metrics_response
 from app.api.registry import ModelRegistry
 from app.api.schemas import Health
 from app.db import session_factory
-from app.jobs import JobRunner
+from app.jobs import job_runner
 from app.settings import Settings
 
 log = logging.getLogger("synthcohort.api")
@@ -43,7 +43,11 @@ class RequestIdMiddleware(BaseHTTPMiddleware):
         return response
 
 
-def create_app(settings: Settings, models_dir: Path, *, allow_not_private: bool = False) -> FastAPI:
+def create_app(
+    settings: Settings, models_dir: Path, *, allow_not_private: bool = False, run_jobs: bool = True
+) -> FastAPI:
+    """The service. ``run_jobs``: this process also runs cohort jobs (embedded mode); without it, only records
+    them for ``synthcohort worker`` processes sharing the database and the data directory."""
     app = FastAPI(
         title="synthcohort",
         version="1",
@@ -53,10 +57,8 @@ def create_app(settings: Settings, models_dir: Path, *, allow_not_private: bool 
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
     app.state.registry = ModelRegistry(models_dir, allow_not_private=allow_not_private)
-    app.state.jobs = JobRunner(
-        app.state.sessions, app.state.registry, Path(settings.data_dir) / "datasets", settings.job_workers
-    )
-    app.state.jobs.recover()
+    app.state.jobs = job_runner(settings, app.state.registry, workers=settings.job_workers if run_jobs else 0)
+    app.state.jobs.start()
     app.router.add_event_handler("shutdown", app.state.jobs.shutdown)
     app.include_router(routes_models.router)
     app.include_router(routes_cohorts.router)

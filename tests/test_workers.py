@@ -1,0 +1,78 @@
+"""API processes and worker processes apart, on one PostgreSQL database and one dataset directory: every job runs
+to the end exactly once, also when a worker is killed in the middle of one."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from conftest import fresh_database
+from sqlalchemy import create_engine, text
+from test_api import free_port, make_models, new_key, service_env, start_server, wait_for
+
+
+def start_worker(models: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "worker", "--models", str(models)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def test_two_apis_and_two_workers_run_every_job_once_when_a_worker_dies(tiny_model: Path, tmp_path: Path) -> None:
+    models = make_models(tiny_model, tmp_path)
+    with fresh_database("postgresql", tmp_path) as url:
+        env = service_env(tmp_path, url)
+        headers = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
+        ports = [free_port(), free_port()]
+        apis = [start_server(models, env, port, "--no-worker") for port in ports]
+        workers = [start_worker(models, env), start_worker(models, env)]
+        bases = [f"http://127.0.0.1:{port}" for port in ports]
+        database = create_engine(url)
+        try:
+            jobs = []
+            for i in range(8):  # through both APIs, in turn
+                body = {"model": "demo", "counts": {"healthy": 40, "lesion": 40}, "seed": i}
+                created = httpx.post(f"{bases[i % 2]}/v1/cohorts", headers=headers, json=body)
+                assert created.status_code == 202, created.text
+                jobs.append(created.json()["id"])
+
+            # kill -9 the first worker once it holds a job it has made progress on
+            victim, deadline = workers[0], time.time() + 180
+            while time.time() < deadline:
+                with database.connect() as connection:
+                    held = connection.execute(
+                        text("select count(*) from jobs where lease_owner like :me and accepted > 0"),
+                        {"me": f"%:{victim.pid}:%"},
+                    ).scalar()
+                if held:
+                    break
+                time.sleep(0.05)
+            assert held, "the first worker never made progress on a job"
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+
+            datasets = tmp_path / "data" / "datasets"
+            for i, job_id in enumerate(jobs):
+                finished = wait_for(bases[(i + 1) % 2], headers, job_id)  # polled through the other API
+                assert finished["status"] == "succeeded" and finished["done"] == 80, finished
+                manifest = json.loads((datasets / job_id / "manifest.json").read_text())
+                seeds = [s["seed"] for s in manifest["samples"]]
+                assert len(seeds) == 80 and len(set(seeds)) == 80  # no duplicate, no missing sample
+                assert len(list((datasets / job_id).rglob("*.nii.gz"))) == 80
+            assert not list(datasets.glob(".*.partial"))  # no half dataset left anywhere
+            with database.connect() as connection:
+                finishes = connection.execute(
+                    text("select dataset_id, outcome from audit_log where action = 'cohort.finish'")
+                ).all()
+            assert sorted(finishes) == sorted((job_id, "succeeded") for job_id in jobs)  # each exactly once
+        finally:
+            for proc in [*apis, *workers]:
+                if proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(timeout=60)
+            database.dispose()
