@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -57,10 +58,12 @@ class JobRunner:
         *,
         lease_seconds: float = 30.0,
         poll_seconds: float = 1.0,
+        dataset_ttl_days: float | None = None,
     ) -> None:
         self.sessions, self.registry, self.datasets = sessions, registry, Path(datasets)
         self.datasets.mkdir(parents=True, exist_ok=True)
         self.workers, self.lease, self.poll = workers, timedelta(seconds=lease_seconds), poll_seconds
+        self.ttl = timedelta(days=dataset_ttl_days) if dataset_ttl_days else None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stopping, self._wake = threading.Event(), threading.Event()
         self._running: dict[str, threading.Event] = {}  # job id -> "stop this job" (cancel, lost lease, shutdown)
@@ -103,16 +106,21 @@ class JobRunner:
     # ---------------------------------------------------------------------------------- claiming and leases
     def _work(self) -> None:
         while not self._stopping.is_set():
-            job_id = self._claim()
+            job_id = None
+            try:
+                job_id = self._claim()
+                if job_id is not None:
+                    self._run(job_id)
+            except Exception:  # the database went away: the lease runs out and the job is resumed later
+                log.warning("job worker: database error%s", f" during job {job_id}" if job_id else "", exc_info=True)
+                self._stopping.wait(self.poll)
+            finally:
+                if job_id is not None:
+                    with self._lock:
+                        self._running.pop(job_id, None)
             if job_id is None:
                 self._wake.wait(self.poll)
                 self._wake.clear()
-                continue
-            try:
-                self._run(job_id)
-            finally:
-                with self._lock:
-                    self._running.pop(job_id, None)
 
     def _claim(self) -> str | None:
         """The oldest active job nobody holds (or whose holder's lease ran out), now held by this process."""
@@ -135,7 +143,15 @@ class JobRunner:
     def _keep_leases(self) -> None:
         """Renew this process's leases; stop a job whose lease was lost or whose cancel was asked for."""
         interval = min(1.0, self.lease.total_seconds() / 3)
+        sweep_every = min(60.0, self.ttl.total_seconds() / 4) if self.ttl else None
+        last_sweep = 0.0
         while not self._stopping.wait(interval):
+            if sweep_every and time.monotonic() - last_sweep >= sweep_every:
+                last_sweep = time.monotonic()
+                try:
+                    self._expire_datasets()
+                except Exception:
+                    log.warning("could not expire old datasets", exc_info=True)
             with self._lock:
                 mine = dict(self._running)
             if not mine:
@@ -153,6 +169,23 @@ class JobRunner:
                     session.commit()
             except Exception:  # the database is away for a moment: keep running, renew next time
                 log.warning("could not renew job leases", exc_info=True)
+
+    def _expire_datasets(self) -> None:
+        """Delete datasets finished longer than the retention period ago: the job says ``expired`` first (its
+        downloads answer 410), then the files go, and the audit log records it."""
+        cutoff = utcnow() - self.ttl
+        with self.sessions() as session:
+            old = list(session.scalars(select(Job).where(Job.status == "succeeded", Job.updated_at < cutoff)))
+            for job in old:
+                expired = session.execute(
+                    update(Job).where(Job.id == job.id, Job.status == "succeeded").values(status="expired")
+                )
+                session.commit()
+                if expired.rowcount == 1:  # this process won the race to expire it
+                    shutil.rmtree(self.datasets / job.id, ignore_errors=True)
+                    record_event(
+                        session, action="dataset.expire", outcome="deleted", key_id=job.key_id, dataset_id=job.id
+                    )
 
     def _update(self, job_id: str, **fields: object) -> bool:
         """Write fields of a job this process holds; ``False`` if it no longer holds it."""
@@ -268,6 +301,7 @@ def job_runner(settings: Settings, registry: ModelRegistry, *, workers: int) -> 
         workers,
         lease_seconds=settings.job_lease_seconds,
         poll_seconds=settings.job_poll_seconds,
+        dataset_ttl_days=settings.dataset_ttl_days,
     )
 
 

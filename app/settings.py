@@ -26,6 +26,12 @@ class Settings(BaseSettings):
         description="A job whose worker stops renewing its lease this long is resumed elsewhere.",
     )
     job_poll_seconds: float = Field(1.0, gt=0.0, le=60.0, description="How often an idle worker looks for jobs.")
+    rate_limit_per_minute: int = Field(
+        1200, ge=1, description="Requests one API key may make per minute to one API process (then 429)."
+    )
+    dataset_ttl_days: float | None = Field(
+        None, gt=0.0, description="Finished datasets are deleted this many days after they finished (None: kept)."
+    )
     max_samples_per_request: int = Field(10_000, ge=1, description="Largest cohort one REST request may ask for.")
     default_daily_quota: int = Field(
         10_000, ge=1, description="Samples per 24 h for keys created without their own quota (every job counts)."

@@ -384,3 +384,66 @@ def test_failed_jobs_and_server_errors_reveal_no_detail(tiny_model: Path, db_url
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_rate_limits_revocation_retention_and_a_database_outage(
+    tiny_model: Path, backend: str, db_url: str, tmp_path: Path
+) -> None:
+    """Per-key rate limit (429 + Retry-After), an admin revokes a key (401 at once), a dataset past its retention
+    is deleted (410, audit event), and on PostgreSQL a database outage is a 503 the service recovers from."""
+    models = make_models(tiny_model, tmp_path)
+    env = service_env(
+        tmp_path, db_url, SYNTHCOHORT_RATE_LIMIT_PER_MINUTE="40", SYNTHCOHORT_DATASET_TTL_DAYS=str(4 / 86400)
+    )
+    busy, victim = (new_key(env, "--role", "researcher") for _ in range(2))
+    admin = {"Authorization": f"Bearer {new_key(env, '--role', 'admin')}"}
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(models, env, port)
+    try:
+        answers = [httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {busy}"}) for _ in range(45)]
+        assert [a.status_code for a in answers[:40]] == [200] * 40
+        limited = [a for a in answers[40:] if a.status_code == 429]
+        assert limited and 1 <= int(limited[0].headers["Retry-After"]) <= 60
+
+        victim_headers = {"Authorization": f"Bearer {victim}"}
+        assert httpx.get(f"{base}/v1/models", headers=victim_headers).status_code == 200
+        prefix = victim.split("_")[1]
+        assert httpx.post(f"{base}/v1/keys/{prefix}/revoke", headers=victim_headers).status_code == 403
+        assert httpx.post(f"{base}/v1/keys/{prefix}/revoke", headers=admin).status_code == 200
+        assert httpx.get(f"{base}/v1/models", headers=victim_headers).status_code == 401
+        assert httpx.post(f"{base}/v1/keys/nope/revoke", headers=admin).status_code == 404
+
+        job = httpx.post(f"{base}/v1/cohorts", headers=admin, json={"model": "demo", "counts": {"lesion": 2}}).json()
+        deadline, status_code = time.time() + 120, None
+        while time.time() < deadline and status_code != 410:  # succeeded (200), then expired (410)
+            status_code = httpx.get(f"{base}/v1/datasets/{job['id']}", headers=admin).status_code
+            assert status_code in (200, 404, 410)
+            time.sleep(1.0)
+        assert status_code == 410 and not (tmp_path / "data" / "datasets" / job["id"]).exists()
+        log = httpx.get(f"{base}/v1/audit-log", headers=admin).json()
+        assert any(e["action"] == "dataset.expire" and e["dataset_id"] == job["id"] for e in log)
+        assert any(e["action"] == "key.revoke" for e in log)
+
+        if backend == "postgresql":
+            from sqlalchemy import create_engine, text
+
+            name = db_url.rsplit("/", 1)[1]
+            server = create_engine(db_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+            with server.connect() as connection:
+                connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+                connection.execute(
+                    text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+                )
+            away = httpx.get(f"{base}/v1/models", headers=admin)
+            assert away.status_code == 503 and away.headers["Retry-After"] == "5", away.text
+            with server.connect() as connection:
+                connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            server.dispose()
+            deadline = time.time() + 30
+            while httpx.get(f"{base}/v1/models", headers=admin).status_code != 200:
+                assert time.time() < deadline, "the service did not recover from the database outage"
+                time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+from collections import deque
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -29,14 +33,44 @@ SessionDep = Annotated[Session, Depends(get_session)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 
 
+class RateLimiter:
+    """At most ``per_minute`` requests per key in any 60-second window, counted in this API process."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._seen: dict[int, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def wait_seconds(self, key_id: int) -> int:
+        """0 if this request may go ahead (and count it), else how many seconds until one may."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.setdefault(key_id, deque())
+            while seen and seen[0] <= now - 60.0:
+                seen.popleft()
+            if len(seen) >= self.per_minute:
+                return max(1, math.ceil(seen[0] + 60.0 - now))
+            seen.append(now)
+            return 0
+
+
 def current_key(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request,
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> ApiKey:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key", headers={"WWW-Authenticate": "Bearer"})
     key = verify_key(session, credentials.credentials)
     if key is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    wait = request.app.state.rate_limiter.wait_seconds(key.id)
+    if wait:
+        raise HTTPException(
+            status.HTTP_429_TOO_MANY_REQUESTS,
+            f"rate limit: at most {request.app.state.rate_limiter.per_minute} requests per minute per key",
+            headers={"Retry-After": str(wait)},
+        )
     return key
 
 

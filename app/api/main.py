@@ -9,10 +9,11 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request, status
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from app.api import routes_admin, routes_cohorts, routes_datasets, routes_models
-from app.api.deps import CurrentKey
+from app.api.deps import CurrentKey, RateLimiter
 from app.api.limits import BodyLimitMiddleware
 from app.api.metrics import MetricsMiddleware, metrics_response
 from app.api.registry import ModelRegistry
@@ -22,6 +23,18 @@ from app.jobs import job_runner
 from app.settings import Settings
 
 log = logging.getLogger("synthcohort.api")
+DATABASE_RETRY_SECONDS = 5
+
+
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database is away (restarting, failing over, unreachable): 503 with Retry-After, never a 500. The
+    engine's pre-ping reconnects by itself once it is back."""
+    log.warning("database unavailable during %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return JSONResponse(
+        {"detail": "the database is unavailable for the moment; retry shortly"},
+        status_code=503,
+        headers={"Retry-After": str(DATABASE_RETRY_SECONDS)},
+    )
 
 
 class RequestIdMiddleware(BaseHTTPMiddleware):
@@ -56,6 +69,7 @@ def create_app(
     )
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
+    app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     app.state.registry = ModelRegistry(models_dir, allow_not_private=allow_not_private)
     app.state.jobs = job_runner(settings, app.state.registry, workers=settings.job_workers if run_jobs else 0)
     app.state.jobs.start()
@@ -64,6 +78,9 @@ def create_app(
     app.include_router(routes_cohorts.router)
     app.include_router(routes_datasets.router)
     app.include_router(routes_admin.router)
+    app.include_router(routes_admin.keys_router)
+    app.add_exception_handler(OperationalError, database_unavailable)
+    app.add_exception_handler(InterfaceError, database_unavailable)
     app.add_middleware(BodyLimitMiddleware)
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)  # outermost: wraps every other layer's failures too

@@ -1,19 +1,26 @@
-"""``/v1/audit-log``: the audit log, for admin keys only."""
+"""``/v1/audit-log`` and ``/v1/keys``: the audit log and key revocation, for admin keys only."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Query, status
 
 from app.api.deps import CurrentKey, SessionDep
-from app.db import audit_events
+from app.db import ApiKey, audit_events, record_event
+from app.keys import revoke_key
+from generators.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/audit-log", tags=["admin"])
+keys_router = APIRouter(prefix="/v1/keys", tags=["admin"])
+
+
+def _admin(key: ApiKey) -> None:
+    if key.role != "admin":
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin role required")
 
 
 @router.get("", summary="Recent audit events (admin only)")
 def get_audit_log(session: SessionDep, key: CurrentKey, limit: int = Query(100, ge=1, le=10_000)) -> list[dict]:
-    if key.role != "admin":
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "admin role required")
+    _admin(key)
     return [
         {
             "at": e.at.isoformat(),
@@ -27,3 +34,14 @@ def get_audit_log(session: SessionDep, key: CurrentKey, limit: int = Query(100, 
         }
         for e in audit_events(session, limit=limit)
     ]
+
+
+@keys_router.post("/{prefix}/revoke", summary="Revoke an API key (admin only); it is refused from the next request")
+def revoke(prefix: str, session: SessionDep, key: CurrentKey) -> dict:
+    _admin(key)
+    try:
+        row = revoke_key(session, prefix)
+    except InvalidInput:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no key with prefix {prefix!r}") from None
+    record_event(session, action="key.revoke", outcome="ok", key_id=key.id, detail=f"revoked {row.prefix}")
+    return {"prefix": row.prefix, "revoked": True}

@@ -19,6 +19,8 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 def _dataset_dir(request: Request, session, key, dataset_id: str) -> Path:
     job = visible_job(session, key, dataset_id)
     root = request.app.state.jobs.datasets / dataset_id
+    if job is not None and job.status == "expired":
+        raise HTTPException(status.HTTP_410_GONE, f"dataset {dataset_id!r} expired and was deleted")
     if job is None or job.status != "succeeded" or not root.is_dir():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {dataset_id!r}")
     return root

@@ -101,7 +101,7 @@ class CohortStatus(BaseModel):
     model: str
     counts: dict[str, int]
     seed: int
-    status: str = Field(..., description="queued, running, succeeded, failed or cancelled")
+    status: str = Field(..., description="queued, running, succeeded, failed, cancelled or expired (dataset deleted)")
     progress: float
     done: int = Field(..., description="samples finished so far")
     total: int = Field(..., description="samples requested")
