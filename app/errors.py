@@ -1,5 +1,7 @@
 """The one place where domain errors become CLI exit codes, and job failures become what a researcher may read."""
 
+import errno
+
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy, SynthCohortError
 
 # Order matters: the first matching class wins.
@@ -20,6 +22,8 @@ def exit_code_for(error: SynthCohortError) -> int:
     return 1
 
 
+STORAGE_FAILURE = "the service could not write the dataset (storage full or not writable); the operator has been told"
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EDQUOT)
 PUBLIC_JOB_ERRORS: tuple[tuple[type[SynthCohortError], str], ...] = (
     (PrivacyPolicy, "refused by the service's privacy policy; the operator has been told"),
     (SynthCohortError, "the job could not be completed; the operator has been told"),
@@ -35,6 +39,8 @@ def public_job_error(error: BaseException) -> str:
     public = getattr(error, "public_message", None)
     if public:
         return str(public)
+    if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
+        return STORAGE_FAILURE
     for cls, message in PUBLIC_JOB_ERRORS:
         if isinstance(error, cls):
             return message

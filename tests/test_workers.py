@@ -1,14 +1,17 @@
 """API processes and worker processes apart, on one PostgreSQL database and one dataset directory: every job runs
-to the end exactly once, also when a worker is killed in the middle of one."""
+to the end exactly once, also when a worker is killed in the middle of one; a job whose storage fails fails
+cleanly."""
 
 import json
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import fresh_database
 from sqlalchemy import create_engine, text
 from test_api import free_port, make_models, new_key, service_env, start_server, wait_for
@@ -76,3 +79,44 @@ def test_two_apis_and_two_workers_run_every_job_once_when_a_worker_dies(tiny_mod
                     proc.terminate()
                     proc.wait(timeout=60)
             database.dispose()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 kB tmpfs for the datasets (needs root, as on CI machines; skipped with the reason elsewhere)."""
+    disk = tmp_path / "data" / "datasets"
+    disk.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.decode().strip()[:100]}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_job_that_fills_the_disk_fails_cleanly_and_the_service_keeps_serving(
+    tiny_model: Path, small_disk: Path, tmp_path: Path
+) -> None:
+    """The dataset storage fills up mid-job: the job fails with a plain reason and leaves nothing; the server
+    keeps serving, and a job that fits still succeeds."""
+    models = make_models(tiny_model, tmp_path)
+    with fresh_database("postgresql", tmp_path) as url:  # the database is not on the full disk
+        env = service_env(tmp_path, url)
+        headers = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
+        port = free_port()
+        proc = start_server(models, env, port)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            big = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"lesion": 480}})
+            failed = wait_for(base, headers, big.json()["id"])
+            assert failed["status"] == "failed" and "storage full or not writable" in failed["error"], failed
+            assert str(tmp_path) not in failed["error"]
+            assert list(small_disk.iterdir()) == []  # no dataset, no partial directory
+            assert httpx.get(f"{base}/v1/datasets/{failed['id']}", headers=headers).status_code == 404
+            assert httpx.get(f"{base}/v1/models", headers=headers).status_code == 200
+            small = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"lesion": 2}})
+            assert wait_for(base, headers, small.json()["id"])["status"] == "succeeded"
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
