@@ -457,7 +457,9 @@ def export(
     n: Annotated[int | None, typer.Option("--n", help="Samples of EVERY label.")] = None,
     count: Annotated[list[str], typer.Option(help="LABEL=N (repeatable).")] = [],  # noqa: B006
     seed: Annotated[int, typer.Option(help="Seed of the cohort; every sample's own seed is recorded.")] = 0,
-    format: Annotated[str, typer.Option("--format", help="Comma-separated: nifti (required), png, npz.")] = "nifti",
+    format: Annotated[
+        str, typer.Option("--format", help="Comma-separated: nifti (required), png, npz, dicom.")
+    ] = "nifti",
     workers: Annotated[int, typer.Option(min=1, max=512, help="Worker processes or Ray actors.")] = 1,
     backend: Annotated[str, typer.Option(help="local or ray.")] = "local",
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,

@@ -199,7 +199,7 @@ class CohortWorker:
                     still.append(i)
                     continue
                 rows[i] = {  # nothing about the filter's decision beyond "accepted"
-                    "file": write_sample(root, image, shard.label, i, request.formats, spacing),
+                    **write_sample(root, image, shard.label, i, request.formats, spacing),
                     "label": shard.label,
                     "index": i,
                     "seed": int(seed),

@@ -49,7 +49,7 @@ def test_export_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
         "--count",
         "lesion=3",
         "--format",
-        "nifti,png,npz",
+        "nifti,png,npz,dicom",
         "--shard-size",
         "4",
         "--seed",
@@ -61,7 +61,7 @@ def test_export_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
     manifest = read_manifest(out)
     samples = manifest["samples"]
     assert [s["label"] for s in samples].count("healthy") == 5 and [s["label"] for s in samples].count("lesion") == 3
-    assert all(set(s) == {"file", "label", "index", "seed", "model_id"} for s in samples)  # nothing from the filter
+    assert all(set(s) == {"file", "label", "index", "seed", "model_id", "dicom"} for s in samples)  # nothing more
     assert len({s["seed"] for s in samples}) == 8
     card = json.loads((tiny_model / "model_card.json").read_text())
     for s in samples:
@@ -69,11 +69,12 @@ def test_export_end_to_end(tiny_model: Path, tmp_path: Path) -> None:
         assert image.shape == (16, 16, 1)
         np.testing.assert_allclose(image.header.get_zooms(), card["voxel_spacing_mm"], rtol=1e-5)
         assert (out / s["file"].replace("images/", "previews/").replace(".nii.gz", ".png")).is_file()
+        assert [p.name for p in (out / s["dicom"]).iterdir()] == ["0001.dcm"]  # a slice: one DICOM instance
     names = {p.name for p in out.iterdir()}
     assert {"manifest.json", "manifest.csv", "datalist.json", "privacy_report.json", "README.md", "cohort.npz"} <= names
     assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no temp files or shard records left
     csv_rows = (out / "manifest.csv").read_text().strip().splitlines()
-    assert csv_rows[0] == "file,label,index,seed,model_id" and len(csv_rows) == 9
+    assert csv_rows[0] == "file,label,index,seed,model_id,dicom" and len(csv_rows) == 9
     datalist = json.loads((out / "datalist.json").read_text())
     assert len(datalist["training"]) == 8 and {d["label"] for d in datalist["training"]} <= {0, 1}
     report = json.loads((out / "privacy_report.json").read_text())

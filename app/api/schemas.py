@@ -90,7 +90,9 @@ class CohortCreate(BaseModel):
     model: str = Field(..., min_length=1, max_length=128)
     counts: dict[str, int] = Field(..., min_length=1, max_length=64, description="label → number of samples")
     seed: int = Field(0, ge=0, le=2**62)
-    formats: list[str] = Field(default_factory=lambda: ["nifti"], max_length=3, description="nifti, png, npz")
+    formats: list[str] = Field(
+        default_factory=lambda: ["nifti"], max_length=4, description="nifti (always), png, npz, dicom"
+    )
 
 
 class CohortStatus(BaseModel):
