@@ -94,6 +94,12 @@ def ingest(
     keep_faces: Annotated[
         bool, typer.Option(help="--dims 3: confirm the volumes carry no face (brain-extracted, defaced, not a head).")
     ] = False,
+    link_by: Annotated[
+        str,
+        typer.Option(
+            help="How a scan finds its labels row: auto (DICOM PatientID, then folder name), patient-id, folder, stem."
+        ),
+    ] = "auto",
     holdout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of patients held out (per label).")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
     store_budget: Annotated[
@@ -116,6 +122,7 @@ def ingest(
         dims=dims,
         keep_faces=keep_faces,
         deface=deface,
+        link_by=link_by,
         holdout=holdout,
         seed=seed,
         allow_burned_in=allow_burned_in,

@@ -345,3 +345,46 @@ def test_archives_of_2d_images_are_skipped_for_volumes(tmp_path: Path) -> None:
             labels_path=None,
             options=IngestOptions(dims=3, size=16, keep_faces=True),
         )
+
+
+def _public_dicom_folder(root: Path) -> Path:
+    """Third-party public DICOM files (pydicom's own test data: a CT and an MR slice), each in a folder named
+    unlike its PatientID, plus what an export folder also holds: a text file, a corrupt file, a SEG object."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    for folder, name in (("series-ct", "CT_small.dcm"), ("series-mr", "MR_small.dcm")):
+        (root / folder).mkdir(parents=True)
+        (root / folder / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
+    (root / "notes").mkdir()
+    (root / "notes" / "README.txt").write_text("exported by the PACS")
+    (root / "notes" / "broken.dcm").write_bytes(b"\0" * 128 + b"DIC")
+    seg = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    seg.Modality = "SEG"
+    (root / "seg").mkdir()
+    seg.save_as(root / "seg" / "seg.dcm")
+    return root
+
+
+def test_every_file_is_accounted_for_and_labels_link_by_folder_name(tmp_path: Path) -> None:
+    raw = _public_dicom_folder(tmp_path / "raw")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient_id,label\nseries-ct,a\nseries-mr,b\nseg,a\n")
+    result = ingest(raw, tmp_path / "store", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+    assert result.report["inputs"] == {"found": 5, "skipped": 3}
+    reasons = sorted(s.reason for s in result.skipped)
+    assert reasons[:2] == ["not a readable NIfTI, DICOM or .npz file"] * 2  # the text file and the corrupt one
+    assert reasons[2].startswith("not an image series (Modality SEG")
+    assert result.report["patients"]["train"] == {"a": 1, "b": 1}  # linked by folder name: PatientID matched nothing
+    assert result.store.n_slices == 2  # one slice each: a 1-slice series is never padded with copies
+
+    # PatientID names one labels row, the folder another: ambiguous, skipped with the fix; --link-by decides
+    labels.write_text("patient_id,label\nseries-ct,a\n1CT1,b\nseries-mr,b\n")
+    result = ingest(raw, tmp_path / "s2", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+    assert any("--link-by patient-id or --link-by folder" in s.reason for s in result.skipped)
+    assert result.report["patients"]["train"] == {"b": 1}
+    chosen = IngestOptions(size=16, holdout=0.0, link_by="patient-id")
+    result = ingest(raw, tmp_path / "s3", labels_path=labels, options=chosen)
+    assert result.report["patients"]["train"] == {"b": 1}  # 1CT1 → b; MR's PatientID 4MR1 has no row
+    with pytest.raises(InvalidInput, match="--link-by"):
+        ingest(raw, tmp_path / "s4", labels_path=labels, options=IngestOptions(link_by="guess"))

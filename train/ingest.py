@@ -5,7 +5,8 @@ Which patient a scan belongs to:
   is named by its NIfTI file name without suffix, its DICOM folder (path relative to the input), or
   ``<archive stem>/<split>-<index>`` for an image of a MedMNIST archive;
 - otherwise NIfTI: the file name without its suffix is the patient id; DICOM: a folder holding the files of
-  one series, the ``PatientID`` tag is the patient id (the folder name when the tag is empty);
+  one series, linked by ``--link-by`` (``auto``: the ``PatientID`` tag, then the folder name; two different
+  matching rows are ambiguous and the series is skipped with the fix);
 - MedMNIST ``.npz`` images that no ``scan`` row maps to a patient are each their own unit, labelled by the
   archive's integer label unless the labels file names that id. Such a store cannot tell patients apart,
   so its privacy unit is the **image** (``store.privacy_unit``), and model cards say so.
@@ -53,6 +54,8 @@ from train.store import DEFAULT_STORE_BUDGET, CohortStore, SliceRecord, StoreWri
 
 FACES_KEPT = "kept: --keep-faces (the operator confirmed the volumes carry no face)"
 MAX_VOLUME_SIZE = 128  # --dims 3: 128³ float32 is 8 MiB a volume
+LINK_MODES = ("auto", "patient-id", "folder", "stem")  # auto: DICOM PatientID, then the DICOM folder name
+NOT_AN_IMAGE = "not a readable NIfTI, DICOM or .npz file"
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 LABEL_RULE = "label names must be 1-64 letters, digits, '_', '.', '+' or '-' and start with a letter or digit"
 
@@ -66,6 +69,7 @@ class IngestOptions:
     dims: int = 2  # 2: axial slices; 3: whole volumes on an isotropic grid
     keep_faces: bool = False  # --dims 3: store head volumes as they are (brain-extracted or not a head)
     deface: bool = False  # remove the face of every scan before it is sliced or resampled (2-D and 3-D)
+    link_by: str = "auto"  # how a scan finds its labels-file row (LINK_MODES)
     holdout: float = 0.2
     seed: int = 0
     allow_burned_in: bool = False
@@ -78,7 +82,7 @@ class IngestOptions:
 class InputItem:
     """One thing to read: a NIfTI file, a DICOM series folder, or a MedMNIST archive."""
 
-    kind: str  # "nifti" | "dicom" | "npz"
+    kind: str  # "nifti" | "dicom" | "npz" | "other" (a file that is none of these: reported, never read)
     path: Path
 
 
@@ -104,10 +108,12 @@ class Skipped:
 
 @dataclass(frozen=True)
 class LoadedScan:
-    patient_id: str
+    patient_id: str  # DICOM PatientID (may be empty), NIfTI file stem, archive image key
     slab: Slab
     npz_label: int | None = None
     scan_key: str = ""  # how a ``scan`` column of the labels file names this scan
+    folder: str = ""  # the DICOM series folder's name, or the NIfTI file's folder name
+    stem: str = ""  # the NIfTI file name without suffix
 
 
 @dataclass
@@ -183,7 +189,8 @@ def read_labels(path: Path, pseudo: Pseudonymizer) -> tuple[Labels, list[Skipped
 
 # ---------------------------------------------------------------------------------------- discovery
 def discover(root: Path, *, exclude: set[Path] | None = None) -> Iterator[InputItem]:
-    """Yield input items under ``root`` in a stable order. Symbolic links are not followed."""
+    """Yield input items under ``root`` in a stable order: every file is accounted for (files that are no scan,
+    and symbolic links, which are not followed, come as ``other``). Hidden folders are not entered."""
     exclude = {p.resolve() for p in exclude or set()}
     if root.is_file():
         if root.suffix.lower() == ".npz":
@@ -201,14 +208,18 @@ def discover(root: Path, *, exclude: set[Path] | None = None) -> Iterator[InputI
         has_dicom = False
         for name in sorted(files):
             path = base / name
-            if name.startswith(".") or path.is_symlink() or path.resolve() in exclude:
+            if path.resolve() in exclude:
                 continue
-            if is_nifti(path):
+            if path.is_symlink():
+                yield InputItem("other", path)  # links are not followed, but they are reported
+            elif is_nifti(path):
                 yield InputItem("nifti", path)
             elif name.lower().endswith(".npz"):
                 yield InputItem("npz", path)
-            elif not has_dicom and is_dicom_file(path):
+            elif is_dicom_file(path):
                 has_dicom = True
+            else:
+                yield InputItem("other", path)
         if has_dicom:
             yield InputItem("dicom", base)
 
@@ -227,16 +238,17 @@ def load_item(
     """Read one NIfTI or DICOM item into slices, or one volume for ``dims=3`` (runs in worker processes); with
     ``deface`` its face is removed first (or it is refused)."""
     if item.kind == "nifti":
-        scan, patient = read_nifti(item.path), nifti_stem(item.path)
+        scan, patient, folder = read_nifti(item.path), nifti_stem(item.path), item.path.parent.name
     elif item.kind == "dicom":
         series = read_dicom_series(item.path, allow_burned_in=allow_burned_in)
-        scan, patient = series.scan, series.patient_id.strip() or item.path.name
+        scan, patient, folder = series.scan, series.patient_id.strip(), item.path.name
     else:
         raise InvalidInput(f"unsupported input kind {item.kind}")
     if deface:
         scan = remove_face(scan).scan
     slab = isotropic_volume(scan, size=size) if dims == 3 else axial_slices(scan, n_slices=slices, size=size)
-    return LoadedScan(patient_id=patient, slab=slab, scan_key=scan_key)
+    stem = nifti_stem(item.path) if item.kind == "nifti" else ""
+    return LoadedScan(patient_id=patient, slab=slab, scan_key=scan_key, folder=folder, stem=stem)
 
 
 def scan_key(item: InputItem, root: Path) -> str:
@@ -290,9 +302,10 @@ def ingest(
             raise InvalidInput(f"labels file {labels_path} does not exist")
         labels, skipped = read_labels(labels_path, pseudo)
     items = list(discover(input_path, exclude={labels_path} if labels_path else None))
-    if not items:
-        raise InvalidInput(f"no NIfTI, DICOM or .npz inputs found under {input_path}")
-    if labels_path is None and any(i.kind != "npz" for i in items):
+    others = sum(1 for i in items if i.kind == "other")
+    if len(items) == others:
+        raise InvalidInput(f"no NIfTI, DICOM or .npz inputs found under {input_path} ({others} other files)")
+    if labels_path is None and any(i.kind in ("nifti", "dicom") for i in items):
         raise InvalidInput("--labels is required for NIfTI and DICOM inputs")
     if on_total:
         on_total(len(items))
@@ -304,7 +317,7 @@ def ingest(
         if isinstance(result, str):
             skipped.append(Skipped(_reference(pseudo, item, input_path), item.kind, result, str(item.path)))
         else:
-            cohort.accept(result, item)
+            cohort.accept(result, item, options.link_by)
         if progress and item is not previous:  # an archive yields many images: count it once
             progress(1)
         previous = item
@@ -345,6 +358,8 @@ def _check_options(options: IngestOptions) -> None:
         raise InvalidInput(f"--dims must be 2 (axial slices) or 3 (volumes), got {options.dims}")
     if options.dims == 3 and options.size > MAX_VOLUME_SIZE:
         raise InvalidInput(f"--size must be at most {MAX_VOLUME_SIZE} with --dims 3, got {options.size}")
+    if options.link_by not in LINK_MODES:
+        raise InvalidInput(f"--link-by must be one of {list(LINK_MODES)}, got {options.link_by!r}")
     if options.deface and options.keep_faces:
         raise InvalidInput("--deface and --keep-faces contradict each other: choose one")
     if options.dims == 3 and not (options.keep_faces or options.deface):
@@ -368,7 +383,9 @@ def _load_all(
     items: list[InputItem], root: Path, options: IngestOptions, pseudo: Pseudonymizer
 ) -> Iterator[tuple[InputItem, LoadedScan | str]]:
     """Every item's scans (NIfTI/DICOM in a process pool, then MedMNIST archives), or why it was skipped."""
-    scan_items = [i for i in items if i.kind != "npz"]
+    for item in (i for i in items if i.kind == "other"):
+        yield item, ("a symbolic link (not followed)" if item.path.is_symlink() else NOT_AN_IMAGE)
+    scan_items = [i for i in items if i.kind in ("nifti", "dicom")]
     jobs = [
         (i, options.size, options.slices, options.allow_burned_in, scan_key(i, root), options.dims, options.deface)
         for i in scan_items
@@ -410,9 +427,11 @@ class _Cohort:
         self.pending: list[tuple[str, int, Slab]] = []
         self.privacy_unit = "patient"
 
-    def accept(self, loaded: LoadedScan, item: InputItem) -> None:
+    def accept(self, loaded: LoadedScan, item: InputItem, link_by: str = "auto") -> None:
         owner = self.labels.scan_owner.get(loaded.scan_key)
-        patient = owner or normalise_patient_id(loaded.patient_id)
+        patient = owner or self._link(loaded, item, link_by)
+        if patient is None:
+            return
         info = self.labels.patients.get(patient)
         if info is None and loaded.npz_label is not None:
             info = PatientLabel(label=str(loaded.npz_label))
@@ -429,6 +448,29 @@ class _Cohort:
         self.scans_of[pseudonym] += 1
         self.slices_of[pseudonym] += len(loaded.slab.positions)
         self.seen_ids.add(patient)
+
+    def _link(self, loaded: LoadedScan, item: InputItem, link_by: str) -> str | None:
+        """The patient id a scan belongs to (``--link-by``); ``None`` (skipped with the reason) when the ways
+        allowed name two different patients of the labels file."""
+        if item.kind == "npz":
+            return normalise_patient_id(loaded.patient_id)
+        by = {
+            "patient-id": [loaded.patient_id or (loaded.folder if item.kind == "dicom" else "")],
+            "folder": [loaded.folder],
+            "stem": [loaded.stem],
+            "auto": [loaded.patient_id, loaded.folder] if item.kind == "dicom" else [loaded.stem],
+        }[link_by]
+        ids = [normalise_patient_id(i) for i in by if i and normalise_patient_id(i)]
+        known = sorted({i for i in ids if i in self.labels.patients})
+        if len(known) > 1:
+            ref = self.pseudo.reference(loaded.scan_key or item.path.name)
+            reason = (
+                "its PatientID and its folder name are two different patients of the labels file; choose with "
+                "--link-by patient-id or --link-by folder"
+            )
+            self.skipped.append(Skipped(ref, item.kind, reason, str(item.path)))
+            return None
+        return known[0] if known else (ids[0] if ids else normalise_patient_id(item.path.name))
 
     def split(self, options: IngestOptions) -> dict[str, str]:
         by_id = split_patients(

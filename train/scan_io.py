@@ -115,6 +115,9 @@ class DicomSeries:
     n_files: int
 
 
+NOT_IMAGES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"})
+
+
 def read_dicom_series(folder: Path, *, allow_burned_in: bool = False) -> DicomSeries:
     """Read one DICOM series from a folder (one multi-frame file or one file per slice)."""
     import pydicom
@@ -128,6 +131,9 @@ def read_dicom_series(folder: Path, *, allow_burned_in: bool = False) -> DicomSe
         raise InvalidInput(f"unreadable DICOM file ({type(exc).__name__})") from None
 
     for ds in datasets:
+        modality = str(ds.get("Modality", "")).upper()
+        if modality in NOT_IMAGES or "PixelData" not in ds:
+            raise InvalidInput(f"not an image series (Modality {modality or 'missing'}: a label map or a document)")
         if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and not allow_burned_in:
             raise InvalidInput("BurnedInAnnotation=YES: text may be burned into the pixels (use --allow-burned-in)")
     patient_ids = {str(ds.get("PatientID", "")) for ds in datasets}
