@@ -100,6 +100,9 @@ def ingest(
             help="How a scan finds its labels row: auto (DICOM PatientID, then folder name), patient-id, folder, stem."
         ),
     ] = "auto",
+    allow_2d: Annotated[
+        bool, typer.Option("--allow-2d", help="Also read single-frame US/SC images without geometry as 2-D images.")
+    ] = False,
     holdout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of patients held out (per label).")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
     store_budget: Annotated[
@@ -123,6 +126,7 @@ def ingest(
         keep_faces=keep_faces,
         deface=deface,
         link_by=link_by,
+        allow_2d=allow_2d,
         holdout=holdout,
         seed=seed,
         allow_burned_in=allow_burned_in,

@@ -347,19 +347,24 @@ def test_archives_of_2d_images_are_skipped_for_volumes(tmp_path: Path) -> None:
         )
 
 
-def _public_dicom_folder(root: Path) -> Path:
-    """Third-party public DICOM files (pydicom's own test data: a CT and an MR slice), each in a folder named
-    unlike its PatientID, plus what an export folder also holds: a text file, a corrupt file, a SEG object."""
+def _public_dicom(name: str):
     import pydicom
     from pydicom.data import get_testdata_file
 
-    for folder, name in (("series-ct", "CT_small.dcm"), ("series-mr", "MR_small.dcm")):
+    return pydicom.dcmread(get_testdata_file(name))  # bundled with pydicom: no download
+
+
+def _public_dicom_folder(root: Path) -> Path:
+    """Third-party public DICOM files (pydicom's own test data: two MR slices of one patient, one uncompressed, one
+    RLE-compressed), each in a folder named unlike its PatientID, plus what an export folder also holds: a text
+    file, a corrupt file, a SEG object."""
+    for folder, name in (("mr-a", "MR_small.dcm"), ("mr-b", "MR_small_RLE.dcm")):
         (root / folder).mkdir(parents=True)
-        (root / folder / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
+        _public_dicom(name).save_as(root / folder / name)
     (root / "notes").mkdir()
     (root / "notes" / "README.txt").write_text("exported by the PACS")
     (root / "notes" / "broken.dcm").write_bytes(b"\0" * 128 + b"DIC")
-    seg = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    seg = _public_dicom("CT_small.dcm")
     seg.Modality = "SEG"
     (root / "seg").mkdir()
     seg.save_as(root / "seg" / "seg.dcm")
@@ -369,7 +374,7 @@ def _public_dicom_folder(root: Path) -> Path:
 def test_every_file_is_accounted_for_and_labels_link_by_folder_name(tmp_path: Path) -> None:
     raw = _public_dicom_folder(tmp_path / "raw")
     labels = tmp_path / "labels.csv"
-    labels.write_text("patient_id,label\nseries-ct,a\nseries-mr,b\nseg,a\n")
+    labels.write_text("patient_id,label\nmr-a,a\nmr-b,b\nseg,a\n")
     result = ingest(raw, tmp_path / "store", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
     assert result.report["inputs"] == {"found": 5, "skipped": 3}
     reasons = sorted(s.reason for s in result.skipped)
@@ -377,14 +382,47 @@ def test_every_file_is_accounted_for_and_labels_link_by_folder_name(tmp_path: Pa
     assert reasons[2].startswith("not an image series (Modality SEG")
     assert result.report["patients"]["train"] == {"a": 1, "b": 1}  # linked by folder name: PatientID matched nothing
     assert result.store.n_slices == 2  # one slice each: a 1-slice series is never padded with copies
+    assert result.report["modality"] == "MR"
 
     # PatientID names one labels row, the folder another: ambiguous, skipped with the fix; --link-by decides
-    labels.write_text("patient_id,label\nseries-ct,a\n1CT1,b\nseries-mr,b\n")
+    labels.write_text("patient_id,label\nmr-a,a\n4MR1,b\n")
     result = ingest(raw, tmp_path / "s2", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
     assert any("--link-by patient-id or --link-by folder" in s.reason for s in result.skipped)
     assert result.report["patients"]["train"] == {"b": 1}
     chosen = IngestOptions(size=16, holdout=0.0, link_by="patient-id")
     result = ingest(raw, tmp_path / "s3", labels_path=labels, options=chosen)
-    assert result.report["patients"]["train"] == {"b": 1}  # 1CT1 → b; MR's PatientID 4MR1 has no row
+    assert result.report["patients"]["train"] == {"b": 1} and result.store.n_slices == 2  # both scans are 4MR1
     with pytest.raises(InvalidInput, match="--link-by"):
         ingest(raw, tmp_path / "s4", labels_path=labels, options=IngestOptions(link_by="guess"))
+
+
+def test_projection_images_are_2d_with_their_spacing_and_modalities_do_not_mix(tmp_path: Path) -> None:
+    cr = _public_dicom("CT_small.dcm")  # a 128² image turned into a radiograph: no patient geometry
+    for name in ("ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceLocation"):
+        delattr(cr, name)
+    cr.Modality, cr.ImagerPixelSpacing = "CR", [0.5, 0.25]  # rows 0.5 mm apart, columns 0.25 mm
+    raw = tmp_path / "cr"
+    (raw / "p1").mkdir(parents=True)
+    cr.save_as(raw / "p1" / "cr.dcm")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient_id,label\np1,a\n")
+    store = ingest(raw, tmp_path / "s", labels_path=labels, options=IngestOptions(size=16, holdout=0.0)).store
+    image = store.read("train").images[0, 0]
+    assert store.n_slices == 1 and store.spacing()[:2] == (4.0, 4.0)  # 64 mm tall → 16 px of 4 mm
+    assert (image[:, :4] == -1).all() and (image[:, -4:] == -1).all()  # 32 mm wide: centred, padded
+    with pytest.raises(InvalidInput, match="2-D"):
+        ingest(raw, tmp_path / "s3d", labels_path=labels, options=IngestOptions(dims=3, size=16, keep_faces=True))
+
+    us = _public_dicom("CT_small.dcm")
+    for name in ("ImageOrientationPatient", "ImagePositionPatient"):
+        delattr(us, name)
+    us.Modality = "US"
+    (raw / "p2").mkdir()
+    us.save_as(raw / "p2" / "us.dcm")
+    labels.write_text("patient_id,label\np1,a\np2,b\n")
+    result = ingest(raw, tmp_path / "s2", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+    assert [s.reason for s in result.skipped] == [
+        "a US image has no patient geometry; read it as a 2-D image with --allow-2d"
+    ]
+    with pytest.raises(InvalidInput, match="mixes DICOM modalities"):
+        ingest(raw, tmp_path / "s4", labels_path=labels, options=IngestOptions(size=16, holdout=0.0, allow_2d=True))

@@ -70,6 +70,7 @@ class IngestOptions:
     keep_faces: bool = False  # --dims 3: store head volumes as they are (brain-extracted or not a head)
     deface: bool = False  # remove the face of every scan before it is sliced or resampled (2-D and 3-D)
     link_by: str = "auto"  # how a scan finds its labels-file row (LINK_MODES)
+    allow_2d: bool = False  # also read single-frame US / SC / OT images without geometry as 2-D images
     holdout: float = 0.2
     seed: int = 0
     allow_burned_in: bool = False
@@ -114,6 +115,7 @@ class LoadedScan:
     scan_key: str = ""  # how a ``scan`` column of the labels file names this scan
     folder: str = ""  # the DICOM series folder's name, or the NIfTI file's folder name
     stem: str = ""  # the NIfTI file name without suffix
+    modality: str = ""  # the DICOM Modality ("" for NIfTI and archives)
 
 
 @dataclass
@@ -225,30 +227,27 @@ def discover(root: Path, *, exclude: set[Path] | None = None) -> Iterator[InputI
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_item(
-    item: InputItem,
-    *,
-    size: int,
-    slices: int,
-    allow_burned_in: bool,
-    scan_key: str = "",
-    dims: int = 2,
-    deface: bool = False,
-) -> LoadedScan:
-    """Read one NIfTI or DICOM item into slices, or one volume for ``dims=3`` (runs in worker processes); with
-    ``deface`` its face is removed first (or it is refused)."""
+def load_item(item: InputItem, options: IngestOptions, scan_key: str = "") -> LoadedScan:
+    """Read one NIfTI or DICOM item into slices, or one volume for ``--dims 3`` (runs in worker processes); with
+    ``--deface`` its face is removed first (or it is refused)."""
+    modality = ""
     if item.kind == "nifti":
         scan, patient, folder = read_nifti(item.path), nifti_stem(item.path), item.path.parent.name
     elif item.kind == "dicom":
-        series = read_dicom_series(item.path, allow_burned_in=allow_burned_in)
-        scan, patient, folder = series.scan, series.patient_id.strip(), item.path.name
+        series = read_dicom_series(item.path, allow_burned_in=options.allow_burned_in, allow_2d=options.allow_2d)
+        scan, patient, folder, modality = series.scan, series.patient_id.strip(), item.path.name, series.modality
+        if series.projection and (options.dims == 3 or options.deface):
+            raise InvalidInput(f"a {modality} image is 2-D: --dims 3 and --deface need head volumes")
     else:
         raise InvalidInput(f"unsupported input kind {item.kind}")
-    if deface:
+    if options.deface:
         scan = remove_face(scan).scan
-    slab = isotropic_volume(scan, size=size) if dims == 3 else axial_slices(scan, n_slices=slices, size=size)
+    if options.dims == 3:
+        slab = isotropic_volume(scan, size=options.size)
+    else:
+        slab = axial_slices(scan, n_slices=options.slices, size=options.size)
     stem = nifti_stem(item.path) if item.kind == "nifti" else ""
-    return LoadedScan(patient_id=patient, slab=slab, scan_key=scan_key, folder=folder, stem=stem)
+    return LoadedScan(patient_id=patient, slab=slab, scan_key=scan_key, folder=folder, stem=stem, modality=modality)
 
 
 def scan_key(item: InputItem, root: Path) -> str:
@@ -258,12 +257,10 @@ def scan_key(item: InputItem, root: Path) -> str:
     return item.path.relative_to(root).as_posix() if root.is_dir() and item.path != root else item.path.name
 
 
-def _load_safely(args: tuple[InputItem, int, int, bool, str, int, bool]) -> LoadedScan | str:
-    item, size, slices, allow_burned_in, key, dims, deface = args
+def _load_safely(args: tuple[InputItem, IngestOptions, str]) -> LoadedScan | str:
+    item, options, key = args
     try:
-        return load_item(
-            item, size=size, slices=slices, allow_burned_in=allow_burned_in, scan_key=key, dims=dims, deface=deface
-        )
+        return load_item(item, options, scan_key=key)
     except SynthCohortError as exc:
         return str(exc)
     except Exception as exc:  # a reader bug must not abort a 10 000-file ingestion
@@ -328,6 +325,12 @@ def ingest(
             skipped,
         )
 
+    if len(cohort.modalities) > 1:
+        raise InvalidInput(
+            f"the input mixes DICOM modalities {sorted(cohort.modalities)}: one store holds one modality; "
+            "ingest each modality from its own folder"
+        )
+
     # 3. split by patient, write the store (with its DP patient count) atomically
     split_of = cohort.split(options)
     with StoreWriter(out, size=options.size, spatial_dims=options.dims, overwrite=options.overwrite) as writer:
@@ -386,10 +389,7 @@ def _load_all(
     for item in (i for i in items if i.kind == "other"):
         yield item, ("a symbolic link (not followed)" if item.path.is_symlink() else NOT_AN_IMAGE)
     scan_items = [i for i in items if i.kind in ("nifti", "dicom")]
-    jobs = [
-        (i, options.size, options.slices, options.allow_burned_in, scan_key(i, root), options.dims, options.deface)
-        for i in scan_items
-    ]
+    jobs = [(i, options, scan_key(i, root)) for i in scan_items]
     if options.workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(max_workers=options.workers) as pool:
             yield from zip(scan_items, pool.map(_load_safely, jobs, chunksize=4), strict=True)
@@ -424,6 +424,7 @@ class _Cohort:
         self.scans_of: Counter[str] = Counter()
         self.slices_of: Counter[str] = Counter()
         self.seen_ids: set[str] = set()
+        self.modalities: set[str] = set()
         self.pending: list[tuple[str, int, Slab]] = []
         self.privacy_unit = "patient"
 
@@ -448,6 +449,8 @@ class _Cohort:
         self.scans_of[pseudonym] += 1
         self.slices_of[pseudonym] += len(loaded.slab.positions)
         self.seen_ids.add(patient)
+        if loaded.modality:
+            self.modalities.add(loaded.modality)
 
     def _link(self, loaded: LoadedScan, item: InputItem, link_by: str) -> str | None:
         """The patient id a scan belongs to (``--link-by``); ``None`` (skipped with the reason) when the ways
@@ -535,6 +538,7 @@ def _report(
             "store_budget_epsilon": options.store_budget,
         },
         "privacy_unit": cohort.privacy_unit,
+        "modality": next(iter(cohort.modalities), None),
         "inputs": {"found": n_inputs, "skipped": sum(1 for s in skipped if s.kind != "label-row")},
         "defaced_scans": sum(cohort.scans_of.values()) if options.deface else 0,
         "patients": {split: dict(sorted(c.items())) for split, c in sorted(patients.items())},

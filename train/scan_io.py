@@ -113,13 +113,19 @@ class DicomSeries:
     scan: Scan
     patient_id: str
     n_files: int
+    modality: str = ""
+    projection: bool = False  # a 2-D projection image (radiograph, ultrasound frame): no volume geometry
 
 
+PROJECTIONS = frozenset({"CR", "DX", "MG", "RG", "IO", "PX"})  # radiographs: 2-D by nature
+PROJECTIONS_OPT_IN = frozenset({"US", "SC", "XC", "OT"})  # single frames of these only with allow_2d
 NOT_IMAGES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"})
 
 
-def read_dicom_series(folder: Path, *, allow_burned_in: bool = False) -> DicomSeries:
-    """Read one DICOM series from a folder (one multi-frame file or one file per slice)."""
+def read_dicom_series(folder: Path, *, allow_burned_in: bool = False, allow_2d: bool = False) -> DicomSeries:
+    """Read one DICOM series from a folder (one multi-frame file or one file per slice). A projection image
+    (CR, DX, MG, ...; with ``allow_2d`` also single-frame US, SC) without patient geometry is read as a 2-D image
+    with its pixel spacing."""
     import pydicom
 
     files = sorted(p for p in folder.iterdir() if p.is_file() and is_dicom_file(p))
@@ -143,11 +149,50 @@ def read_dicom_series(folder: Path, *, allow_burned_in: bool = False) -> DicomSe
     if len(series_uids) != 1:
         raise InvalidInput("the folder mixes several DICOM series; put each series in its own folder")
 
-    if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1) or 1) > 1:
+    modality = str(datasets[0].get("Modality", "")).upper()
+    frames = int(datasets[0].get("NumberOfFrames", 1) or 1)
+    projection = "ImageOrientationPatient" not in datasets[0] and (
+        modality in PROJECTIONS or (allow_2d and modality in PROJECTIONS_OPT_IN)
+    )
+    if projection:
+        if len(datasets) != 1 or frames != 1:
+            raise InvalidInput(f"a {modality} series must be one single-frame image to be read as a 2-D image")
+        scan = _projection_to_scan(datasets[0])
+    elif modality in PROJECTIONS_OPT_IN and "ImageOrientationPatient" not in datasets[0]:
+        raise InvalidInput(f"a {modality} image has no patient geometry; read it as a 2-D image with --allow-2d")
+    elif len(datasets) == 1 and frames > 1:
         scan = _multiframe_to_scan(datasets[0])
     else:
         scan = _single_frames_to_scan(datasets)
-    return DicomSeries(scan=scan, patient_id=patient_ids.pop(), n_files=len(files))
+    return DicomSeries(
+        scan=scan, patient_id=patient_ids.pop(), n_files=len(files), modality=modality, projection=projection
+    )
+
+
+def _projection_to_scan(ds: object) -> Scan:
+    """A radiograph or single ultrasound frame as displayed (colour → luminance, MONOCHROME1 inverted), with the
+    pixel spacing of its PixelSpacing, ImagerPixelSpacing or ultrasound region."""
+    pixels = _pixels(ds)
+    photometric = str(getattr(ds, "PhotometricInterpretation", "")).upper()
+    if pixels.ndim == 3 and pixels.shape[-1] == 3:
+        pixels = pixels @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    if pixels.ndim != 2:
+        raise InvalidInput(f"a 2-D image was expected, got pixel data of shape {pixels.shape}")
+    pixels = _rescale(pixels, getattr(ds, "RescaleSlope", None), getattr(ds, "RescaleIntercept", None))
+    if photometric == "MONOCHROME1":
+        pixels = pixels.max() - pixels
+    return scan_from_display(pixels, spacing_mm=_projection_spacing(ds))
+
+
+def _projection_spacing(ds: object) -> tuple[float, float]:
+    for name in ("PixelSpacing", "ImagerPixelSpacing"):
+        if getattr(ds, name, None) is not None:
+            row, col = _floats(getattr(ds, name), 2, name)
+            return float(row), float(col)
+    region = _first(getattr(ds, "SequenceOfUltrasoundRegions", None))
+    if region is not None and getattr(region, "PhysicalUnitsXDirection", None) == 3:  # 3: centimetres
+        return float(region.PhysicalDeltaY) * 10.0, float(region.PhysicalDeltaX) * 10.0
+    raise InvalidInput("missing DICOM geometry: no PixelSpacing, ImagerPixelSpacing or ultrasound region spacing")
 
 
 def _pixels(ds: object) -> np.ndarray:
@@ -306,8 +351,9 @@ def read_medmnist(path: Path) -> Iterator[NpzImage]:
             yield NpzImage(key=f"{split}-{index:06d}", pixels=np.asarray(pixels, dtype=np.float32), label=int(label))
 
 
-def scan_from_display(pixels: np.ndarray, spacing_mm: float = 1.0) -> Scan:
-    """Wrap a display-ordered image (``[H, W]`` or ``[D, H, W]``, rows top→bottom) as a RAS+ scan.
+def scan_from_display(pixels: np.ndarray, spacing_mm: float | tuple[float, float] = 1.0) -> Scan:
+    """Wrap a display-ordered image (``[H, W]`` or ``[D, H, W]``, rows top→bottom) as a RAS+ scan; spacing: one
+    value, or ``(row, column)`` mm with 1 mm between slices.
 
     Rows become posterior→anterior reversed (top of the image = anterior), columns left→right, and the
     depth axis inferior→superior, so :func:`train.preprocess.axial_slices` gives the image back unchanged.
@@ -316,5 +362,6 @@ def scan_from_display(pixels: np.ndarray, spacing_mm: float = 1.0) -> Scan:
     if volume.ndim != 3:
         raise InvalidInput(f"expected a 2-D or 3-D image, got shape {pixels.shape}")
     data = np.ascontiguousarray(volume[:, ::-1, :].transpose(2, 1, 0))  # (D, H, W) -> (W, H, D)
-    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    row_mm, col_mm, slice_mm = (spacing_mm, spacing_mm, spacing_mm) if np.isscalar(spacing_mm) else (*spacing_mm, 1.0)
+    affine = np.diag([col_mm, row_mm, slice_mm, 1.0])
     return Scan(data.astype(np.float32), affine)
