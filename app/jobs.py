@@ -17,6 +17,7 @@ totals (generated, rejected) and the full error text are for admins and the audi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -69,6 +70,7 @@ class JobRunner:
         self._running: dict[str, threading.Event] = {}  # job id -> "stop this job" (cancel, lost lease, shutdown)
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._usage = (-1e9, 0)  # (when measured, bytes)
 
     def start(self) -> None:
         """Start the worker threads and the lease keeper (no-op for an API-only runner)."""
@@ -79,6 +81,18 @@ class JobRunner:
         self._threads.append(threading.Thread(target=self._keep_leases, name="cohort-leases", daemon=True))
         for thread in self._threads:
             thread.start()
+
+    def storage_used(self) -> int:
+        """Bytes under the dataset directory (finished and unfinished datasets), measured at most every 10 s."""
+        now = time.monotonic()
+        if now - self._usage[0] > 10.0:
+            total = 0
+            for folder, _, files in os.walk(self.datasets):
+                for name in files:
+                    with contextlib.suppress(OSError):  # a file renamed or deleted while we walk
+                        total += os.lstat(os.path.join(folder, name)).st_size
+            self._usage = (now, total)
+        return self._usage[1]
 
     def submit(self, job_id: str) -> None:
         """A new job was recorded: wake an idle worker of this process (other processes poll)."""

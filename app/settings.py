@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(
         1200, ge=1, description="Requests one API key may make per minute to one API process (then 429)."
     )
+    dataset_storage_cap_gb: float | None = Field(
+        None, gt=0.0, description="New cohort jobs are refused (507) while the datasets take this much (None: no cap)."
+    )
     dataset_ttl_days: float | None = Field(
         None, gt=0.0, description="Finished datasets are deleted this many days after they finished (None: kept)."
     )

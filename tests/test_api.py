@@ -447,3 +447,26 @@ def test_rate_limits_revocation_retention_and_a_database_outage(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_new_jobs_are_refused_while_dataset_storage_is_over_its_cap(
+    tiny_model: Path, db_url: str, tmp_path: Path
+) -> None:
+    models = make_models(tiny_model, tmp_path)
+    env = service_env(tmp_path, db_url, SYNTHCOHORT_DATASET_STORAGE_CAP_GB="0.000001")  # 1 kB
+    datasets = tmp_path / "data" / "datasets"
+    datasets.mkdir(parents=True)
+    (datasets / "older-dataset.bin").write_bytes(b"\0" * 5000)
+    headers = {"Authorization": f"Bearer {new_key(env, '--role', 'admin')}"}
+    port = free_port()
+    proc = start_server(models, env, port)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        refused = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"lesion": 1}})
+        assert refused.status_code == 507 and refused.headers["Retry-After"] == "3600"
+        assert "storage is full" in refused.json()["detail"] and str(tmp_path) not in refused.text
+        log = httpx.get(f"{base}/v1/audit-log", headers=headers).json()
+        assert any(e["outcome"] == "refused: storage full" for e in log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -44,6 +44,16 @@ def create_cohort(
         raise HTTPException(422, f"formats must include nifti and come from {list(FORMATS)}")
     total = sum(body.counts.values())
     settings = request.app.state.settings
+    if (
+        settings.dataset_storage_cap_gb
+        and request.app.state.jobs.storage_used() >= settings.dataset_storage_cap_gb * 1e9
+    ):
+        record_event(session, action="cohort.create", outcome="refused: storage full", key_id=key.id, model=body.model)
+        raise HTTPException(
+            status.HTTP_507_INSUFFICIENT_STORAGE,
+            "the service's dataset storage is full; try again once old datasets have expired",
+            headers={"Retry-After": "3600"},
+        )
     limit = settings.max_samples_per_request
     quota = key.quota_samples_per_day or settings.default_daily_quota
     used = samples_requested_today(session, key)
