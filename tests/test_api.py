@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -68,6 +70,18 @@ def service_env(root: Path, db_url: str, **extra: str) -> dict:
         "SYNTHCOHORT_JOB_POLL_SECONDS": "0.2",
         **extra,
     }
+
+
+@contextmanager
+def running_server(models: Path, env: dict, *extra: str) -> Iterator[str]:
+    """A real uvicorn on a free port for the ``with`` block; its base URL."""
+    port = free_port()
+    proc = start_server(models, env, port, *extra)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -458,15 +472,9 @@ def test_new_jobs_are_refused_while_dataset_storage_is_over_its_cap(
     datasets.mkdir(parents=True)
     (datasets / "older-dataset.bin").write_bytes(b"\0" * 5000)
     headers = {"Authorization": f"Bearer {new_key(env, '--role', 'admin')}"}
-    port = free_port()
-    proc = start_server(models, env, port)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with running_server(models, env) as base:
         refused = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"lesion": 1}})
         assert refused.status_code == 507 and refused.headers["Retry-After"] == "3600"
         assert "storage is full" in refused.json()["detail"] and str(tmp_path) not in refused.text
         log = httpx.get(f"{base}/v1/audit-log", headers=headers).json()
         assert any(e["outcome"] == "refused: storage full" for e in log)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from conftest import fresh_database
 from sqlalchemy import create_engine, text
-from test_api import free_port, make_models, new_key, service_env, start_server, wait_for
+from test_api import free_port, make_models, new_key, running_server, service_env, start_server, wait_for
 
 
 def start_worker(models: Path, env: dict) -> subprocess.Popen:
@@ -104,10 +104,7 @@ def test_a_job_that_fills_the_disk_fails_cleanly_and_the_service_keeps_serving(
     with fresh_database("postgresql", tmp_path) as url:  # the database is not on the full disk
         env = service_env(tmp_path, url)
         headers = {"Authorization": f"Bearer {new_key(env, '--role', 'researcher')}"}
-        port = free_port()
-        proc = start_server(models, env, port)
-        base = f"http://127.0.0.1:{port}"
-        try:
+        with running_server(models, env) as base:
             big = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"lesion": 480}})
             failed = wait_for(base, headers, big.json()["id"])
             assert failed["status"] == "failed" and "storage full or not writable" in failed["error"], failed
@@ -117,6 +114,3 @@ def test_a_job_that_fills_the_disk_fails_cleanly_and_the_service_keeps_serving(
             assert httpx.get(f"{base}/v1/models", headers=headers).status_code == 200
             small = httpx.post(f"{base}/v1/cohorts", headers=headers, json={"model": "demo", "counts": {"lesion": 2}})
             assert wait_for(base, headers, small.json()["id"])["status"] == "succeeded"
-        finally:
-            proc.terminate()
-            proc.wait(timeout=30)
