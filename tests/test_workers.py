@@ -73,6 +73,12 @@ def test_two_apis_and_two_workers_run_every_job_once_when_a_worker_dies(tiny_mod
                     text("select dataset_id, outcome from audit_log where action = 'cohort.finish'")
                 ).all()
             assert sorted(finishes) == sorted((job_id, "succeeded") for job_id in jobs)  # each exactly once
+
+            # a key revoked through one API is refused at once by the other
+            admin = {"Authorization": f"Bearer {new_key(env, '--role', 'admin')}"}
+            prefix = headers["Authorization"].split("_")[1]
+            assert httpx.post(f"{bases[0]}/v1/keys/{prefix}/revoke", headers=admin).status_code == 200
+            assert httpx.get(f"{bases[1]}/v1/models", headers=headers).status_code == 401
         finally:
             for proc in [*apis, *workers]:
                 if proc.poll() is None:
