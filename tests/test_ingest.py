@@ -426,3 +426,24 @@ def test_projection_images_are_2d_with_their_spacing_and_modalities_do_not_mix(t
     ]
     with pytest.raises(InvalidInput, match="mixes DICOM modalities"):
         ingest(raw, tmp_path / "s4", labels_path=labels, options=IngestOptions(size=16, holdout=0.0, allow_2d=True))
+
+
+def test_legacy_multiframe_is_stacked_by_frame_order_or_skipped_with_what_is_missing(tmp_path: Path) -> None:
+    """A multi-frame file without per-frame groups (pydicom's public MR slice, repeated as 5 frames with a
+    different value each): stacked in frame order along the normal when its stack is defined, else refused."""
+    import numpy as np
+
+    from train.scan_io import read_dicom_series
+
+    mr = _public_dicom("MR_small.dcm")
+    frames = np.stack([np.full((mr.Rows, mr.Columns), 100 * (k + 1), dtype=np.uint16) for k in range(5)])
+    mr.NumberOfFrames, mr.SpacingBetweenSlices, mr.PixelData = 5, 3.0, frames.tobytes()
+    (tmp_path / "stack").mkdir()
+    mr.save_as(tmp_path / "stack" / "mf.dcm")
+    scan = read_dicom_series(tmp_path / "stack").scan
+    assert scan.data.shape[2] == 5 and scan.spacing[2] == pytest.approx(3.0)
+    assert sorted(np.unique(scan.data).tolist()) == [100.0, 200.0, 300.0, 400.0, 500.0]
+    del mr.SpacingBetweenSlices, mr.SliceThickness
+    mr.save_as(tmp_path / "stack" / "mf.dcm")
+    with pytest.raises(InvalidInput, match="missing: SpacingBetweenSlices or SliceThickness"):
+        read_dicom_series(tmp_path / "stack")

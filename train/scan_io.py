@@ -273,8 +273,10 @@ def _multiframe_to_scan(ds: object) -> Scan:
     shared = _first(getattr(ds, "SharedFunctionalGroupsSequence", None))
     per_frame = list(getattr(ds, "PerFrameFunctionalGroupsSequence", []) or [])
     frames = _pixels(ds)  # (frames, rows, cols)
-    if frames.ndim != 3 or len(per_frame) != frames.shape[0]:
-        raise InvalidInput("multi-frame DICOM without one functional group per frame")
+    if frames.ndim != 3:
+        raise InvalidInput(f"multi-frame DICOM with pixel data of shape {frames.shape} (colour or 4-D): not a stack")
+    if len(per_frame) != frames.shape[0]:
+        return _stack_by_frame_order(ds, shared, frames)
 
     def group_item(frame: object, sequence: str) -> object:
         item = _first(getattr(frame, sequence, None))
@@ -306,6 +308,39 @@ def _multiframe_to_scan(ds: object) -> Scan:
     )
     volume = _rescale(frames[order], slope, intercept).transpose(2, 1, 0)  # (cols, rows, frames)
     return canonical(volume, affine)
+
+
+def _stack_by_frame_order(ds: object, shared: object, frames: np.ndarray) -> Scan:
+    """A legacy multi-frame image without per-frame geometry: frames in file order, one slice spacing apart along
+    the normal, when orientation, pixel spacing, the first frame's position and the slice spacing are all given
+    (at the top level or in the shared functional groups); otherwise refused with what is missing."""
+
+    def attribute(name: str, sequence: str) -> object:
+        value = getattr(ds, name, None)
+        return value if value is not None else getattr(_first(getattr(shared, sequence, None)), name, None)
+
+    given = {
+        "ImageOrientationPatient": attribute("ImageOrientationPatient", "PlaneOrientationSequence"),
+        "PixelSpacing": attribute("PixelSpacing", "PixelMeasuresSequence"),
+        "ImagePositionPatient": attribute("ImagePositionPatient", "PlanePositionSequence"),
+        "SpacingBetweenSlices or SliceThickness": attribute("SpacingBetweenSlices", "PixelMeasuresSequence")
+        or attribute("SliceThickness", "PixelMeasuresSequence"),
+    }
+    missing = [name for name, value in given.items() if value in (None, "")]
+    if missing:
+        raise InvalidInput(
+            "multi-frame DICOM without per-frame geometry and without a stack to order its frames by "
+            f"(missing: {', '.join(missing)})"
+        )
+    orientation = _floats(given["ImageOrientationPatient"], 6, "ImageOrientationPatient")
+    spacing = _floats(given["PixelSpacing"], 2, "PixelSpacing")
+    first = _floats(given["ImagePositionPatient"], 3, "ImagePositionPatient")
+    step = float(given["SpacingBetweenSlices or SliceThickness"])
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = first + np.arange(len(frames))[:, None] * step * normal
+    order, affine = _volume_affine(orientation, spacing, positions)
+    slope, intercept = getattr(ds, "RescaleSlope", None), getattr(ds, "RescaleIntercept", None)
+    return canonical(_rescale(frames[order], slope, intercept).transpose(2, 1, 0), affine)
 
 
 def _first(sequence: object) -> object | None:
