@@ -188,11 +188,12 @@ def _projection_spacing(ds: object) -> tuple[float, float]:
     for name in ("PixelSpacing", "ImagerPixelSpacing"):
         if getattr(ds, name, None) is not None:
             row, col = _floats(getattr(ds, name), 2, name)
-            return float(row), float(col)
+            if row > 0 and col > 0:  # some exports write 0\0 for "unknown"
+                return float(row), float(col)
     region = _first(getattr(ds, "SequenceOfUltrasoundRegions", None))
     if region is not None and getattr(region, "PhysicalUnitsXDirection", None) == 3:  # 3: centimetres
         return float(region.PhysicalDeltaY) * 10.0, float(region.PhysicalDeltaX) * 10.0
-    raise InvalidInput("missing DICOM geometry: no PixelSpacing, ImagerPixelSpacing or ultrasound region spacing")
+    raise InvalidInput("missing DICOM geometry: no positive PixelSpacing, ImagerPixelSpacing or ultrasound spacing")
 
 
 def _pixels(ds: object) -> np.ndarray:
