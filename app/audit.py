@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, load_seed_key, sample_seed
+from generators.atomic import publish_directory
 from generators.base import Generator, resolve_device
 from generators.card import ModelCard
 from generators.errors import Conflict, InvalidInput
@@ -624,12 +625,4 @@ def _publish(work: Path, out: Path) -> None:
     (work / "PRIVATE").write_text(INTERNAL_NOTICE + "\n")
     for path in work.rglob("*"):
         os.chmod(path, 0o700 if path.is_dir() else 0o600)
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(work, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(work, out)
+    publish_directory(work, out)

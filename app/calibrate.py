@@ -13,9 +13,10 @@ import secrets
 from collections.abc import Callable
 from pathlib import Path
 
+from generators.atomic import write_json_atomic
 from generators.card import card_exists, read_card
 from generators.errors import InvalidInput
-from generators.layout import BundleLayout, write_json_atomic
+from generators.layout import BundleLayout
 from privacy_filters import MemorizationFilter
 from train.preprocess import resize_split
 from train.store import CohortStore

@@ -628,8 +628,8 @@ def worker_command(
     import signal
     import threading
 
-    from app.api.registry import ModelRegistry
     from app.jobs import job_runner
+    from app.model_registry import ModelRegistry
 
     settings = _settings_with(db)
     runner = job_runner(

@@ -17,13 +17,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from app.dicom_export import write_dicom_series
+from generators.atomic import write_atomic
 from generators.base import preview_panel
 from generators.card import ModelCard
 from privacy_filters import public_summary
@@ -64,18 +63,6 @@ def preview_pixels(image: np.ndarray) -> np.ndarray:
     return ((np.clip(preview_panel(image), -1, 1) + 1.0) * 127.5).round().astype(np.uint8)
 
 
-def _replace_into(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_sample(
     root: Path, image: np.ndarray, label: str, index: int, formats: tuple[str, ...], spacing_mm: list[float]
 ) -> dict[str, str]:
@@ -85,18 +72,13 @@ def write_sample(
     relative = f"images/{label}/{name}.nii.gz"
     paths = {"file": relative}
     if "nifti" in formats:
-        target = root / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{name}.tmp.nii.gz")  # nibabel picks the format from the suffix
-        write_nifti(tmp, display_to_ras(image[0]), slice_affine(spacing_mm))  # a slice is a 1-voxel-thick volume
-        os.replace(tmp, target)
+        volume, affine = display_to_ras(image[0]), slice_affine(spacing_mm)  # a slice: a 1-voxel-thick volume
+        write_atomic(root / relative, lambda tmp: write_nifti(tmp, volume, affine), suffix=".tmp.nii.gz")
     if "png" in formats:
         from PIL import Image
 
         pixels = preview_pixels(image[0])
-        _replace_into(
-            root / f"previews/{label}/{name}.png", lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG")
-        )
+        write_atomic(root / f"previews/{label}/{name}.png", lambda tmp: Image.fromarray(pixels).save(tmp, format="PNG"))
     if "dicom" in formats:
         paths["dicom"] = f"dicom/{label}/{name}"
         write_dicom_series(
@@ -106,7 +88,7 @@ def write_sample(
 
 
 def write_text(path: Path, text: str) -> None:
-    _replace_into(path, lambda tmp: Path(tmp).write_text(text))
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def write_json(path: Path, data: object) -> None:

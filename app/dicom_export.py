@@ -15,11 +15,12 @@ along patient +x (RAS), display rows anterior→posterior, slices inferior→sup
 
 from __future__ import annotations
 
-import os
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+
+from generators.atomic import write_atomic
 
 MAX_VALUE = 4095  # 12-bit unsigned pixels: [-1, 1] → [0, 4095]
 ORIENTATION = [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -29,7 +30,7 @@ def write_dicom_series(
     directory: Path, image: np.ndarray, spacing_mm: list[float], *, label: str, name: str, description: str
 ) -> list[str]:
     """Write one sample ``[1, H, W]`` or ``[1, D, H, W]`` (values in [-1, 1]) as a DICOM series in ``directory``;
-    returns the file names. Each file is written to a temporary name and renamed into place."""
+    returns the file names. Each file is written atomically (:func:`generators.atomic.write_atomic`)."""
     from pydicom.uid import generate_uid
 
     volume = image[0] if image.ndim == 4 else image[0][None]  # [D, H, W]
@@ -48,9 +49,7 @@ def write_dicom_series(
         dataset = _instance(pixels[k], series, position, row_mm, col_mm, slice_mm, depth, label, name, description)
         dataset.InstanceNumber = k + 1
         file_name = f"{k + 1:04d}.dcm"
-        tmp = directory / f".{file_name}.tmp"
-        dataset.save_as(tmp, enforce_file_format=True)
-        os.replace(tmp, directory / file_name)
+        write_atomic(directory / file_name, lambda tmp, ds=dataset: ds.save_as(tmp, enforce_file_format=True))
         names.append(file_name)
     return names
 

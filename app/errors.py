@@ -1,4 +1,5 @@
-"""The one place where domain errors become CLI exit codes, and job failures become what a researcher may read."""
+"""The one place where domain errors become CLI exit codes and HTTP statuses, and job failures become what a
+researcher may read."""
 
 import errno
 
@@ -14,12 +15,27 @@ EXIT_CODES: tuple[tuple[type[SynthCohortError], int], ...] = (
 )
 
 
+HTTP_STATUSES: tuple[tuple[type[SynthCohortError], int], ...] = (
+    (InvalidInput, 422),
+    (NotFound, 404),
+    (Conflict, 409),
+    (PrivacyPolicy, 403),
+    (SynthCohortError, 500),
+)
+
+
 def exit_code_for(error: SynthCohortError) -> int:
     """Return the process exit code for a domain error."""
-    for cls, code in EXIT_CODES:
-        if isinstance(error, cls):
-            return code
-    return 1
+    return _first_match(EXIT_CODES, error, 1)
+
+
+def http_status_for(error: SynthCohortError) -> int:
+    """Return the HTTP status a route answers a domain error with."""
+    return _first_match(HTTP_STATUSES, error, 500)
+
+
+def _first_match(table: tuple[tuple[type[SynthCohortError], int], ...], error: SynthCohortError, default: int) -> int:
+    return next((code for cls, code in table if isinstance(error, cls)), default)
 
 
 STORAGE_FAILURE = "the service could not write the dataset (storage full or not writable); the operator has been told"

@@ -31,10 +31,10 @@ from pathlib import Path
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.api.metrics import GENERATED, JOBS, REJECTED, SAMPLES
-from app.api.registry import ModelRegistry
 from app.db import ApiKey, Job, record_event, session_factory, utcnow
 from app.errors import public_job_error
+from app.metrics import GENERATED, JOBS, REJECTED, SAMPLES
+from app.model_registry import ModelRegistry
 from app.pipeline import CohortProgress, CohortRequest, build_cohort, partial_dir
 from app.settings import Settings
 from generators.errors import SynthCohortError

@@ -12,7 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.db import ApiKey, utcnow
-from generators.errors import InvalidInput
+from generators.errors import InvalidInput, NotFound
 
 ROLES = ("researcher", "admin")
 KEY_PREFIX = "sck"
@@ -71,11 +71,11 @@ def revoke_key(session: Session, prefix: str) -> ApiKey:
     """Revoke the key with this prefix (idempotent).
 
     Raises:
-        InvalidInput: no key has this prefix.
+        NotFound: no key has this prefix.
     """
     row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
     if row is None:
-        raise InvalidInput(f"no key with prefix {prefix!r} (`synthcohort keys list` shows them)")
+        raise NotFound(f"no key with prefix {prefix!r} (`synthcohort keys list` shows them)")
     row.revoked = True
     session.commit()
     return row

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from app.dataset_writer import FORMATS, write_documents, write_json, write_sample
+from generators.atomic import publish_directory
 from generators.base import Generator
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy
 from generators.layout import BundleLayout
@@ -359,7 +360,7 @@ def build_cohort(
     )
     shutil.rmtree(tmp / SHARDS_DIR)
     request_file.unlink()
-    tmp.rename(out)
+    publish_directory(tmp, out)
     return manifest
 
 

@@ -1,14 +1,16 @@
-"""Many researchers at once: each requests a small cohort, polls it to the end and reads its manifest.
+"""Many researchers at once while cohort jobs run: latency per route, errors, API memory over time.
 
-    .venv/bin/python benchmarks/bench_api_load.py --models demo/models --researchers 200 --apis 2 --workers 2 \
+    .venv/bin/python benchmarks/bench_api_load.py --models MODELS_DIR --researchers 200 --seconds 600 \
         --db postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-Starts ``--apis`` API processes (``serve --no-worker``) and ``--workers`` job workers on one database (a fresh
-PostgreSQL database created and dropped by the run; without ``--db``, one embedded ``serve`` on SQLite) and a
-fresh data directory; creates one key per simulated researcher; then every researcher, concurrently (asyncio),
-lists the models, posts a cohort of ``--samples`` samples through an API chosen round-robin, polls its status
-every ``--poll`` seconds until it finishes, and fetches the manifest. Reports latency percentiles per route,
-jobs finished per minute, and every non-2xx answer. Traffic goes to 127.0.0.1 only.
+Starts ``--apis`` API processes (``serve --no-worker``) and ``--workers`` job workers on a fresh PostgreSQL
+database (created and dropped by the run; without ``--db``: one embedded ``serve`` on SQLite) and a fresh data
+directory, and one key per simulated researcher. Warm-up: every researcher requests a small cohort and waits for
+it. Then ``--big-jobs`` large cohort jobs start, and for ``--seconds`` every researcher loops, concurrently
+(asyncio): list the models, poll its job, read its dataset's manifest, download one of its files, wait
+``--think`` seconds. Reports p50/p95/p99 per route for the loop, the non-2xx answers (target: no 5xx), and each
+API process's resident memory at the start and the end of the loop (target: growth ≤ 10 %). Traffic goes to
+127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+
+ACTIVE = ("queued", "running")
 
 
 def free_port() -> int:
@@ -69,50 +73,83 @@ def wait_healthy(base: str) -> None:
     raise SystemExit(f"{base} did not start")
 
 
-async def researcher(client: httpx.AsyncClient, base: str, key: str, samples: int, poll: float, stats: dict) -> None:
-    headers = {"Authorization": f"Bearer {key}"}
+class Stats:
+    def __init__(self) -> None:
+        self.latency: dict[str, list[float]] = defaultdict(list)
+        self.status: Counter[tuple[str, int]] = Counter()
 
-    async def call(route: str, method: str, url: str, **kw) -> httpx.Response:
+    async def call(self, client: httpx.AsyncClient, route: str, method: str, url: str, **kw) -> httpx.Response:
         t0 = time.perf_counter()
-        response = await client.request(method, url, headers=headers, **kw)
-        stats["latency"][route].append(time.perf_counter() - t0)
-        stats["status"][(route, response.status_code)] += 1
+        response = await client.request(method, url, **kw)
+        self.latency[route].append(time.perf_counter() - t0)
+        self.status[(route, response.status_code)] += 1
         return response
 
-    models = (await call("GET /v1/models", "GET", f"{base}/v1/models")).json()
-    model = models[0]
-    label = next(iter(model["labels"]))
-    body = {"model": model["id"], "counts": {label: samples}}
-    job = (await call("POST /v1/cohorts", "POST", f"{base}/v1/cohorts", json=body)).json()
-    while True:
-        await asyncio.sleep(poll)
-        status = (await call("GET /v1/cohorts/{id}", "GET", f"{base}/v1/cohorts/{job['id']}")).json()
-        if status.get("status") not in ("queued", "running"):
-            break
-    stats["outcome"][status.get("status")] += 1
-    if status.get("status") == "succeeded":
-        await call("GET /v1/datasets/{id}", "GET", f"{base}/v1/datasets/{job['id']}")
-        stats["finished_at"].append(time.perf_counter())
+
+async def warm_up(client: httpx.AsyncClient, base: str, headers: dict, samples: int) -> tuple[str, str]:
+    """Request a small cohort and wait for it: ``(job id, one of its files)``."""
+    model = (await client.get(f"{base}/v1/models", headers=headers)).json()[0]
+    body = {"model": model["id"], "counts": {next(iter(model["labels"])): samples}}
+    job = (await client.post(f"{base}/v1/cohorts", headers=headers, json=body)).json()
+    while (await client.get(f"{base}/v1/cohorts/{job['id']}", headers=headers)).json()["status"] in ACTIVE:
+        await asyncio.sleep(1.0)
+    manifest = (await client.get(f"{base}/v1/datasets/{job['id']}", headers=headers)).json()["manifest"]
+    return job["id"], manifest["samples"][0]["file"]
 
 
-async def run_load(bases: list[str], keys: list[str], samples: int, poll: float) -> dict:
-    stats = {"latency": defaultdict(list), "status": Counter(), "outcome": Counter(), "finished_at": []}
-    limits = httpx.Limits(max_connections=len(keys), max_keepalive_connections=len(keys))
+async def researcher(
+    client: httpx.AsyncClient, base: str, headers: dict, job: tuple[str, str], until: float, think: float, stats: Stats
+) -> None:
+    job_id, file = job
+    while time.perf_counter() < until:
+        await stats.call(client, "GET /v1/models", "GET", f"{base}/v1/models", headers=headers)
+        await stats.call(client, "GET /v1/cohorts/{id}", "GET", f"{base}/v1/cohorts/{job_id}", headers=headers)
+        await stats.call(client, "GET /v1/datasets/{id}", "GET", f"{base}/v1/datasets/{job_id}", headers=headers)
+        url = f"{base}/v1/datasets/{job_id}/files/{file}"
+        await stats.call(client, "GET /v1/datasets/{id}/files/{name}", "GET", url, headers=headers)
+        await asyncio.sleep(think)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def run_load(args, bases: list[str], keys: list[str], admin: str, apis: list[int]) -> dict:
+    limits = httpx.Limits(max_connections=len(keys) + 8, max_keepalive_connections=len(keys) + 8)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        stats["start"] = time.perf_counter()
-        await asyncio.gather(
-            *(researcher(client, bases[i % len(bases)], k, samples, poll, stats) for i, k in enumerate(keys))
+        headers = [{"Authorization": f"Bearer {k}"} for k in keys]
+        jobs = await asyncio.gather(
+            *(warm_up(client, bases[i % len(bases)], h, args.samples) for i, h in enumerate(headers))
         )
-        stats["end"] = time.perf_counter()
-    return stats
+        model = (await client.get(f"{bases[0]}/v1/models", headers={"Authorization": f"Bearer {admin}"})).json()[0]
+        big = {"model": model["id"], "counts": {next(iter(model["labels"])): args.big_samples}}
+        for _ in range(args.big_jobs):
+            await client.post(f"{bases[0]}/v1/cohorts", headers={"Authorization": f"Bearer {admin}"}, json=big)
+        memory_start = [rss_mb(pid) for pid in apis]
+        stats = Stats()
+        until = time.perf_counter() + args.seconds
+        await asyncio.gather(
+            *(
+                researcher(client, bases[i % len(bases)], h, jobs[i], until, args.think, stats)
+                for i, h in enumerate(headers)
+            )
+        )
+        memory_end = [rss_mb(pid) for pid in apis]
+    return {"stats": stats, "memory": list(zip(memory_start, memory_end, strict=True))}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", type=Path, required=True, help="directory with one bundle per subdirectory")
     parser.add_argument("--researchers", type=int, default=200)
-    parser.add_argument("--samples", type=int, default=4, help="samples per cohort request")
-    parser.add_argument("--poll", type=float, default=1.0, help="seconds between a researcher's status polls")
+    parser.add_argument("--seconds", type=float, default=600.0, help="length of the measured loop")
+    parser.add_argument("--think", type=float, default=1.0, help="seconds a researcher waits between loops")
+    parser.add_argument("--samples", type=int, default=2, help="samples of each researcher's warm-up cohort")
+    parser.add_argument("--big-jobs", type=int, default=4)
+    parser.add_argument("--big-samples", type=int, default=5000)
     parser.add_argument("--apis", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--db", default=None, help="PostgreSQL maintenance-database URL (default: embedded SQLite)")
@@ -132,37 +169,48 @@ def main() -> None:
 
         with session_factory(Settings(data_dir=data, db_url=env.get("SYNTHCOHORT_DB_URL")))() as session:
             keys = [create_key(session, role="researcher")[1] for _ in range(args.researchers)]
+            admin = create_key(session, role="admin")[1]
         ports = [free_port() for _ in range(args.apis if args.db else 1)]
         api_args = ["--no-worker"] if args.db else []
-        for port in ports:
-            procs.append(start(["serve", "--models", str(args.models), "--port", str(port), *api_args], env))
+        apis = [start(["serve", "--models", str(args.models), "--port", str(p), *api_args], env) for p in ports]
+        procs += apis
         if args.db:
             procs += [start(["worker", "--models", str(args.models)], env) for _ in range(args.workers)]
         bases = [f"http://127.0.0.1:{port}" for port in ports]
         for base in bases:
             wait_healthy(base)
-        stats = asyncio.run(run_load(bases, keys, args.samples, args.poll))
+        result = asyncio.run(run_load(args, bases, keys, admin, [p.pid for p in apis]))
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            proc.wait(timeout=120)
+            proc.wait(timeout=300)
         if drop:
             drop()
+    report(args, result, len(ports))
 
-    seconds = stats["end"] - stats["start"]
-    setup = f"{len(ports)} API + {args.workers} workers on PostgreSQL" if args.db else "one embedded serve on SQLite"
+
+def report(args, result: dict, n_apis: int) -> None:
+    stats = result["stats"]
+    setup = f"{n_apis} API + {args.workers} workers on PostgreSQL" if args.db else "one embedded serve on SQLite"
     print(f"# {date.today()}, {platform.node()}, {os.cpu_count()} CPUs; {setup}")
-    print(f"{args.researchers} researchers × {args.samples} samples, polling every {args.poll} s: {seconds:.1f} s")
-    print(f"jobs: {dict(stats['outcome'])}; {len(stats['finished_at']) / seconds * 60:.1f} finished per minute")
+    print(
+        f"{args.researchers} researchers, {args.seconds:.0f} s loop (models, job, manifest, one file; "
+        f"{args.think} s think time) while {args.big_jobs} jobs of {args.big_samples} samples run"
+    )
     print("| route | requests | p50 ms | p95 ms | p99 ms | max ms |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for route, values in sorted(stats["latency"].items()):
+    for route, values in sorted(stats.latency.items()):
         ms = np.asarray(values) * 1000
         p50, p95, p99 = np.percentile(ms, [50, 95, 99])
         print(f"| {route} | {len(ms)} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {ms.max():.1f} |")
-    errors = {f"{route} {code}": n for (route, code), n in stats["status"].items() if code >= 300}
-    print(f"non-2xx answers: {errors or 'none'}")
+    errors = {f"{route} {code}": n for (route, code), n in stats.status.items() if code >= 300}
+    print(f"non-2xx answers: {errors or 'none'}; 5xx: {sum(n for (_, c), n in stats.status.items() if c >= 500)}")
+    for i, (start_mb, end_mb) in enumerate(result["memory"]):
+        print(
+            f"API {i} resident memory: {start_mb:.0f} MB at the start, {end_mb:.0f} MB at the end "
+            f"({(end_mb / start_mb - 1) * 100:+.1f} %)"
+        )
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from generators.atomic import write_json_atomic
 from generators.errors import InvalidInput, NotFound
-from generators.layout import BundleLayout, write_json_atomic
+from generators.layout import BundleLayout
 
 CARD_FORMAT = 3
 READABLE_FORMATS = (2, 3)

@@ -13,10 +13,7 @@ from training data.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 
 CARD_FILE = "model_card.json"
@@ -65,11 +62,3 @@ class BundleLayout:
         self.private.mkdir(parents=True, exist_ok=True)
         os.chmod(self.private, 0o700)
         return self.private
-
-
-def write_json_atomic(path: Path, data: Mapping) -> None:
-    """Write JSON via a temp file + rename so readers never see half a file (the temp file is 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)

@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from generators.atomic import publish_directory
 from generators.errors import InvalidInput, NotFound
 from privacy_filters import calibration
 from privacy_filters.canaries import (
@@ -373,13 +374,7 @@ class MemorizationFilter:
             (tmp / "PRIVATE").write_text("Training-derived nearest-neighbour index. Never serve or share.\n")
             for file in tmp.iterdir():
                 os.chmod(file, 0o600)
-            if path.exists():
-                old = tmp.with_suffix(".old")
-                os.rename(path, old)
-                os.rename(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rename(tmp, path)
+            publish_directory(tmp, path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

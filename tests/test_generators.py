@@ -158,7 +158,7 @@ def test_a_new_generator_kind_needs_only_its_class_and_registration(tiny_model: 
 
 
 def test_the_service_skips_a_bundle_whose_card_is_invalid(tiny_model: Path, tmp_path: Path) -> None:
-    from app.api.registry import ModelRegistry
+    from app.model_registry import ModelRegistry
 
     models = tmp_path / "models"
     shutil.copytree(tiny_model, models / "good")

@@ -107,7 +107,7 @@ def test_keys_expire_and_revoke_through_the_cli(db_url: str, tmp_path: Path) -> 
     listed = cli("keys", "list").stdout
     assert "revoked" in listed and "expired" in listed
     unknown = cli("keys", "revoke", "nope")
-    assert unknown.returncode == 2 and "no key" in unknown.stderr
+    assert unknown.returncode == 3 and "no key" in unknown.stderr  # NotFound
 
 
 def test_upgrading_an_old_database_keeps_its_keys_jobs_and_log(backend: str, tmp_path: Path) -> None:

@@ -16,7 +16,6 @@ Layout written by :func:`make_demo_cohort`::
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from generators.atomic import publish_directory
 from generators.errors import Conflict, InvalidInput
 from train.public_prior import load_template
 from train.scan_io import write_nifti
@@ -226,9 +226,7 @@ def make_demo_cohort(
             writer.writerow(["patient_id", "label", "age", "sex"])
             for p in plan:
                 writer.writerow([p.patient_id, p.label, p.age, p.sex])
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        publish_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,11 +29,9 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import platform
 import secrets
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -50,13 +48,14 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
+from generators.atomic import write_atomic, write_json_atomic
 from generators.base import resolve_device, save_grid
 from generators.card import CARD_FORMAT, ModelCard, card_exists, read_card
 from generators.conditional_diffusion import ConditionalDiffusion
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
 from generators.diffusion_2d import DEFAULT_GUIDANCE, DEFAULT_STEPS, DiffusionModel
 from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarning
-from generators.layout import BundleLayout, write_json_atomic
+from generators.layout import BundleLayout
 from generators.unet import build_unet, null_class, use_plain_attention
 from train.accounting import RELATION, PrivacyPlan, check_delta, count_mechanism, epsilon_of, plan_privacy
 from train.per_patient_grads import make_per_patient_grad_fn
@@ -185,11 +184,7 @@ def _library_versions() -> dict[str, str]:
 
 
 def _save_atomic(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o600)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))  # 0600
 
 
 class _StopFlag:

@@ -14,13 +14,13 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from generators.atomic import write_atomic
 from generators.errors import InvalidInput, PrivacyPolicy
 from train.accounting import Mechanism, epsilon_of
 
@@ -101,17 +101,8 @@ class PrivacyLedger:
         }
         with self._locked():
             old = self.path.read_bytes() if self.path.is_file() else b""
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(old + (json.dumps(entry) + "\n").encode())
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, self.path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            line = (json.dumps(entry) + "\n").encode()
+            write_atomic(self.path, lambda tmp: Path(tmp).write_bytes(old + line), durable=True)
 
     def check(
         self, history: list[Mechanism], *, accountant: str, allow_over_budget: bool, release: str | None = None

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from generators.atomic import publish_directory
 from generators.errors import Conflict, InvalidInput, NotFound
 from train.accounting import COUNT_NOISE, RELATION, count_mechanism, noisy_count, public_default_delta
 from train.ledger import PrivacyLedger
@@ -219,15 +220,9 @@ class StoreWriter:
         for path in self._tmp.iterdir():
             os.chmod(path, 0o600)
 
-        if self.path.exists():
-            if not self._overwrite:
-                raise Conflict(f"{self.path} appeared while ingesting; not overwriting it")
-            trash = self._tmp.with_suffix(".old")
-            os.rename(self.path, trash)
-            os.rename(self._tmp, self.path)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(self._tmp, self.path)
+        if self.path.exists() and not self._overwrite:
+            raise Conflict(f"{self.path} appeared while ingesting; not overwriting it")
+        publish_directory(self._tmp, self.path)
         self._committed = True
         return CohortStore.open(self.path)
 

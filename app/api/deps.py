@@ -13,9 +13,10 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.api.registry import ModelRegistry
 from app.db import ApiKey
 from app.keys import verify_key
+from app.model_registry import ModelRegistry
+from app.settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="An API key from `synthcohort keys create`.")
 
@@ -29,7 +30,12 @@ def get_registry(request: Request) -> ModelRegistry:
     return request.app.state.registry
 
 
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
 SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request, status
@@ -15,15 +17,27 @@ from starlette.middleware.base import BaseHTTPMiddleware
 from app.api import routes_admin, routes_cohorts, routes_datasets, routes_models
 from app.api.deps import CurrentKey, RateLimiter
 from app.api.limits import BodyLimitMiddleware
-from app.api.metrics import MetricsMiddleware, metrics_response
-from app.api.registry import ModelRegistry
 from app.api.schemas import Health
 from app.db import session_factory
+from app.errors import http_status_for
 from app.jobs import job_runner
+from app.metrics import MetricsMiddleware, metrics_response
+from app.model_registry import ModelRegistry
 from app.settings import Settings
+from generators.errors import SynthCohortError
 
 log = logging.getLogger("synthcohort.api")
 DATABASE_RETRY_SECONDS = 5
+
+
+async def domain_error(request: Request, exc: Exception) -> JSONResponse:
+    """Domain errors raised by routes and the services they call: their message, with the status of
+    :func:`app.errors.http_status_for` (an unexpected one is logged and answered generically)."""
+    code = http_status_for(exc)
+    if code >= 500:
+        log.error("domain error during %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal error; the operator has been told"}, status_code=code)
+    return JSONResponse({"detail": str(exc)}, status_code=code)
 
 
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -56,6 +70,14 @@ class RequestIdMiddleware(BaseHTTPMiddleware):
         return response
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start-up and shut-down work: the job runner's threads (none in an API-only process)."""
+    app.state.jobs.start()
+    yield
+    app.state.jobs.shutdown()
+
+
 def create_app(
     settings: Settings, models_dir: Path, *, allow_not_private: bool = False, run_jobs: bool = True
 ) -> FastAPI:
@@ -66,19 +88,20 @@ def create_app(
         version="1",
         description="Differentially private synthetic imaging cohorts. Every served sample passed the "
         "memorization filter; every model card states its patient-level (ε, δ).",
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
     app.state.registry = ModelRegistry(models_dir, allow_not_private=allow_not_private)
     app.state.jobs = job_runner(settings, app.state.registry, workers=settings.job_workers if run_jobs else 0)
-    app.state.jobs.start()
-    app.router.add_event_handler("shutdown", app.state.jobs.shutdown)
+
     app.include_router(routes_models.router)
     app.include_router(routes_cohorts.router)
     app.include_router(routes_datasets.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_admin.keys_router)
+    app.add_exception_handler(SynthCohortError, domain_error)
     app.add_exception_handler(OperationalError, database_unavailable)
     app.add_exception_handler(InterfaceError, database_unavailable)
     app.add_middleware(BodyLimitMiddleware)

@@ -7,7 +7,6 @@ from fastapi import APIRouter, HTTPException, Query, status
 from app.api.deps import CurrentKey, SessionDep
 from app.db import ApiKey, audit_events, record_event
 from app.keys import revoke_key
-from generators.errors import InvalidInput
 
 router = APIRouter(prefix="/v1/audit-log", tags=["admin"])
 keys_router = APIRouter(prefix="/v1/keys", tags=["admin"])
@@ -39,9 +38,6 @@ def get_audit_log(session: SessionDep, key: CurrentKey, limit: int = Query(100, 
 @keys_router.post("/{prefix}/revoke", summary="Revoke an API key (admin only); it is refused from the next request")
 def revoke(prefix: str, session: SessionDep, key: CurrentKey) -> dict:
     _admin(key)
-    try:
-        row = revoke_key(session, prefix)
-    except InvalidInput:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no key with prefix {prefix!r}") from None
+    row = revoke_key(session, prefix)  # NotFound → 404 (app.errors)
     record_event(session, action="key.revoke", outcome="ok", key_id=key.id, detail=f"revoked {row.prefix}")
     return {"prefix": row.prefix, "revoked": True}

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
-from app.api.deps import CurrentKey, RegistryDep, SessionDep
+from app.api.deps import CurrentKey, RegistryDep, SessionDep, SettingsDep
 from app.api.schemas import CohortCreate, CohortStatus
 from app.dataset_writer import FORMATS
 from app.db import record_event
 from app.jobs import create_job, job_status, samples_requested_today, visible_job
-from generators.errors import NotFound
 
 router = APIRouter(prefix="/v1/cohorts", tags=["cohorts"])
 
@@ -27,12 +26,10 @@ def create_cohort(
     response: Response,
     session: SessionDep,
     registry: RegistryDep,
+    settings: SettingsDep,
     key: CurrentKey,
 ) -> object:
-    try:
-        model = registry.get(body.model)
-    except NotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    model = registry.get(body.model)  # NotFound → 404 (app.errors)
     labels = model.card.labels
     unknown = sorted(set(body.counts) - set(labels))
     if unknown:
@@ -43,7 +40,6 @@ def create_cohort(
     if bad_formats or "nifti" not in body.formats:
         raise HTTPException(422, f"formats must include nifti and come from {list(FORMATS)}")
     total = sum(body.counts.values())
-    settings = request.app.state.settings
     if (
         settings.dataset_storage_cap_gb
         and request.app.state.jobs.storage_used() >= settings.dataset_storage_cap_gb * 1e9

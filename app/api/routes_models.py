@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from fastapi import APIRouter
 
 from app.api.deps import CurrentKey, RegistryDep
 from app.api.schemas import ModelCard
-from generators.errors import NotFound
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -18,7 +17,4 @@ def list_models(registry: RegistryDep, _key: CurrentKey) -> list[dict]:
 
 @router.get("/{model_id}", response_model=ModelCard, summary="One model's public card")
 def get_model(model_id: str, registry: RegistryDep, _key: CurrentKey) -> dict:
-    try:
-        return registry.get(model_id).public()
-    except NotFound as error:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    return registry.get(model_id).public()  # NotFound → 404 (app.errors)
