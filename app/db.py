@@ -33,6 +33,7 @@ from app.settings import Settings
 from generators.errors import SynthCohortError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+DB_POOL_CONNECTIONS = 20  # per process; PostgreSQL's default 100 connections serve 2 APIs + 2 workers + tools
 FIRST_REVISION = "0001"  # the schema databases created before migrations have
 
 
@@ -128,8 +129,11 @@ def engine_for(url: str) -> Engine:
 
 
 def make_engine(url: str) -> Engine:
+    """An engine with a pool of :data:`DB_POOL_CONNECTIONS` (5 kept open, the rest on demand)."""
     connect_args = {"check_same_thread": False} if url.startswith("sqlite") else {}
-    return create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+    return create_engine(
+        url, connect_args=connect_args, pool_pre_ping=True, pool_size=5, max_overflow=DB_POOL_CONNECTIONS - 5
+    )
 
 
 def alembic_config():  # an Alembic Config pointing at the packaged migrations

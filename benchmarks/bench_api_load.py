@@ -88,7 +88,10 @@ class Stats:
 
 async def warm_up(client: httpx.AsyncClient, base: str, headers: dict, samples: int) -> tuple[str, str]:
     """Request a small cohort and wait for it: ``(job id, one of its files)``."""
-    model = (await client.get(f"{base}/v1/models", headers=headers)).json()[0]
+    listed = await client.get(f"{base}/v1/models", headers=headers)
+    if listed.status_code != 200:
+        raise SystemExit(f"warm-up: GET /v1/models answered {listed.status_code}: {listed.text[:300]}")
+    model = listed.json()[0]
     body = {"model": model["id"], "counts": {next(iter(model["labels"])): samples}}
     job = (await client.post(f"{base}/v1/cohorts", headers=headers, json=body)).json()
     while (await client.get(f"{base}/v1/cohorts/{job['id']}", headers=headers)).json()["status"] in ACTIVE:

@@ -13,7 +13,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from app.db import ApiKey
+from app.db import DB_POOL_CONNECTIONS, ApiKey
 from app.keys import verify_key
 from app.model_registry import ModelRegistry
 from app.settings import Settings
@@ -34,7 +34,13 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# At most this many requests of one API process hold a database session at once; the others wait without taking a
+# worker thread. Sessions end before the response is sent (scope "function"). Together this keeps FastAPI's thread
+# pool (40) from filling up with requests that wait for a pooled connection while the requests holding the
+# connections wait for a thread to close their sessions: under 100 concurrent researchers that deadlock turned
+# three requests in four into 500s after the pool's 30 s timeout (benchmarks/bench_api_load.py).
+SESSIONS_PER_PROCESS = DB_POOL_CONNECTIONS - 5  # room for the job runner's threads in an embedded server
+SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=SESSIONS_PER_PROCESS)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 
