@@ -73,6 +73,21 @@ def wait_healthy(base: str) -> None:
     raise SystemExit(f"{base} did not start")
 
 
+RESETS = Counter()  # keep-alive connections the server closed as the client reused them (retried once)
+
+
+async def request(client: httpx.AsyncClient, method: str, url: str, **kw) -> httpx.Response:
+    """One request; a GET on a keep-alive connection the server has just closed is retried once, as any
+    HTTP client does (uvicorn closes idle connections after 5 s)."""
+    try:
+        return await client.request(method, url, **kw)
+    except httpx.RemoteProtocolError:
+        if method != "GET":
+            raise
+        RESETS[url.split("/v1/")[-1].split("/")[0]] += 1
+        return await client.request(method, url, **kw)
+
+
 class Stats:
     def __init__(self) -> None:
         self.latency: dict[str, list[float]] = defaultdict(list)
@@ -80,7 +95,7 @@ class Stats:
 
     async def call(self, client: httpx.AsyncClient, route: str, method: str, url: str, **kw) -> httpx.Response:
         t0 = time.perf_counter()
-        response = await client.request(method, url, **kw)
+        response = await request(client, method, url, **kw)
         self.latency[route].append(time.perf_counter() - t0)
         self.status[(route, response.status_code)] += 1
         return response
@@ -88,15 +103,15 @@ class Stats:
 
 async def warm_up(client: httpx.AsyncClient, base: str, headers: dict, samples: int) -> tuple[str, str]:
     """Request a small cohort and wait for it: ``(job id, one of its files)``."""
-    listed = await client.get(f"{base}/v1/models", headers=headers)
+    listed = await request(client, "GET", f"{base}/v1/models", headers=headers)
     if listed.status_code != 200:
         raise SystemExit(f"warm-up: GET /v1/models answered {listed.status_code}: {listed.text[:300]}")
     model = listed.json()[0]
     body = {"model": model["id"], "counts": {next(iter(model["labels"])): samples}}
     job = (await client.post(f"{base}/v1/cohorts", headers=headers, json=body)).json()
-    while (await client.get(f"{base}/v1/cohorts/{job['id']}", headers=headers)).json()["status"] in ACTIVE:
+    while (await request(client, "GET", f"{base}/v1/cohorts/{job['id']}", headers=headers)).json()["status"] in ACTIVE:
         await asyncio.sleep(1.0)
-    manifest = (await client.get(f"{base}/v1/datasets/{job['id']}", headers=headers)).json()["manifest"]
+    manifest = (await request(client, "GET", f"{base}/v1/datasets/{job['id']}", headers=headers)).json()["manifest"]
     return job["id"], manifest["samples"][0]["file"]
 
 
@@ -127,7 +142,8 @@ async def run_load(args, bases: list[str], keys: list[str], admin: str, apis: li
         jobs = await asyncio.gather(
             *(warm_up(client, bases[i % len(bases)], h, args.samples) for i, h in enumerate(headers))
         )
-        model = (await client.get(f"{bases[0]}/v1/models", headers={"Authorization": f"Bearer {admin}"})).json()[0]
+        admin_headers = {"Authorization": f"Bearer {admin}"}
+        model = (await request(client, "GET", f"{bases[0]}/v1/models", headers=admin_headers)).json()[0]
         big = {"model": model["id"], "counts": {next(iter(model["labels"])): args.big_samples}}
         for _ in range(args.big_jobs):
             await client.post(f"{bases[0]}/v1/cohorts", headers={"Authorization": f"Bearer {admin}"}, json=big)
@@ -209,6 +225,7 @@ def report(args, result: dict, n_apis: int) -> None:
         print(f"| {route} | {len(ms)} | {p50:.1f} | {p95:.1f} | {p99:.1f} | {ms.max():.1f} |")
     errors = {f"{route} {code}": n for (route, code), n in stats.status.items() if code >= 300}
     print(f"non-2xx answers: {errors or 'none'}; 5xx: {sum(n for (_, c), n in stats.status.items() if c >= 500)}")
+    print(f"keep-alive connections closed under a reused request (retried once): {dict(RESETS) or 'none'}")
     for i, (start_mb, end_mb) in enumerate(result["memory"]):
         print(
             f"API {i} resident memory: {start_mb:.0f} MB at the start, {end_mb:.0f} MB at the end "
