@@ -73,7 +73,7 @@ def wait_healthy(base: str) -> None:
     raise SystemExit(f"{base} did not start")
 
 
-RESETS = Counter()  # keep-alive connections the server closed as the client reused them (retried once)
+RESETS = Counter()  # connections closed or reset under a reused GET (retried once), by resource
 
 
 async def request(client: httpx.AsyncClient, method: str, url: str, **kw) -> httpx.Response:
@@ -81,7 +81,7 @@ async def request(client: httpx.AsyncClient, method: str, url: str, **kw) -> htt
     HTTP client does (uvicorn closes idle connections after 5 s)."""
     try:
         return await client.request(method, url, **kw)
-    except httpx.RemoteProtocolError:
+    except (httpx.RemoteProtocolError, httpx.ReadError):
         if method != "GET":
             raise
         RESETS[url.split("/v1/")[-1].split("/")[0]] += 1
