@@ -33,6 +33,7 @@ from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, loa
 from generators.atomic import publish_directory
 from generators.base import Generator, resolve_device
 from generators.card import ModelCard
+from generators.covariates import AGE_MAX, SEXES
 from generators.errors import Conflict, InvalidInput
 from generators.layout import BundleLayout
 from generators.registry import load_generator
@@ -48,8 +49,8 @@ from train.store import CohortStore
 
 REPORT_FORMAT = 1
 FEATURE_EMBEDDING = "aligned-pyramid"  # the fixed 256-d feature space of Fréchet distances, DCR and the MC attack
-STAGES = 10  # progress callbacks per run (load, cohort, unfiltered, classifiers, fidelity, dcr, canaries, 2 attacks,
-# report)
+STAGES = 11  # progress callbacks per run (load, cohort, unfiltered, classifiers, fidelity, covariates, dcr, canaries,
+# 2 attacks, report)
 MAX_PER_LABEL = 20_000
 PRIVACY_CURVE_DELTAS = tuple(np.geomspace(1e-12, 0.5, 25).tolist())  # δ grid for the tightest TPR bound
 INTERNAL_NOTICE = (
@@ -85,6 +86,10 @@ class RealData:
     holdout: np.ndarray
     holdout_labels: np.ndarray
     holdout_patients: np.ndarray
+    train_ages: np.ndarray  # years, -1 unknown
+    train_sexes: np.ndarray  # F, M or U
+    holdout_ages: np.ndarray
+    holdout_sexes: np.ndarray
 
 
 @dataclass
@@ -168,6 +173,10 @@ def run_audit(
         fid = _fidelity(real, cohort, label_names, trtr_model, embedding, settings)
         lap("fidelity")
 
+        step("covariates: how well the requested age and sex are honoured")
+        covariates = _covariate_fidelity(model_dir, card, label_names, real, settings, work, device)
+        lap("covariates")
+
         # 5. privacy
         step("privacy: distances to closest records")
         dcr = _dcr(real, cohort, raw, filt, embedding, settings)
@@ -200,6 +209,7 @@ def run_audit(
             },
             "utility": utility,
             "fidelity": fid,
+            "covariates": covariates,
             "privacy": {
                 "filter": {
                     "quantile": filt.quantile,
@@ -226,6 +236,7 @@ def run_audit(
         report["timings_s"]["total"] = round(sum(v for k, v in report["timings_s"].items() if k != "total"), 2)
         (work / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
         shutil.rmtree(work / "cohort", ignore_errors=True)
+        shutil.rmtree(work / "covariates", ignore_errors=True)
         _publish(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -262,6 +273,10 @@ def _load_real(store: CohortStore, model: Generator) -> RealData:
         holdout=np.ascontiguousarray(resize_split(holdout.images, size), dtype=np.float32),
         holdout_labels=to_model[holdout.labels],
         holdout_patients=np.asarray(holdout.patients),
+        train_ages=np.asarray(train.ages),
+        train_sexes=np.asarray(train.sexes),
+        holdout_ages=np.asarray(holdout.ages),
+        holdout_sexes=np.asarray(holdout.sexes),
     )
 
 
@@ -318,6 +333,86 @@ def _unfiltered_batch(model: Generator, key: bytes, label_names: list[str], s: A
     generated = model.generate(labels=names, seed=0, seeds=seeds, **model.sampling_options(steps=s.sampler_steps))
     labels = np.array([model.label_ids[n] for n in names], dtype=np.int64)
     return Synthetic(generated.images.numpy(), labels)
+
+
+# --------------------------------------------------------------------------------------- covariates
+def _covariate_fidelity(
+    model_dir: Path, card: ModelCard, label_names: list[str], real: RealData, s: AuditSettings, work: Path, device
+) -> dict | None:
+    """For a model trained on covariates: a cohort through the release pipeline with ages drawn uniformly over
+    the declared range and sexes half and half; an age regressor and a sex classifier trained on the real
+    training images, scored on held-out real images (their true values) and on the synthetic ones (the
+    requested values), next to a constant guess (the training mean age; chance for sex)."""
+    declared = card.covariates
+    if not declared:
+        return None
+    targets: dict = {}
+    if "age" in declared:
+        targets["age"] = {"min": declared["age"]["min"], "max": declared["age"]["max"]}
+    if "sex" in declared:
+        targets["sex"] = {"F": 0.5, "M": 0.5}
+    request = CohortRequest(
+        counts={name: s.n for name in label_names},
+        seed=s.seed + 1,
+        formats=("nifti", "npz"),
+        covariates={name: targets for name in label_names},
+        steps=s.sampler_steps,
+        allow_not_private=True,
+    )
+    try:
+        manifest = build_cohort(model_dir, request, work / "covariates", device=str(device))
+    except MemorizationSuspected as finding:
+        return {"declared": declared, "finding": str(finding)}
+    with np.load(work / "covariates" / "cohort.npz") as data:
+        images = data["images"].astype(np.float32)
+    samples = manifest["samples"]
+    result: dict = {"declared": declared, "requested": targets, "synthetic_samples": len(samples)}
+    batch = 32 if real.train.ndim == 5 else 128
+    fit = {"steps": s.classifier_steps, "batch_size": batch, "seed": s.seed * 1000, "device": device}
+    if "age" in declared:
+        result["age"] = _age_fidelity(real, images, np.array([row["age"] for row in samples]), fit)
+    if "sex" in declared:
+        result["sex"] = _sex_fidelity(real, images, np.array([row["sex"] for row in samples]), fit)
+    result["method"] = (
+        f"SmallCNN ({_classifier_design(real.train.ndim - 2)}) trained on the real training {_items(real)} "
+        f"({s.classifier_steps} steps): a regressor of age / {AGE_MAX} (mean squared error) and a sex classifier; "
+        "scored on held-out real images against their true values and on synthetic images against the values "
+        "they were generated for"
+    )
+    return result
+
+
+def _age_fidelity(real: RealData, images: np.ndarray, requested: np.ndarray, fit: dict) -> dict:
+    known, hold = real.train_ages >= 0, real.holdout_ages >= 0
+    if known.sum() < 2 or hold.sum() < 2:
+        return {"note": "too few real images with a known age"}
+    model = clf.train_regressor(real.train[known], real.train_ages[known] / AGE_MAX, **fit)
+    on_real = clf.predict_values(model, real.holdout[hold]) * AGE_MAX
+    on_synthetic = clf.predict_values(model, images) * AGE_MAX
+    truth, guess = real.holdout_ages[hold], float(real.train_ages[known].mean())
+    return {
+        "mae_real_holdout": float(np.abs(on_real - truth).mean()),
+        "mae_synthetic": float(np.abs(on_synthetic - requested).mean()),
+        "mae_constant_real_holdout": float(np.abs(guess - truth).mean()),
+        "mae_constant_synthetic": float(np.abs(guess - requested).mean()),
+        "correlation_real_holdout": float(np.corrcoef(on_real, truth)[0, 1]),
+        "correlation_synthetic": float(np.corrcoef(on_synthetic, requested)[0, 1]),
+    }
+
+
+def _sex_fidelity(real: RealData, images: np.ndarray, requested: np.ndarray, fit: dict) -> dict:
+    known, hold = np.isin(real.train_sexes, SEXES), np.isin(real.holdout_sexes, SEXES)
+    if len(set(real.train_sexes[known])) < 2 or hold.sum() < 2:
+        return {"note": "too few real images of each sex"}
+    male = {sex: int(sex == "M") for sex in SEXES}
+    model = clf.train_classifier(real.train[known], np.array([male[x] for x in real.train_sexes[known]]), 2, **fit)
+    on_real, _ = clf.predict(model, real.holdout[hold])
+    on_synthetic, _ = clf.predict(model, images)
+    return {
+        "accuracy_real_holdout": clf.score(on_real, np.array([male[x] for x in real.holdout_sexes[hold]])).accuracy,
+        "accuracy_synthetic": clf.score(on_synthetic, np.array([male[x] for x in requested])).accuracy,
+        "chance": 0.5,
+    }
 
 
 # ------------------------------------------------------------------------------------------ utility

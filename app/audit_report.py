@@ -219,6 +219,40 @@ def _img(root: Path, name: str, alt: str) -> str:
     )
 
 
+def _covariate_section(c: dict | None) -> str:
+    """How well requested covariates are honoured (models trained on them only)."""
+    if not c:
+        return ""
+    if "finding" in c:
+        return f"<h2>Covariates</h2><p>{html.escape(c['finding'])}</p>"
+    rows = []
+    age, sex = c.get("age", {}), c.get("sex", {})
+    if "mae_synthetic" in age:
+        rows += [
+            (
+                "Age MAE, years: synthetic vs requested / real held-out vs true",
+                f"{age['mae_synthetic']:.1f} / {age['mae_real_holdout']:.1f}",
+            ),
+            (
+                "Age MAE of a constant guess (training mean): synthetic / real",
+                f"{age['mae_constant_synthetic']:.1f} / {age['mae_constant_real_holdout']:.1f}",
+            ),
+            (
+                "Age correlation: synthetic / real held-out",
+                f"{age['correlation_synthetic']:.2f} / {age['correlation_real_holdout']:.2f}",
+            ),
+        ]
+    if "accuracy_synthetic" in sex:
+        rows.append(
+            (
+                "Sex accuracy: synthetic vs requested / real held-out (chance 0.5)",
+                f"{sex['accuracy_synthetic']:.3f} / {sex['accuracy_real_holdout']:.3f}",
+            )
+        )
+    notes = "".join(f"<p>{html.escape(str(part['note']))}</p>" for part in (age, sex) if "note" in part)
+    return f"<h2>Covariates</h2><table>{_rows(rows)}</table>{notes}<p><small>{html.escape(c['method'])}</small></p>"
+
+
 def _html(root: Path, r: dict, figures: list[str]) -> str:
     model, u, f, p = r["model"], r["utility"], r["fidelity"], r["privacy"]
     mi, bound, dcr = p["membership_inference"], p["dp_bound"], p["dcr"]
@@ -273,6 +307,7 @@ def _html(root: Path, r: dict, figures: list[str]) -> str:
             *[(f"MS-SSIM within real, {k}", v) for k, v in f["ms_ssim"]["real"].items()],
         ]
     )
+    covariate_section = _covariate_section(r.get("covariates"))
     images = "".join(_img(root, name, name.removesuffix(".png").replace("_", " ")) for name in figures)
     notes = "".join(
         f"<li>{html.escape(text)}</li>"
@@ -313,7 +348,7 @@ figcaption {{ font-size: .8em; color: #555; }} img {{ max-width: 100%; }}
 Cohort: {r["settings"]["n"]} samples per label, seed {r["settings"]["seed"]} — {html.escape(r["cohort"]["reproduce"])}.
 Created {html.escape(r["created"])}.</p>
 <h2>Headline numbers</h2><table>{headline}</table>
-<h2>Fidelity and diversity</h2><table>{fidelity_rows}</table>
+<h2>Fidelity and diversity</h2><table>{fidelity_rows}</table>{covariate_section}
 <h2>Figures</h2>{images}
 <h2>How each number was measured</h2><ul>{notes}</ul>
 <p><small>Timings: {html.escape(timings)}. Every number is in <code>report.json</code>.</small></p>

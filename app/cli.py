@@ -255,6 +255,19 @@ def audit(
         f"(synthetic vs real baseline); DCR share {p['dcr']['share_filtered']:.3f} (target ≈ 0.5); "
         f"filter catches {p['filter']['catch_rate_unfiltered']:.1%} of unfiltered samples"
     )
+    covariates = report.get("covariates") or {}
+    if "mae_synthetic" in covariates.get("age", {}):
+        age = covariates["age"]
+        typer.echo(
+            f"  covariates: age MAE {age['mae_synthetic']:.1f} y on synthetic (real held-out "
+            f"{age['mae_real_holdout']:.1f}, constant guess {age['mae_constant_synthetic']:.1f})"
+        )
+    if "accuracy_synthetic" in covariates.get("sex", {}):
+        sex = covariates["sex"]
+        typer.echo(
+            f"  covariates: sex accuracy {sex['accuracy_synthetic']:.3f} on synthetic (real held-out "
+            f"{sex['accuracy_real_holdout']:.3f}, chance 0.5)"
+        )
     ceiling = (
         f"(ε, δ) ceiling TPR {bound['tpr_at_low_fpr']:.3f}, AUC {bound['auc']:.3f}"
         if bound["private"]
@@ -294,6 +307,12 @@ def train(
         Path | None, typer.Option(help="Directory to reuse public-prior weights from (public data only).")
     ] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after S steps (spends less ε).")] = None,
+    covariates: Annotated[
+        str | None, typer.Option(help="Also condition on covariates of the store: age, sex or age,sex.")
+    ] = None,
+    age_range: Annotated[
+        str, typer.Option(help="Declared age range MIN-MAX (years) a researcher may ask for (a choice, not measured).")
+    ] = "18-90",
     accountant: Annotated[str, typer.Option(help="prv or rdp.")] = "prv",
     public_prior: Annotated[
         str | None, typer.Option(help="Non-private pretraining on public data: mni152 (brain MRI) or none.")
@@ -316,6 +335,7 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: settings).")] = None,
 ) -> None:
     """Train the class-conditional diffusion model with patient-level DP-SGD and write a model bundle."""
+    from generators.covariates import declare
     from generators.errors import InvalidInput, PrivacyPolicy
     from train.dp_training import TrainConfig, train_model
     from train.presets import get_preset
@@ -357,6 +377,7 @@ def train(
         force=force,
         allow_over_budget=allow_over_budget,
         prior_cache=prior_cache,
+        covariates=declare(covariates, age_range) if covariates else None,
     )
     bar = _progress(None, "train", "step")
 
@@ -461,12 +482,48 @@ def sample(
     typer.echo(f"wrote {len(generated.labels)} samples ({', '.join(labels)}; one row per label) to {out}")
 
 
+def _export_spec(
+    model_dir: Path, n: int | None, count: list[str], spec: Path | None, age: str | None, sex: str | None, seed: int
+) -> tuple[dict[str, int], dict[str, dict], int]:
+    """Counts, covariate targets and seed from ``--spec`` or from ``--n`` / ``--count`` with ``--age`` / ``--sex``."""
+    from app.cohort_spec import read_spec, targets_from_flags
+    from generators.errors import InvalidInput
+
+    if spec is not None:
+        if n is not None or count or age or sex:
+            raise InvalidInput("--spec holds the whole request: leave out --n, --count, --age and --sex")
+        parsed = read_spec(str(spec))
+        return parsed.counts, parsed.covariates_json(), parsed.seed if "seed" in parsed.model_fields_set else seed
+    counts: dict[str, int] = {}
+    for item in count:
+        label, sep, value = item.partition("=")
+        if not sep or not label:
+            raise InvalidInput(f"--count expects LABEL=N, got {item!r}")
+        try:
+            counts[label] = int(value)
+        except ValueError:
+            raise InvalidInput(f"--count {item!r}: N must be an integer") from None
+    if (n is None) == (not counts):
+        raise InvalidInput("give either --n N (samples of every label) or --count LABEL=N ...")
+    if n is not None:
+        from generators.card import read_card
+
+        counts = {label: n for label in read_card(model_dir).labels}
+    targets = targets_from_flags(age, sex)
+    return counts, ({label: targets for label in counts} if targets else {}), seed
+
+
 @app.command()
 def export(
     model_dir: Annotated[Path, typer.Argument(help="Model bundle directory (calibrated).")],
     out: Annotated[Path, typer.Option("--out", help="Dataset directory to create.")],
     n: Annotated[int | None, typer.Option("--n", help="Samples of EVERY label.")] = None,
     count: Annotated[list[str], typer.Option(help="LABEL=N (repeatable).")] = [],  # noqa: B006
+    spec: Annotated[
+        Path | None, typer.Option(help="YAML/JSON cohort spec: counts, covariates per label, seed (see README).")
+    ] = None,
+    age: Annotated[str | None, typer.Option(help="Age of every sample: YEARS or MIN-MAX (covariate models).")] = None,
+    sex: Annotated[str | None, typer.Option(help="Sex of every sample: F, M or F=P,M=P (covariate models).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the cohort; every sample's own seed is recorded.")] = 0,
     format: Annotated[
         str, typer.Option("--format", help="Comma-separated: nifti (required), png, npz, dicom.")
@@ -488,24 +545,11 @@ def export(
     from app.pipeline import CohortRequest, build_cohort, local_runner
     from generators.errors import InvalidInput
 
-    counts: dict[str, int] = {}
-    for item in count:
-        label, sep, value = item.partition("=")
-        if not sep or not label:
-            raise InvalidInput(f"--count expects LABEL=N, got {item!r}")
-        try:
-            counts[label] = int(value)
-        except ValueError:
-            raise InvalidInput(f"--count {item!r}: N must be an integer") from None
-    if (n is None) == (not counts):
-        raise InvalidInput("give either --n N (samples of every label) or --count LABEL=N ...")
-    if n is not None:
-        from generators.card import read_card
-
-        counts = {label: n for label in read_card(model_dir).labels}
+    counts, covariates, seed = _export_spec(model_dir, n, count, spec, age, sex, seed)
     request = CohortRequest(
         counts=counts,
         seed=seed,
+        covariates=covariates,
         formats=tuple(f.strip() for f in format.split(",") if f.strip()),
         shard_size=shard_size,
         max_rejection_rate=max_rejection_rate,
@@ -575,6 +619,11 @@ def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.
         typer.echo(f"model {model_dir}: NOT PRIVATE (trained without differential privacy)")
     shape = " × ".join(map(str, model_card.image_shape))
     typer.echo(f"  {model_card.generator} model, labels {list(model_card.labels)}, {shape} px")
+    if model_card.covariates:
+        declared = model_card.covariates
+        parts = [f"age {declared['age']['min']}-{declared['age']['max']} (declared)"] if "age" in declared else []
+        parts += ["sex F/M"] if "sex" in declared else []
+        typer.echo(f"  conditioned on covariates: {', '.join(parts)}")
     calibration = BundleLayout(model_dir).calibration
     if calibration.is_file():
         summary = public_summary(json.loads(calibration.read_text()))

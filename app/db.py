@@ -100,6 +100,7 @@ class Job(Base):
     lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the worker running it
     lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    covariates: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # label → covariate targets
 
 
 def database_url(settings: Settings) -> str:

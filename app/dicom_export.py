@@ -27,10 +27,18 @@ ORIENTATION = [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
 
 
 def write_dicom_series(
-    directory: Path, image: np.ndarray, spacing_mm: list[float], *, label: str, name: str, description: str
+    directory: Path,
+    image: np.ndarray,
+    spacing_mm: list[float],
+    *,
+    label: str,
+    name: str,
+    description: str,
+    covariates: dict | None = None,
 ) -> list[str]:
     """Write one sample ``[1, H, W]`` or ``[1, D, H, W]`` (values in [-1, 1]) as a DICOM series in ``directory``;
-    returns the file names. Each file is written atomically (:func:`generators.atomic.write_atomic`)."""
+    returns the file names. ``covariates`` (requested age and sex) fill PatientAge and PatientSex. Each file is
+    written atomically (:func:`generators.atomic.write_atomic`)."""
     from pydicom.uid import generate_uid
 
     volume = image[0] if image.ndim == 4 else image[0][None]  # [D, H, W]
@@ -48,10 +56,19 @@ def write_dicom_series(
         position = [0.0, -row_mm * (height - 1), slice_mm * k]  # RAS (0, row_mm·(H-1), z) in LPS
         dataset = _instance(pixels[k], series, position, row_mm, col_mm, slice_mm, depth, label, name, description)
         dataset.InstanceNumber = k + 1
+        _write_covariates(dataset, covariates or {})
         file_name = f"{k + 1:04d}.dcm"
         write_atomic(directory / file_name, lambda tmp, ds=dataset: ds.save_as(tmp, enforce_file_format=True))
         names.append(file_name)
     return names
+
+
+def _write_covariates(dataset, covariates: dict) -> None:
+    """The requested (synthetic) sex and age where DICOM has a place for them."""
+    if covariates.get("sex") in ("F", "M"):
+        dataset.PatientSex = covariates["sex"]
+    if covariates.get("age") is not None:
+        dataset.PatientAge = f"{int(covariates['age']):03d}Y"
 
 
 def _instance(pixels, series, position, row_mm, col_mm, slice_mm, depth, label, name, description):

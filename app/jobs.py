@@ -216,12 +216,13 @@ class JobRunner:
             stop = self._running[job_id]
         with self.sessions() as session:
             job = session.get(Job, job_id)
-            model_id, counts, seed, formats, key_id = (
+            model_id, counts, seed, formats, key_id, covariates = (
                 job.model,
                 dict(job.counts),
                 job.seed,
                 tuple(job.formats),
                 job.key_id,
+                dict(job.covariates or {}),
             )
             cancel_requested = job.cancel_requested
         out = self.datasets / job_id
@@ -252,7 +253,11 @@ class JobRunner:
         try:
             model = self.registry.get(model_id)
             request = CohortRequest(
-                counts=counts, seed=seed, formats=formats, allow_not_private=self.registry.allow_not_private
+                counts=counts,
+                seed=seed,
+                formats=formats,
+                covariates=covariates,
+                allow_not_private=self.registry.allow_not_private,
             )
             build_cohort(
                 model.path,
@@ -320,9 +325,24 @@ def job_runner(settings: Settings, registry: ModelRegistry, *, workers: int) -> 
 
 
 def create_job(
-    session: Session, *, key: ApiKey, model: str, counts: dict[str, int], seed: int, formats: list[str]
+    session: Session,
+    *,
+    key: ApiKey,
+    model: str,
+    counts: dict[str, int],
+    seed: int,
+    formats: list[str],
+    covariates: dict[str, dict] | None = None,
 ) -> Job:
-    job = Job(id=uuid.uuid4().hex, key_id=key.id, model=model, counts=counts, seed=seed, formats=formats)
+    job = Job(
+        id=uuid.uuid4().hex,
+        key_id=key.id,
+        model=model,
+        counts=counts,
+        seed=seed,
+        formats=formats,
+        covariates=covariates or None,
+    )
     session.add(job)
     session.commit()
     record_event(session, action="cohort.create", outcome="queued", key_id=key.id, model=model, counts=counts)
@@ -345,6 +365,7 @@ def job_status(job: Job, key: ApiKey) -> dict:
         "model": job.model,
         "counts": job.counts,
         "seed": job.seed,
+        "covariates": job.covariates or None,
         "status": job.status,
         "progress": job.progress,
         "done": job.accepted,

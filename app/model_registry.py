@@ -23,6 +23,7 @@ PUBLIC_CARD_FIELDS = (
     "generator",
     "spatial_dims",
     "labels",
+    "covariates",
     "image_size",
     "voxel_spacing_mm",
     "dp",

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from app.cohort_spec import check_covariates, parse_covariates
 from app.dataset_writer import FORMATS, write_documents, write_json, write_sample
 from generators.atomic import publish_directory
 from generators.base import Generator
@@ -56,10 +57,12 @@ class MemorizationSuspected(PrivacyPolicy):
 
 @dataclass(frozen=True)
 class CohortRequest:
-    """What to generate. ``counts`` maps label → number of samples."""
+    """What to generate. ``counts`` maps label → number of samples; ``covariates`` maps a label to its
+    covariate targets (:class:`app.cohort_spec.CovariateTargets` as JSON)."""
 
     counts: dict[str, int]
     seed: int = 0
+    covariates: dict[str, dict] = field(default_factory=dict)
     formats: tuple[str, ...] = ("nifti",)
     steps: int | None = None
     guidance: float | None = None
@@ -147,6 +150,13 @@ def validate_request(model: Generator, request: CohortRequest) -> None:
         raise InvalidInput("shard_size must be in 1..4096 and max_attempts in 1..100")
     if not 0.0 < request.max_rejection_rate <= 1.0:
         raise InvalidInput("max_rejection_rate must be in (0, 1]")
+    check_covariates(parse_covariates(request.covariates), request.counts, model.card.covariates)
+
+
+def sample_conditions(request: CohortRequest, label: str) -> list[dict] | None:
+    """Each sample's covariate values for ``label`` (``None``: the request gave no targets for it)."""
+    targets = parse_covariates(request.covariates).get(label)
+    return None if targets is None else targets.expand(label, request.counts[label], request.seed)
 
 
 class CohortWorker:
@@ -186,11 +196,15 @@ class CohortWorker:
         rows: dict[int, dict] = {}
         arrays: dict[int, np.ndarray] = {}
         generated = rejected = 0
+        conditions = sample_conditions(request, shard.label)
         for attempt in range(request.max_attempts):
             if not pending:
                 break
             seeds = [sample_seed(self.seed_key, request.seed, shard.label, i, attempt) for i in pending]
-            out = self.model.generate(labels=[shard.label] * len(pending), seed=0, seeds=seeds, **options)
+            asked = None if conditions is None else [conditions[i] for i in pending]
+            out = self.model.generate(
+                labels=[shard.label] * len(pending), seed=0, seeds=seeds, conditions=asked, **options
+            )
             decisions = self.filter.check(out.images.numpy())
             generated += len(pending)
             still = []
@@ -199,12 +213,14 @@ class CohortWorker:
                     rejected += 1
                     still.append(i)
                     continue
+                covariates = {} if conditions is None else conditions[i]
                 rows[i] = {  # nothing about the filter's decision beyond "accepted"
-                    **write_sample(root, image, shard.label, i, request.formats, spacing),
+                    **write_sample(root, image, shard.label, i, request.formats, spacing, covariates),
                     "label": shard.label,
                     "index": i,
                     "seed": int(seed),
                     "model_id": self.model_id,
+                    **covariates,
                 }
                 arrays[i] = image
             pending = still

@@ -29,11 +29,13 @@ class Generated:
         images: ``[N, C, H, W]`` (2-D) or ``[N, C, D, H, W]`` (3-D) float32 in [-1, 1] (CPU).
         labels: label name of each sample.
         seeds: the seed of each sample's initial noise; regenerating with it gives the same pixels.
+        conditions: each sample's covariates (``{"age", "sex"}``) when the request gave them.
     """
 
     images: torch.Tensor
     labels: list[str]
     seeds: np.ndarray
+    conditions: list[dict[str, Any]] | None = None
 
 
 @runtime_checkable
@@ -71,10 +73,13 @@ class Generator(Protocol):
         labels: Mapping[str, int] | Sequence[str],
         seed: int,
         seeds: Sequence[int] | None = None,
+        conditions: Sequence[Mapping[str, Any]] | None = None,
         progress: Callable[[int], None] | None = None,
         **options: Any,
     ) -> Generated:
-        """Sample ``i`` starts from noise seeded with ``seed + i`` (or ``seeds[i]``); deterministic per device."""
+        """Sample ``i`` starts from noise seeded with ``seed + i`` (or ``seeds[i]``); deterministic per device.
+        ``conditions[i]`` (``{"age": years, "sex": "F" | "M"}``) conditions sample ``i`` of a model whose card
+        declares covariates; other models refuse them."""
         ...
 
     def membership_losses(

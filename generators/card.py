@@ -35,6 +35,7 @@ class ModelCard(BaseModel):
     spatial_dims: int = Field(ge=2, le=3)
     labels: dict[str, int]
     null_class: int | None = None
+    covariates: dict[str, Any] | None = None  # declared (not measured) ranges, see generators.covariates
     image_size: int = Field(ge=4, le=1024)
     voxel_spacing_mm: list[float] = Field(min_length=3, max_length=3)
     voxel_spacing_source: str = ""
@@ -101,6 +102,18 @@ class ModelCard(BaseModel):
         if not value or sorted(value.values()) != list(range(len(value))):
             raise ValueError("labels must map each name to a distinct id 0..n-1")
         return value
+
+    @field_validator("covariates")
+    @classmethod
+    def _declared_covariates(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        from generators.covariates import validate_declared
+
+        if value is None:
+            return None
+        try:
+            return validate_declared(value)
+        except (InvalidInput, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"covariates: {exc}") from None
 
     @model_validator(mode="after")
     def _privacy_complete(self) -> ModelCard:

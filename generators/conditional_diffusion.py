@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from generators.base import Generated, expand_labels, resolve_device
 from generators.card import ModelCard, write_card
+from generators.covariates import COVARIATES, condition_ids, null_condition
 from generators.diffusion import denoising_loss, noise_schedule
 from generators.errors import InvalidInput
 from generators.unet import null_class
@@ -108,6 +109,26 @@ class ConditionalDiffusion:
         """Expand ``{"lesion": 3}`` or ``["lesion", ...]`` into one label per sample, checking names and counts."""
         return expand_labels(labels, self.label_ids)
 
+    def condition_ids(self, names: Sequence[str], conditions: Sequence[Mapping[str, Any]] | None) -> torch.Tensor:
+        """What the network is conditioned on for each sample: label ids, or (a covariate model) condition ids
+        packing label, sex and age (:mod:`generators.covariates`); ``conditions`` are checked here."""
+        ids = [self.label_ids[n] for n in names]
+        if self.card.covariates is None:
+            if conditions is not None and any(c for c in conditions):
+                raise InvalidInput("this model was not trained on covariates (age, sex); ask by label only")
+            return torch.tensor(ids, dtype=torch.long)
+        if conditions is not None:
+            if len(conditions) != len(names):
+                raise InvalidInput("conditions must have one entry per sample")
+            for condition in conditions:
+                check_condition(condition, self.card.covariates)
+        return condition_ids(ids, conditions, len(self.label_ids))
+
+    def null_id(self) -> int:
+        """The condition of the unconditional prediction (classifier-free guidance)."""
+        n = len(self.label_ids)
+        return null_condition(n) if self.card.covariates is not None else null_class(n)
+
     def sampling_options(self, **requested: Any) -> dict[str, Any]:
         """Solver steps and guidance: the card's sampler defaults, overridden by non-``None`` requests."""
         options = {"steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE, "solver": "dpmsolver++"}
@@ -129,12 +150,14 @@ class ConditionalDiffusion:
         solver: str = "dpmsolver++",
         batch_size: int = 64,
         seeds: Sequence[int] | None = None,
+        conditions: Sequence[Mapping[str, Any]] | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> Generated:
         """Sample images; sample ``i`` starts from noise seeded with ``seed + i`` (or ``seeds[i]``).
 
         Deterministic for the same request on the same device. Classifier-free guidance mixes the
-        conditional and null-class predictions: ``uncond + guidance · (cond − uncond)``.
+        conditional and null-class predictions: ``uncond + guidance · (cond − uncond)``. A covariate model
+        also takes ``conditions``: per sample ``{"age": years, "sex": "F" | "M"}``, either may be left out.
         """
         # 1. check inputs
         names = self.resolve_labels(labels)
@@ -147,7 +170,8 @@ class ConditionalDiffusion:
         if len(seeds) != len(names):
             raise InvalidInput("seeds must have one entry per sample")
         seeds_arr = np.asarray(seeds, dtype=np.int64)
-        null = null_class(len(self.label_ids))
+        all_ids = self.condition_ids(names, conditions)
+        null = self.null_id()
         shape = (1, *self.image_shape)
         out = torch.empty(len(names), *shape)
 
@@ -157,7 +181,7 @@ class ConditionalDiffusion:
             latents = torch.cat(
                 [torch.randn(1, *shape, generator=torch.Generator().manual_seed(int(s))) for s in batch_seeds]
             ).to(self.device)  # (B, 1, H, W) or (B, 1, D, H, W)
-            ids = torch.tensor([self.label_ids[n] for n in names[start : start + batch_size]], device=self.device)
+            ids = all_ids[start : start + batch_size].to(self.device)
             # 3. timesteps
             scheduler = self._sampler(solver)
             scheduler.set_timesteps(steps, device=self.device)
@@ -176,7 +200,7 @@ class ConditionalDiffusion:
             out[start : start + len(batch_seeds)] = latents.clamp(-1.0, 1.0).float().cpu()
             if progress:
                 progress(len(batch_seeds))
-        return Generated(images=out, labels=names, seeds=seeds_arr)
+        return Generated(images=out, labels=names, seeds=seeds_arr, conditions=_as_list(conditions, len(names)))
 
     @torch.no_grad()
     def membership_losses(
@@ -185,10 +209,13 @@ class ConditionalDiffusion:
         """Denoising loss of each image at each fixed timestep, ``[len(timesteps), N]``.
 
         The noise of image ``i`` at timestep ``t`` is seeded by ``(seed, t)`` and the image's position, so two
-        calls on the same images measure the same draws.
+        calls on the same images measure the same draws. ``labels`` are label ids; a covariate model is asked
+        with its covariates left open.
         """
         if len(images) != len(labels):
             raise InvalidInput("images and labels must have the same length")
+        if self.card.covariates is not None:
+            labels = condition_ids(np.asarray(labels).tolist(), None, len(self.label_ids)).numpy()
         alphas = noise_schedule(DDPMScheduler.from_config(self.scheduler_config)).to(self.device)
         if any(not 0 <= int(t) < len(alphas) for t in timesteps):
             raise InvalidInput(f"membership timesteps must lie in 0..{len(alphas) - 1}")
@@ -204,3 +231,27 @@ class ConditionalDiffusion:
                 per_image = denoising_loss(self.predict, x, y, steps, noise, alphas, prediction, per_draw=True)
                 losses[k, start : start + len(x)] = per_image.double().cpu().numpy()
         return losses
+
+
+def check_condition(condition: Mapping[str, Any], declared: Mapping[str, Any]) -> None:
+    """A per-sample condition within what the model declares it was trained on."""
+    unknown = sorted(set(condition) - set(COVARIATES))
+    if unknown:
+        raise InvalidInput(f"unknown covariate(s) {unknown}; supported: {list(COVARIATES)}")
+    for name, value in condition.items():
+        if value is None:
+            continue
+        if name not in declared:
+            raise InvalidInput(f"this model was not trained on {name}; leave it out of the request")
+        if name == "age":
+            low, high = declared["age"]["min"], declared["age"]["max"]
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or not low <= value <= high:
+                raise InvalidInput(
+                    f"age must be a whole number of years in {low}-{high} (the model's range), got {value!r}"
+                )
+        elif value not in declared["sex"]:
+            raise InvalidInput(f"sex must be one of {declared['sex']}, got {value!r}")
+
+
+def _as_list(conditions: Sequence[Mapping[str, Any]] | None, n: int) -> list[dict[str, Any]] | None:
+    return None if conditions is None else [dict(c) for c in conditions][:n]

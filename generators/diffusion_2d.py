@@ -15,12 +15,16 @@ from typing import ClassVar
 
 import torch
 from diffusers import UNet2DModel
+from safetensors.torch import load_file
 
 from generators.card import ModelCard, read_card
 from generators.conditional_diffusion import DEFAULT_GUIDANCE, DEFAULT_STEPS, SOLVERS, ConditionalDiffusion
+from generators.covariates import attach_condition_embedding
 from generators.errors import InvalidInput
 
 __all__ = ["DEFAULT_GUIDANCE", "DEFAULT_STEPS", "SOLVERS", "DiffusionModel"]
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
 class DiffusionModel(ConditionalDiffusion):
@@ -44,8 +48,13 @@ class DiffusionModel(ConditionalDiffusion):
         model_dir = Path(model_dir)
         card = read_card(model_dir)
         try:
-            unet = UNet2DModel.from_pretrained(str(model_dir), low_cpu_mem_usage=False)
-        except (OSError, ValueError) as exc:
+            if card.covariates is None:
+                unet = UNet2DModel.from_pretrained(str(model_dir), low_cpu_mem_usage=False)
+            else:  # the class table was swapped for a condition embedding: build, swap, then load the weights
+                unet = UNet2DModel.from_config(UNet2DModel.load_config(str(model_dir)))
+                attach_condition_embedding(unet, len(card.labels))
+                unet.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
+        except (OSError, ValueError, RuntimeError) as exc:
             raise InvalidInput(f"model bundle {model_dir.name} is unreadable: {exc}") from None
         return cls(unet, cls.load_scheduler_config(model_dir), card, device)
 

@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from generators.card import ModelCard, read_card
 from generators.conditional_diffusion import ConditionalDiffusion
+from generators.covariates import attach_condition_embedding
 from generators.errors import InvalidInput
 from generators.unet import UNet3DSize
 
@@ -79,6 +80,8 @@ class Diffusion3DModel(ConditionalDiffusion):
             config = json.loads((model_dir / CONFIG_FILE).read_text())
             size = UNet3DSize(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["size"].items()})
             network = build_unet_3d(n_classes=int(config["n_classes"]), size=size)
+            if card.covariates is not None:
+                attach_condition_embedding(network, int(config["n_classes"]))
             network.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise InvalidInput(f"model bundle {model_dir.name} is unreadable: {exc}") from None

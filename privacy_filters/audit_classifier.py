@@ -94,22 +94,44 @@ def train_classifier(
     Augmentation: random left-right flips and ±2-pixel shifts (of the standardised images), so the classifier
     learns the label, not the pose.
     """
-    if len(images) != len(labels) or len(images) == 0:
-        raise InvalidInput("classifier training needs one label per image and at least one image")
+    targets = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return _train(
+        images, targets, n_classes, nn.functional.cross_entropy, steps, batch_size, learning_rate, seed, device
+    )
+
+
+def train_regressor(
+    images: np.ndarray,
+    values: np.ndarray,
+    *,
+    steps: int = 600,
+    batch_size: int = 128,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> SmallCNN:
+    """:class:`SmallCNN` with one output trained by mean squared error to predict ``values`` (e.g. age / 90);
+    same augmentation and budget as :func:`train_classifier`. Predict with ``model(x)[:, 0]``."""
+    targets = torch.from_numpy(np.asarray(values, dtype=np.float32)).view(-1, 1)
+    return _train(images, targets, 1, nn.functional.mse_loss, steps, batch_size, learning_rate, seed, device)
+
+
+def _train(images, targets, outputs, loss_fn, steps, batch_size, learning_rate, seed, device) -> SmallCNN:
+    if len(images) != len(targets) or len(images) == 0:
+        raise InvalidInput("classifier training needs one target per image and at least one image")
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = SmallCNN(n_classes, spatial_dims=np.ndim(images) - 2).to(device)
+    model = SmallCNN(outputs, spatial_dims=np.ndim(images) - 2).to(device)
     optimiser = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=learning_rate, total_steps=steps)
     x_all = torch.from_numpy(np.array(images, dtype=np.float32))
-    y_all = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     model.fit_standardisation(x_all)
     x_all = model.standardise(x_all.to(model.voxel_mean.device)).cpu()
     model.train()
     for _ in range(steps):
         pick = torch.randint(0, len(x_all), (min(batch_size, len(x_all)),), generator=generator)
         x = _augment(x_all[pick], generator).to(device)
-        loss = nn.functional.cross_entropy(model.head(model.embed_standardised(x)), y_all[pick].to(device))
+        loss = loss_fn(model.head(model.embed_standardised(x)), targets[pick].to(device))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -123,6 +145,19 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:  # (B
     axes = tuple(range(2, x.dim()))
     shifts = tuple(int(v) for v in torch.randint(-2, 3, (len(axes),), generator=generator))
     return torch.roll(x, shifts=shifts, dims=axes)
+
+
+@torch.no_grad()
+def predict_values(model: SmallCNN, images: np.ndarray, *, batch_size: int = 1024) -> np.ndarray:
+    """A :func:`train_regressor` model's predictions ``[N]``."""
+    device = next(model.parameters()).device
+    if np.ndim(images) == 5:
+        batch_size = max(1, batch_size // 16)
+    out = [
+        model(torch.from_numpy(np.asarray(images[i : i + batch_size], dtype=np.float32)).to(device))[:, 0].cpu().numpy()
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out)
 
 
 @torch.no_grad()

@@ -49,6 +49,7 @@ def test_report_numbers_have_the_structure_their_definitions_force(audited, tiny
         assert u[name]["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in runs]))
         assert u[name]["accuracy_sd"] == pytest.approx(np.std([r["accuracy"] for r in runs]))
     assert u["ratio"]["accuracy"] == pytest.approx(u["tstr"]["accuracy"] / u["trtr"]["accuracy"])
+    assert on_disk["covariates"] is None  # a model trained by label only has no covariate section
     fr = on_disk["fidelity"]["frechet"]
     for space in ("classifier_features", "filter_embedding"):
         f = fr[space]

@@ -1,8 +1,9 @@
 """The embedded demo cohort: synthetic "patients" derived from the real MNI152 T1 brain template.
 
 The template ships inside nilearn (ICBM 2009a symmetric, resampled to a 2 mm grid), so no download is
-needed. Each patient gets its own smooth random deformation and small affine, intensity scaling, a
-multiplicative bias field and Rician noise; ``lesion`` patients also get a tumour-like blob of random size,
+needed. Each patient gets its own smooth random deformation and small affine, known anatomy of age and sex
+(ventricles widen and the brain shrinks with age, male brains are larger: :func:`_ageing`), intensity scaling,
+a multiplicative bias field and Rician noise; ``lesion`` patients also get a tumour-like blob of random size,
 position and contrast inside the brain, near the volume centre so the central axial slab shows it.
 
 Layout written by :func:`make_demo_cohort`::
@@ -115,7 +116,7 @@ def synthesize_volume(patient: DemoPatient, seed: int) -> tuple[np.ndarray, np.n
     grid = F.affine_grid(theta, [1, 1, *shape], align_corners=False)  # (1, X, Y, Z, 3)
     coarse = torch.randn(1, 3, 5, 5, 5, generator=gen) * 0.025
     displacement = F.interpolate(coarse, size=shape, mode="trilinear", align_corners=True)
-    grid = grid + displacement.permute(0, 2, 3, 4, 1)
+    grid = _ageing(grid + displacement.permute(0, 2, 3, 4, 1), patient.age, patient.sex)
     warped = F.grid_sample(volume, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0]
 
     # 2. tumour-like lesion near the centre of the slab ingestion will take
@@ -133,6 +134,18 @@ def synthesize_volume(patient: DemoPatient, seed: int) -> tuple[np.ndarray, np.n
     magnitude = torch.sqrt(real**2 + imag**2)
     data = np.clip(np.rint(magnitude.numpy() * 1000.0), 0, 32767).astype(np.int16)
     return data, affine
+
+
+def _ageing(grid, age: int, sex: str):
+    """Known anatomy of age and sex, as a change of sampling coordinates (normalised, volume centre 0):
+    the ventricles widen (a radial magnification of the centre, up to 40 % at 90), the brain shrinks (6 % at
+    90: the cortex recedes from where it was, widening the outer CSF), and male brains are 3 % larger."""
+    import torch
+
+    atrophy = float(np.clip((min(age, 90) - 20) / 70, 0.0, 1.0))
+    radius2 = (grid**2).sum(-1, keepdim=True)
+    grid = grid * (1.0 - 0.4 * atrophy * torch.exp(-radius2 / (2 * 0.22**2)))  # ventricles (centre) widen
+    return grid * (1.0 + 0.06 * atrophy) / (1.03 if sex == "M" else 1.0)
 
 
 def _rotation(ax: float, ay: float, az: float) -> np.ndarray:

@@ -52,6 +52,16 @@ from generators.atomic import write_atomic, write_json_atomic
 from generators.base import resolve_device, save_grid
 from generators.card import CARD_FORMAT, ModelCard, card_exists, read_card
 from generators.conditional_diffusion import ConditionalDiffusion
+from generators.covariates import (
+    AGE_NULL,
+    SEX_NULL,
+    ConditionEmbedding,
+    age_id,
+    attach_condition_embedding,
+    encode,
+    null_condition,
+    sex_id,
+)
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
 from generators.diffusion_2d import DEFAULT_GUIDANCE, DEFAULT_STEPS, DiffusionModel
 from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarning
@@ -119,6 +129,7 @@ class TrainConfig:
     allow_over_budget: bool = False
     samples_per_label: int = 16
     prior_cache: Path | None = None  # directory of public-prior weights to reuse (public inputs only)
+    covariates: dict | None = None  # declared covariates to condition on (generators.covariates.validate_declared)
     extra: dict = field(default_factory=dict)
 
     def inputs_digest(self, store_id: str) -> str:
@@ -132,6 +143,7 @@ class TrainConfig:
             "dp": self.dp,
             "max_steps": self.max_steps,
             "seed": self.seed,
+            **({"covariates": self.covariates} if self.covariates else {}),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -144,16 +156,23 @@ class TrainResult:
 
 
 class PatientSlices:
-    """Which store rows belong to each training patient, and uniform picks of slices per patient."""
+    """Which store rows belong to each training patient, and uniform picks of slices per patient. Label, age
+    (years, -1 unknown) and sex (``F``/``M``/``U``) are per patient: those of the patient's first row."""
 
-    def __init__(self, patients: np.ndarray, labels: np.ndarray) -> None:
+    def __init__(
+        self, patients: np.ndarray, labels: np.ndarray, ages: np.ndarray | None = None, sexes: np.ndarray | None = None
+    ) -> None:
         keys, inverse = np.unique(patients, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         counts = np.bincount(inverse, minlength=len(keys))
+        first = order[np.concatenate([[0], np.cumsum(counts)[:-1]])]
         self.rows = torch.from_numpy(order)
         self.starts = torch.from_numpy(np.concatenate([[0], np.cumsum(counts)[:-1]]))
         self.counts = torch.from_numpy(counts)
-        self.labels = torch.from_numpy(labels[order][np.concatenate([[0], np.cumsum(counts)[:-1]])].astype(np.int64))
+        self.labels = torch.from_numpy(labels[first].astype(np.int64))
+        unknown = np.full(len(patients), -1)
+        self.age_ids = torch.tensor([age_id(int(a)) for a in (unknown if ages is None else ages)[first]])
+        self.sex_ids = torch.tensor([sex_id(str(x)) for x in (unknown if sexes is None else sexes)[first]])
         self.n_patients = len(keys)
 
     def pick(self, patient_ids: torch.Tensor, generator: torch.Generator, m: int = 1) -> torch.Tensor:
@@ -372,7 +391,7 @@ def _plan_run(config: TrainConfig, store: CohortStore) -> _Run:
         want = "3-D preset (cpu-3d, gpu-3d) for it" if store.spatial_dims == 3 else "store ingested with --dims 3"
         raise InvalidInput(f"preset {preset.name} trains {preset.generator} but the store holds {have}; use a {want}")
     train_split = store.read("train")
-    slices = PatientSlices(train_split.patients, train_split.labels)
+    slices = PatientSlices(train_split.patients, train_split.labels, train_split.ages, train_split.sexes)
     n_patients = slices.n_patients  # exact and private: used only for operator-side checks
     if n_patients < 2:
         raise InvalidInput("need at least 2 training patients")
@@ -415,7 +434,7 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
     """A fresh model from the public seed, pretrained on public data; the DP optimiser; OS-entropy generators."""
     config, preset, device = run.config, run.config.preset, run.device
     torch.manual_seed(config.seed)
-    model = build_network(preset, run.n_classes).to(device)
+    model = build_network(preset, run.n_classes, config.covariates).to(device)
     pretrain_seconds = _public_prior(run, model, progress)
     if preset.label_init == "null" and not config.resume:
         start_labels_at_null(model, null_class(run.n_classes))
@@ -436,15 +455,17 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
     return state
 
 
-def build_network(preset: Preset, n_classes: int) -> torch.nn.Module:
-    """A fresh denoiser of the preset's generator kind (initialised from torch's current seed)."""
+def build_network(preset: Preset, n_classes: int, covariates: dict | None = None) -> torch.nn.Module:
+    """A fresh denoiser of the preset's generator kind (initialised from torch's current seed), conditioned on
+    label and, with ``covariates``, on age and sex (:mod:`generators.covariates`)."""
     if preset.spatial_dims == 3:
         from generators.diffusion_3d import build_unet_3d
 
-        return build_unet_3d(n_classes=n_classes, size=preset.unet)  # type: ignore[arg-type]
-    model = build_unet(image_size=preset.image_size, n_classes=n_classes, size=preset.unet)  # type: ignore[arg-type]
-    use_plain_attention(model)
-    return model
+        model = build_unet_3d(n_classes=n_classes, size=preset.unet)  # type: ignore[arg-type]
+    else:
+        model = build_unet(image_size=preset.image_size, n_classes=n_classes, size=preset.unet)  # type: ignore[arg-type]
+        use_plain_attention(model)
+    return attach_condition_embedding(model, n_classes) if covariates else model
 
 
 def wrap_generator(preset: Preset, network: torch.nn.Module, card: ModelCard, device: str) -> ConditionalDiffusion:
@@ -460,6 +481,9 @@ def wrap_generator(preset: Preset, network: torch.nn.Module, card: ModelCard, de
 def start_labels_at_null(model: torch.nn.Module, null: int) -> None:
     """Give every label the null class's embedding (public: the prior trained only the null class), so DP
     training starts from a model whose conditional samples are the prior's and learns only what labels add."""
+    if isinstance(model.class_embedding, ConditionEmbedding):
+        model.class_embedding.start_at_null()
+        return
     with torch.no_grad():
         table = model.class_embedding.weight  # type: ignore[union-attr]
         table.copy_(table[null].expand_as(table))
@@ -488,7 +512,7 @@ def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], 
         learning_rate=preset.public_learning_rate,
         alphas_cumprod=noise_schedule(training_scheduler(preset.prediction)).to(device),  # type: ignore[arg-type]
         prediction=preset.prediction,  # type: ignore[arg-type]
-        null_label=null_class(run.n_classes),
+        null_label=_null_id(run),
         seed=config.seed + 4,
         device=device,
         progress=report,
@@ -514,6 +538,7 @@ def prior_cache_path(config: TrainConfig, n_classes: int) -> Path | None:
         "n_classes": n_classes,
         "seed": config.seed,
         "versions": _library_versions(),
+        **({"covariates": sorted(config.covariates)} if config.covariates else {}),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return Path(config.prior_cache) / f"prior-{digest}.pt"
@@ -577,7 +602,7 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
     alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)  # type: ignore[arg-type]
     grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction)  # type: ignore[arg-type]
     params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
-    null, size = null_class(run.n_classes), preset.image_size
+    size = preset.image_size
     item = (1, *(size,) * preset.spatial_dims)  # one slice [1, H, W] or volume [1, D, H, W]
     m, k = preset.slices_per_patient, preset.slices_per_patient * preset.noise_multiplicity
     poisson = UniformWithReplacementSampler(
@@ -596,8 +621,7 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
         b, gen = len(patient_ids), state.draw_gen
         rows = run.slices.pick(patient_ids, gen, m).reshape(-1)  # (b·m,)
         images = resize_images(run.train_images[rows.numpy()], size)  # (b·m, *item)
-        labels = run.slices.labels[patient_ids].view(b, 1).expand(b, k).clone()
-        labels[torch.rand(b, k, generator=gen) < preset.label_dropout] = null
+        labels = _conditions(run, patient_ids, k, gen)
         timesteps = torch.randint(0, len(alphas), (b, k), generator=gen)
         noise = torch.randn(b, k, *item, generator=gen)
         # each of a patient's m slices (or volumes) under K draws: (b, m·K, *item)
@@ -663,6 +687,30 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
     return False
 
 
+def _null_id(run: _Run) -> int:
+    """The all-null condition: what the public prior trains and guidance subtracts."""
+    return null_condition(run.n_classes) if run.config.covariates else null_class(run.n_classes)
+
+
+def _conditions(run: _Run, patient_ids: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """``(b, k)`` label (or condition) ids of the sampled patients' draws; each part is dropped to its null
+    independently with the preset's dropout rate (classifier-free guidance on any subset of the conditions)."""
+    b, dropout, slices = len(patient_ids), run.config.preset.label_dropout, run.slices
+
+    def part(values: torch.Tensor, null: int) -> torch.Tensor:
+        values = values[patient_ids].view(b, 1).expand(b, k).clone()
+        values[torch.rand(b, k, generator=gen) < dropout] = null
+        return values
+
+    labels = part(slices.labels, null_class(run.n_classes))
+    declared = run.config.covariates
+    if not declared:
+        return labels
+    sexes = part(slices.sex_ids, SEX_NULL) if "sex" in declared else torch.full_like(labels, SEX_NULL)
+    ages = part(slices.age_ids, AGE_NULL) if "age" in declared else torch.full_like(labels, AGE_NULL)
+    return encode(labels, sexes, ages, run.n_classes)
+
+
 def _update_ema(state: _State, params: dict[str, torch.nn.Parameter], decay_max: float) -> None:
     decay = min(decay_max, (1 + state.step) / (10 + state.step))
     with torch.no_grad():
@@ -694,7 +742,7 @@ def _write_bundle(run: _Run, state: _State) -> dict:
     """EMA weights, the card (written last), the private record, the ledger entry and sample grids; returns the
     card's JSON."""
     preset = run.config.preset
-    final = build_network(preset, run.n_classes)
+    final = build_network(preset, run.n_classes, run.config.covariates)
     final.load_state_dict({**state.model.state_dict(), **state.ema})
     history = _history(run, state) if run.plan is not None else []
     epsilon = epsilon_of(history, delta=run.plan.delta, accountant=run.config.accountant) if run.plan else math.inf
@@ -732,7 +780,8 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
         "generator": preset.generator,
         "spatial_dims": dims,
         "labels": {name: i for i, name in enumerate(store.label_names)},
-        "null_class": null_class(run.n_classes),
+        "null_class": _null_id(run),
+        "covariates": config.covariates,
         "image_size": preset.image_size,
         "voxel_spacing_mm": [round(row_mm * scale, 2), round(col_mm * scale, 2), round(slice_mm * scale, 2)]
         if dims == 3

@@ -77,11 +77,15 @@ class SplitArrays:
             map).
         labels: ``[N]`` int64 label ids (see :attr:`CohortStore.label_names`).
         patients: ``[N]`` patient pseudonyms.
+        ages: ``[N]`` int64 age in years (capped at 90; -1 where unknown).
+        sexes: ``[N]`` ``F``, ``M`` or ``U`` (unknown).
     """
 
     images: np.ndarray
     labels: np.ndarray
     patients: np.ndarray
+    ages: np.ndarray | None = None
+    sexes: np.ndarray | None = None
 
 
 def _private_file(path: Path, data: bytes | str) -> None:
@@ -320,7 +324,9 @@ class CohortStore:
         label_id = {name: i for i, name in enumerate(self.label_names)}
         labels = np.array([label_id[r["label"]] for r in rows], dtype=np.int64)
         patients = np.array([r["patient"] for r in rows], dtype=str)
-        return SplitArrays(images=images, labels=labels, patients=patients)
+        ages = np.array([int(r["age"]) if r.get("age") else -1 for r in rows], dtype=np.int64)
+        sexes = np.array([r.get("sex") or "U" for r in rows], dtype=str)
+        return SplitArrays(images=images, labels=labels, patients=patients, ages=ages, sexes=sexes)
 
     def spacing(self) -> tuple[float, float, float]:
         """Median ``(row_mm, col_mm, slice_mm)`` over all slices, rounded to 0.1 mm (a coarse acquisition

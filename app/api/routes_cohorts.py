@@ -6,6 +6,7 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from app.api.deps import CurrentKey, RegistryDep, SessionDep, SettingsDep
 from app.api.schemas import CohortCreate, CohortStatus
+from app.cohort_spec import check_covariates
 from app.dataset_writer import FORMATS
 from app.db import record_event
 from app.jobs import create_job, job_status, samples_requested_today, visible_job
@@ -36,6 +37,7 @@ def create_cohort(
         raise HTTPException(422, f"unknown label(s) {unknown}; valid labels are {sorted(labels)}")
     if any(n < 1 for n in body.counts.values()):
         raise HTTPException(422, "every count must be a positive integer")
+    check_covariates(body.covariates, body.counts, model.card.covariates)  # InvalidInput → 422 (app.errors)
     bad_formats = sorted(set(body.formats) - set(FORMATS))
     if bad_formats or "nifti" not in body.formats:
         raise HTTPException(422, f"formats must include nifti and come from {list(FORMATS)}")
@@ -72,7 +74,13 @@ def create_cohort(
         )
         raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, refusal[1])
     job = create_job(
-        session, key=key, model=body.model, counts=dict(body.counts), seed=body.seed, formats=list(body.formats)
+        session,
+        key=key,
+        model=body.model,
+        counts=dict(body.counts),
+        seed=body.seed,
+        formats=list(body.formats),
+        covariates=body.covariates_json(),
     )
     request.app.state.jobs.submit(job.id)
     response.headers["Location"] = f"/v1/cohorts/{job.id}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.cohort_spec import CohortSpec, CovariateTargets
+
 
 class FilterSummary(BaseModel):
     """The memorization filter's public summary: its rule and coarse rates, no counts, no threshold."""
@@ -51,6 +53,9 @@ class ModelCard(BaseModel):
     generator: str = Field(description="generator family, e.g. diffusion-2d")
     spatial_dims: int = Field(description="2: slices, 3: volumes")
     labels: dict[str, int]
+    covariates: dict | None = Field(
+        None, description="covariates the model was trained on, with the DECLARED age range a request may use"
+    )
     image_size: int
     image_shape: list[int] = Field(description="spatial shape of one sample: [H, W] or [D, H, W]")
     voxel_spacing_mm: list[float]
@@ -80,16 +85,22 @@ class Health(BaseModel):
     models: int | None = None
 
 
-class CohortCreate(BaseModel):
-    """A cohort request: how many samples of each label, from which model."""
+class CohortCreate(CohortSpec):
+    """A cohort request: how many samples of each label (with covariate targets, for a model trained on
+    them), from which model, in which formats. The same :class:`CohortSpec` as the CLI's ``--spec`` file."""
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"example": {"model": "demo", "counts": {"healthy": 10, "lesion": 10}, "seed": 0}},
+        json_schema_extra={
+            "example": {
+                "model": "demo",
+                "counts": {"healthy": 10, "lesion": 10},
+                "covariates": {"lesion": {"age": {"min": 60, "max": 80}, "sex": {"F": 0.5, "M": 0.5}}},
+                "seed": 0,
+            }
+        },
     )
     model: str = Field(..., min_length=1, max_length=128)
-    counts: dict[str, int] = Field(..., min_length=1, max_length=64, description="label → number of samples")
-    seed: int = Field(0, ge=0, le=2**62)
     formats: list[str] = Field(
         default_factory=lambda: ["nifti"], max_length=4, description="nifti (always), png, npz, dicom"
     )
@@ -103,6 +114,7 @@ class CohortStatus(BaseModel):
     model: str
     counts: dict[str, int]
     seed: int
+    covariates: dict[str, CovariateTargets] | None = None
     status: str = Field(..., description="queued, running, succeeded, failed, cancelled or expired (dataset deleted)")
     progress: float
     done: int = Field(..., description="samples finished so far")
