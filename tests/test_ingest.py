@@ -11,7 +11,7 @@ import pytest
 
 from generators.errors import Conflict, InvalidInput, NotFound
 from train.demo_cohort import make_demo_cohort, write_dicom_series
-from train.ingest import IngestOptions, ingest
+from train.ingest import IngestOptions, NothingUsable, ingest
 from train.store import CohortStore
 
 
@@ -447,3 +447,58 @@ def test_legacy_multiframe_is_stacked_by_frame_order_or_skipped_with_what_is_mis
     mr.save_as(tmp_path / "stack" / "mf.dcm")
     with pytest.raises(InvalidInput, match="missing: SpacingBetweenSlices or SliceThickness"):
         read_dicom_series(tmp_path / "stack")
+
+
+def _pydicom_data(name: str) -> Path:
+    """A file of the ``pydicom-data`` package (a dev dependency: real third-party exports; never downloaded)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from pydicom.data import get_testdata_file
+
+    try:
+        version("pydicom-data")
+    except PackageNotFoundError:
+        pytest.skip("pydicom-data is not installed (make install adds it): the third-party DICOM test is skipped")
+    return Path(get_testdata_file(name))
+
+
+def test_real_third_party_exports_are_ingested_or_skipped_with_their_reason(tmp_path: Path) -> None:
+    """Public files from real devices: radiographs whose PixelSpacing is 0\\0 and an RGB ultrasound frame without
+    any spacing are read as 2-D images at 1 mm per pixel (and counted as such); an oblique single coronal MR
+    slice, an enhanced MR without geometry and a SEG are skipped with their reasons; a corrupt file is counted."""
+    cr = tmp_path / "cr"
+    for folder, name in (("rg1", "RG1_UNCR.dcm"), ("rg3", "RG3_UNCR.dcm")):
+        (cr / folder).mkdir(parents=True)
+        shutil.copy(_pydicom_data(name), cr / folder / name)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient_id,label\nrg1,a\nrg3,b\nus,a\nmr2,a\nemri,b\nseg,a\n")
+    result = ingest(cr, tmp_path / "s-cr", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+    assert result.report["modality"] == "CR" and result.report["images_without_pixel_spacing"] == 2
+    side_mm = np.median([1955, 1760]) / 16  # 1 mm per pixel: the longer side over 16 px, median of the two
+    assert result.store.n_slices == 2 and result.store.spacing()[:2] == pytest.approx((side_mm, side_mm), abs=0.06)
+    assert result.skipped == []
+
+    us = tmp_path / "us"
+    (us / "us").mkdir(parents=True)
+    shutil.copy(_pydicom_data("US1_UNCR.dcm"), us / "us" / "us.dcm")
+    result = ingest(
+        us, tmp_path / "s-us", labels_path=labels, options=IngestOptions(size=16, holdout=0.0, allow_2d=True)
+    )
+    assert result.report["modality"] == "US" and result.store.n_slices == 1
+    assert result.report["images_without_pixel_spacing"] == 1
+
+    mr = tmp_path / "mr"
+    for folder, name in (("mr2", "MR2_UNCR.dcm"), ("emri", "emri_small.dcm"), ("seg", "liver.dcm")):
+        (mr / folder).mkdir(parents=True)
+        shutil.copy(_pydicom_data(name), mr / folder / name)
+    (mr / "notes").mkdir()
+    (mr / "notes" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
+    with pytest.raises(NothingUsable) as refused:  # nothing usable: the error still accounts for every file
+        ingest(mr, tmp_path / "s-mr", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+    reasons = sorted(s.reason for s in refused.value.skipped)
+    assert len(reasons) == 4
+    assert reasons[0] == "a DICOM file with neither pixels nor a Modality (corrupt, or not an image)"
+    assert reasons[1].startswith("a single sagittal or coronal slice holds no axial slice")
+    assert reasons[2].startswith("multi-frame DICOM without per-frame geometry")
+    assert reasons[3].startswith("not an image series (Modality SEG")
+    assert not (tmp_path / "s-mr").exists()

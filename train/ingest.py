@@ -116,6 +116,7 @@ class LoadedScan:
     folder: str = ""  # the DICOM series folder's name, or the NIfTI file's folder name
     stem: str = ""  # the NIfTI file name without suffix
     modality: str = ""  # the DICOM Modality ("" for NIfTI and archives)
+    uncalibrated: bool = False  # a 2-D projection without a usable pixel spacing (read at 1 mm per pixel)
 
 
 @dataclass
@@ -230,12 +231,13 @@ def discover(root: Path, *, exclude: set[Path] | None = None) -> Iterator[InputI
 def load_item(item: InputItem, options: IngestOptions, scan_key: str = "") -> LoadedScan:
     """Read one NIfTI or DICOM item into slices, or one volume for ``--dims 3`` (runs in worker processes); with
     ``--deface`` its face is removed first (or it is refused)."""
-    modality = ""
+    modality, uncalibrated = "", False
     if item.kind == "nifti":
         scan, patient, folder = read_nifti(item.path), nifti_stem(item.path), item.path.parent.name
     elif item.kind == "dicom":
         series = read_dicom_series(item.path, allow_burned_in=options.allow_burned_in, allow_2d=options.allow_2d)
         scan, patient, folder, modality = series.scan, series.patient_id.strip(), item.path.name, series.modality
+        uncalibrated = series.uncalibrated
         if series.projection and (options.dims == 3 or options.deface):
             raise InvalidInput(f"a {modality} image is 2-D: --dims 3 and --deface need head volumes")
     else:
@@ -247,7 +249,15 @@ def load_item(item: InputItem, options: IngestOptions, scan_key: str = "") -> Lo
     else:
         slab = axial_slices(scan, n_slices=options.slices, size=options.size)
     stem = nifti_stem(item.path) if item.kind == "nifti" else ""
-    return LoadedScan(patient_id=patient, slab=slab, scan_key=scan_key, folder=folder, stem=stem, modality=modality)
+    return LoadedScan(
+        patient_id=patient,
+        slab=slab,
+        scan_key=scan_key,
+        folder=folder,
+        stem=stem,
+        modality=modality,
+        uncalibrated=uncalibrated,
+    )
 
 
 def scan_key(item: InputItem, root: Path) -> str:
@@ -425,6 +435,7 @@ class _Cohort:
         self.slices_of: Counter[str] = Counter()
         self.seen_ids: set[str] = set()
         self.modalities: set[str] = set()
+        self.uncalibrated = 0  # 2-D projections read at 1 mm per pixel: their export had no usable spacing
         self.pending: list[tuple[str, int, Slab]] = []
         self.privacy_unit = "patient"
 
@@ -451,6 +462,7 @@ class _Cohort:
         self.seen_ids.add(patient)
         if loaded.modality:
             self.modalities.add(loaded.modality)
+        self.uncalibrated += int(loaded.uncalibrated)
 
     def _link(self, loaded: LoadedScan, item: InputItem, link_by: str) -> str | None:
         """The patient id a scan belongs to (``--link-by``); ``None`` (skipped with the reason) when the ways
@@ -541,6 +553,7 @@ def _report(
         "modality": next(iter(cohort.modalities), None),
         "inputs": {"found": n_inputs, "skipped": sum(1 for s in skipped if s.kind != "label-row")},
         "defaced_scans": sum(cohort.scans_of.values()) if options.deface else 0,
+        "images_without_pixel_spacing": cohort.uncalibrated,
         "patients": {split: dict(sorted(c.items())) for split, c in sorted(patients.items())},
         "slices": {split: dict(sorted(c.items())) for split, c in sorted(slices.items())},
         "patients_with_multiple_scans": sum(1 for n in cohort.scans_of.values() if n > 1),

@@ -61,6 +61,10 @@ def axial_slices(scan: Scan, *, n_slices: int, size: int) -> Slab:
     """
     if n_slices < 1 or size < 8:
         raise InvalidInput(f"need n_slices >= 1 and size >= 8, got {n_slices} and {size}")
+    if min(scan.data.shape[:2]) == 1 < scan.data.shape[2]:
+        raise InvalidInput(
+            "a single sagittal or coronal slice holds no axial slice; ingest axial series (or volumes) instead"
+        )
     volume = robust_normalise(scan.data)
     sx, sy, sz = scan.spacing
     depth = volume.shape[2]

@@ -115,6 +115,7 @@ class DicomSeries:
     n_files: int
     modality: str = ""
     projection: bool = False  # a 2-D projection image (radiograph, ultrasound frame): no volume geometry
+    uncalibrated: bool = False  # a projection without a usable pixel spacing: read at 1 mm per pixel
 
 
 PROJECTIONS = frozenset({"CR", "DX", "MG", "RG", "IO", "PX"})  # radiographs: 2-D by nature
@@ -138,6 +139,8 @@ def read_dicom_series(folder: Path, *, allow_burned_in: bool = False, allow_2d: 
 
     for ds in datasets:
         modality = str(ds.get("Modality", "")).upper()
+        if not modality and "PixelData" not in ds:
+            raise InvalidInput("a DICOM file with neither pixels nor a Modality (corrupt, or not an image)")
         if modality in NOT_IMAGES or "PixelData" not in ds:
             raise InvalidInput(f"not an image series (Modality {modality or 'missing'}: a label map or a document)")
         if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and not allow_burned_in:
@@ -154,10 +157,11 @@ def read_dicom_series(folder: Path, *, allow_burned_in: bool = False, allow_2d: 
     projection = "ImageOrientationPatient" not in datasets[0] and (
         modality in PROJECTIONS or (allow_2d and modality in PROJECTIONS_OPT_IN)
     )
+    uncalibrated = False
     if projection:
         if len(datasets) != 1 or frames != 1:
             raise InvalidInput(f"a {modality} series must be one single-frame image to be read as a 2-D image")
-        scan = _projection_to_scan(datasets[0])
+        scan, uncalibrated = _projection_to_scan(datasets[0])
     elif modality in PROJECTIONS_OPT_IN and "ImageOrientationPatient" not in datasets[0]:
         raise InvalidInput(f"a {modality} image has no patient geometry; read it as a 2-D image with --allow-2d")
     elif len(datasets) == 1 and frames > 1:
@@ -165,13 +169,19 @@ def read_dicom_series(folder: Path, *, allow_burned_in: bool = False, allow_2d: 
     else:
         scan = _single_frames_to_scan(datasets)
     return DicomSeries(
-        scan=scan, patient_id=patient_ids.pop(), n_files=len(files), modality=modality, projection=projection
+        scan=scan,
+        patient_id=patient_ids.pop(),
+        n_files=len(files),
+        modality=modality,
+        projection=projection,
+        uncalibrated=uncalibrated,
     )
 
 
-def _projection_to_scan(ds: object) -> Scan:
+def _projection_to_scan(ds: object) -> tuple[Scan, bool]:
     """A radiograph or single ultrasound frame as displayed (colour → luminance, MONOCHROME1 inverted), with the
-    pixel spacing of its PixelSpacing, ImagerPixelSpacing or ultrasound region."""
+    pixel spacing of its PixelSpacing, ImagerPixelSpacing or ultrasound region; where none is usable (absent, or
+    0\\0 as many exports write) at 1 mm per pixel, and ``True`` says so (the ingest report counts them)."""
     pixels = _pixels(ds)
     photometric = str(getattr(ds, "PhotometricInterpretation", "")).upper()
     if pixels.ndim == 3 and pixels.shape[-1] == 3:
@@ -181,10 +191,11 @@ def _projection_to_scan(ds: object) -> Scan:
     pixels = _rescale(pixels, getattr(ds, "RescaleSlope", None), getattr(ds, "RescaleIntercept", None))
     if photometric == "MONOCHROME1":
         pixels = pixels.max() - pixels
-    return scan_from_display(pixels, spacing_mm=_projection_spacing(ds))
+    spacing = _projection_spacing(ds)
+    return scan_from_display(pixels, spacing_mm=spacing or 1.0), spacing is None
 
 
-def _projection_spacing(ds: object) -> tuple[float, float]:
+def _projection_spacing(ds: object) -> tuple[float, float] | None:
     for name in ("PixelSpacing", "ImagerPixelSpacing"):
         if getattr(ds, name, None) is not None:
             row, col = _floats(getattr(ds, name), 2, name)
@@ -193,7 +204,7 @@ def _projection_spacing(ds: object) -> tuple[float, float]:
     region = _first(getattr(ds, "SequenceOfUltrasoundRegions", None))
     if region is not None and getattr(region, "PhysicalUnitsXDirection", None) == 3:  # 3: centimetres
         return float(region.PhysicalDeltaY) * 10.0, float(region.PhysicalDeltaX) * 10.0
-    raise InvalidInput("missing DICOM geometry: no positive PixelSpacing, ImagerPixelSpacing or ultrasound spacing")
+    return None
 
 
 def _pixels(ds: object) -> np.ndarray:
