@@ -1,9 +1,10 @@
 """What a researcher asks for besides counts: covariate targets per label, in one schema for the CLI's
 ``--spec`` file, the REST body and Python.
 
-Per label, ``age`` is one age for every sample (``65``), a range drawn uniformly (``{"min": 60, "max": 80}``)
-or one age per sample (a list as long as the count); ``sex`` is one value (``"F"``), proportions
-(``{"F": 0.5, "M": 0.5}``, met exactly up to rounding) or one value per sample. A covariate left out is left
+Per label, ``age`` is one age for every sample (``65``), a range drawn uniformly (``{"min": 60, "max": 80}``),
+a histogram of shares per age bin (``{"histogram": {"60-69": 0.5, "70-79": 0.5}}``) or one age per sample (a
+list as long as the count); ``sex`` is one value (``"F"``), proportions (``{"F": 0.5, "M": 0.5}``, met exactly
+up to rounding) or one value per sample. A covariate left out is left
 open (the model samples it). Expansion into per-sample values is deterministic in (request seed, label,
 count) and touches no private data, so it may use the public seed.
 """
@@ -35,14 +36,44 @@ class AgeRange(BaseModel):
         return self
 
 
+class AgeHistogram(BaseModel):
+    """Shares of the samples per age bin, e.g. ``{"histogram": {"60-69": 0.5, "70-79": 0.5}}``; met exactly up
+    to rounding, ages uniform within a bin."""
+
+    model_config = ConfigDict(extra="forbid")
+    histogram: dict[str, float] = Field(min_length=1, max_length=AGE_MAX + 1)
+
+    @model_validator(mode="after")
+    def _bins(self) -> AgeHistogram:
+        for name, share in self.histogram.items():
+            low, high = _bin(name)
+            if not 0 <= low <= high <= AGE_MAX or share < 0:
+                raise ValueError(f"age bin {name!r} must be MIN-MAX within 0-{AGE_MAX} with a share >= 0")
+        if abs(sum(self.histogram.values()) - 1.0) > 1e-6:
+            raise ValueError("age histogram shares must sum to 1")
+        return self
+
+    def bounds(self) -> tuple[int, int]:
+        edges = [_bin(name) for name in self.histogram]
+        return min(low for low, _ in edges), max(high for _, high in edges)
+
+
+def _bin(name: str) -> tuple[int, int]:
+    low, _, high = name.partition("-")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise ValueError(f"age bin {name!r} must be written MIN-MAX, e.g. 60-69") from None
+
+
 class CovariateTargets(BaseModel):
     """Covariate targets of one label's samples."""
 
     model_config = ConfigDict(
         extra="forbid", json_schema_extra={"example": {"age": {"min": 60, "max": 80}, "sex": {"F": 0.5, "M": 0.5}}}
     )
-    age: StrictInt | AgeRange | list[StrictInt] | None = Field(
-        None, description="years: one value, {min, max}, or one per sample"
+    age: StrictInt | AgeRange | AgeHistogram | list[StrictInt] | None = Field(
+        None, description="years: one value, {min, max}, {histogram: {MIN-MAX: share}}, or one per sample"
     )
     sex: Sex | dict[Sex, float] | list[Sex] | None = Field(
         None, description="F or M, {F: p, M: 1-p}, or one per sample"
@@ -76,13 +107,12 @@ class CovariateTargets(BaseModel):
                 raise InvalidInput(f"{label}: {name} lists {len(value)} values for {count} samples")
         if self.age is not None and declared is not None and "age" in declared:
             low, high = declared["age"]["min"], declared["age"]["max"]
-            ages = (
-                [self.age.min, self.age.max]
-                if isinstance(self.age, AgeRange)
-                else self.age
-                if isinstance(self.age, list)
-                else [self.age]
-            )
+            if isinstance(self.age, AgeRange):
+                ages = [self.age.min, self.age.max]
+            elif isinstance(self.age, AgeHistogram):
+                ages = list(self.age.bounds())
+            else:
+                ages = self.age if isinstance(self.age, list) else [self.age]
             if min(ages) < low or max(ages) > high:
                 raise InvalidInput(f"{label}: ages must lie in {low}-{high}, the range the model declares")
 
@@ -93,6 +123,9 @@ class CovariateTargets(BaseModel):
         if self.age is not None:
             if isinstance(self.age, AgeRange):
                 ages = rng.integers(self.age.min, self.age.max + 1, size=count).tolist()
+            elif isinstance(self.age, AgeHistogram):
+                bins = rng.permutation(_apportion(self.age.histogram, count)).tolist()
+                ages = [int(rng.integers(_bin(b)[0], _bin(b)[1] + 1)) for b in bins]
             else:
                 ages = self.age if isinstance(self.age, list) else [self.age] * count
             for row, age in zip(rows, ages, strict=True):

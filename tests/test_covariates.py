@@ -99,6 +99,13 @@ def test_targets_expand_deterministically_and_exactly() -> None:
     exact = CovariateTargets.model_validate({"age": [30, 40], "sex": "M"}).expand("healthy", 2, seed=0)
     assert exact == [{"age": 30, "sex": "M"}, {"age": 40, "sex": "M"}]
     assert CovariateTargets.model_validate({"sex": "F"}).expand("x", 2, seed=0) == [{"sex": "F"}, {"sex": "F"}]
+    histogram = CovariateTargets.model_validate({"age": {"histogram": {"20-29": 0.25, "60-69": 0.75}}})
+    ages = [r["age"] for r in histogram.expand("lesion", 8, seed=1)]
+    assert sum(20 <= a <= 29 for a in ages) == 2 and sum(60 <= a <= 69 for a in ages) == 6
+    with pytest.raises(InvalidInput, match="18-90"):
+        CovariateTargets.model_validate({"age": {"histogram": {"10-19": 1.0}}}).check(
+            "lesion", 8, {"age": {"min": 18, "max": 90}}
+        )
 
 
 @pytest.mark.parametrize(
@@ -107,6 +114,8 @@ def test_targets_expand_deterministically_and_exactly() -> None:
         {"age": {"min": 80, "max": 60}},
         {"age": 120},
         {"age": True},
+        {"age": {"histogram": {"60-69": 0.5}}},
+        {"age": {"histogram": {"sixties": 1.0}}},
         {"sex": "X"},
         {"sex": {"F": 0.7, "M": 0.7}},
         {"height": 180},
