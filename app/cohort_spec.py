@@ -116,38 +116,46 @@ class CovariateTargets(BaseModel):
             if min(ages) < low or max(ages) > high:
                 raise InvalidInput(f"{label}: ages must lie in {low}-{high}, the range the model declares")
 
+    def draw(self, label: str, count: int, seed: int) -> dict[str, np.ndarray]:
+        """Per-sample values as arrays (``age``: int64 years, ``sex``: ``F``/``M``), only for the covariates asked
+        for; computed once per label (a million samples take a few MB, not a million dicts)."""
+        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+        drawn: dict[str, np.ndarray] = {}
+        if isinstance(self.age, AgeRange):
+            drawn["age"] = rng.integers(self.age.min, self.age.max + 1, size=count)
+        elif isinstance(self.age, AgeHistogram):
+            names, counts = _apportion(self.age.histogram, count)
+            edges = np.array([_bin(name) for name in names])[rng.permutation(np.repeat(np.arange(len(names)), counts))]
+            drawn["age"] = rng.integers(edges[:, 0], edges[:, 1] + 1)
+        elif self.age is not None:
+            drawn["age"] = np.asarray(self.age if isinstance(self.age, list) else [self.age] * count)
+        if isinstance(self.sex, dict):
+            names, counts = _apportion(self.sex, count)
+            drawn["sex"] = rng.permutation(np.repeat(np.array(names), counts))
+        elif self.sex is not None:
+            drawn["sex"] = np.asarray(self.sex if isinstance(self.sex, list) else [self.sex] * count)
+        return drawn
+
     def expand(self, label: str, count: int, seed: int) -> list[dict[str, Any]]:
         """One ``{"age": ..., "sex": ...}`` per sample (keys only for the covariates asked for)."""
-        rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
-        rows: list[dict[str, Any]] = [{} for _ in range(count)]
-        if self.age is not None:
-            if isinstance(self.age, AgeRange):
-                ages = rng.integers(self.age.min, self.age.max + 1, size=count).tolist()
-            elif isinstance(self.age, AgeHistogram):
-                bins = rng.permutation(_apportion(self.age.histogram, count)).tolist()
-                ages = [int(rng.integers(_bin(b)[0], _bin(b)[1] + 1)) for b in bins]
-            else:
-                ages = self.age if isinstance(self.age, list) else [self.age] * count
-            for row, age in zip(rows, ages, strict=True):
-                row["age"] = int(age)
-        if self.sex is not None:
-            if isinstance(self.sex, dict):
-                sexes = rng.permutation(_apportion(self.sex, count)).tolist()
-            else:
-                sexes = self.sex if isinstance(self.sex, list) else [self.sex] * count
-            for row, sex in zip(rows, sexes, strict=True):
-                row["sex"] = str(sex)
-        return rows
+        return rows_of(self.draw(label, count, seed), range(count))
 
 
-def _apportion(shares: dict[str, float], count: int) -> list[str]:
-    """``count`` values in the given proportions, rounded by largest remainder (exact up to one sample)."""
+def rows_of(drawn: dict[str, np.ndarray], indices) -> list[dict[str, Any]]:
+    """The per-sample dicts of the samples at ``indices`` (from :meth:`CovariateTargets.draw`)."""
+    cast = {"age": int, "sex": str}
+    return [{name: cast[name](values[i]) for name, values in drawn.items()} for i in indices]
+
+
+def _apportion(shares: dict[str, float], count: int) -> tuple[list[str], np.ndarray]:
+    """How many of ``count`` samples each name gets, in the given proportions, by largest remainder (exact up to
+    one sample); names sorted."""
     names = sorted(shares)
     exact = np.array([shares[n] * count for n in names])
     whole = np.floor(exact).astype(int)
     for i in np.argsort(-(exact - whole), kind="stable")[: count - whole.sum()]:
         whole[i] += 1
-    return [name for name, n in zip(names, whole, strict=True) for _ in range(n)]
+    return names, whole
 
 
 def parse_covariates(data: Any) -> dict[str, CovariateTargets]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.cohort_spec import check_covariates, parse_covariates
+from app.cohort_spec import check_covariates, parse_covariates, rows_of
 from app.dataset_writer import FORMATS, write_documents, write_json, write_sample
 from generators.atomic import publish_directory
 from generators.base import Generator
@@ -153,10 +153,10 @@ def validate_request(model: Generator, request: CohortRequest) -> None:
     check_covariates(parse_covariates(request.covariates), request.counts, model.card.covariates)
 
 
-def sample_conditions(request: CohortRequest, label: str) -> list[dict] | None:
-    """Each sample's covariate values for ``label`` (``None``: the request gave no targets for it)."""
+def sample_conditions(request: CohortRequest, label: str) -> dict[str, np.ndarray] | None:
+    """Every sample's covariate values for ``label`` as arrays (``None``: the request gave no targets for it)."""
     targets = parse_covariates(request.covariates).get(label)
-    return None if targets is None else targets.expand(label, request.counts[label], request.seed)
+    return None if targets is None else targets.draw(label, request.counts[label], request.seed)
 
 
 class CohortWorker:
@@ -187,6 +187,14 @@ class CohortWorker:
         if self.filter.image_shape != self.model.image_shape:
             raise InvalidInput("the filter's image shape differs from the model's; re-run calibrate")
         self.model_id = f"{self.model_dir.name}@{self.card.training_inputs_digest[:12]}"
+        self._drawn: dict[str, dict[str, np.ndarray] | None] = {}  # request + label → covariate values
+
+    def _conditions(self, request: CohortRequest, label: str) -> dict[str, np.ndarray] | None:
+        """:func:`sample_conditions`, drawn once per request and label (not once per shard)."""
+        key = json.dumps([request.seed, label, request.counts[label], request.covariates.get(label)], sort_keys=True)
+        if key not in self._drawn:
+            self._drawn = {key: sample_conditions(request, label)}  # keep one: a worker runs one request at a time
+        return self._drawn[key]
 
     def run_shard(self, shard: Shard, request: CohortRequest, root: Path) -> ShardResult:
         """Generate, filter and write one shard into ``root``; returns its manifest rows."""
@@ -196,7 +204,8 @@ class CohortWorker:
         rows: dict[int, dict] = {}
         arrays: dict[int, np.ndarray] = {}
         generated = rejected = 0
-        conditions = sample_conditions(request, shard.label)
+        drawn, span = self._conditions(request, shard.label), range(shard.start, shard.stop)
+        conditions = None if drawn is None else dict(zip(span, rows_of(drawn, span), strict=True))
         for attempt in range(request.max_attempts):
             if not pending:
                 break
