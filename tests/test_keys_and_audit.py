@@ -116,7 +116,7 @@ def test_upgrading_an_old_database_keeps_its_keys_jobs_and_log(backend: str, tmp
     from alembic import command
     from sqlalchemy import text
 
-    from app.db import alembic_config, engine_for, make_engine, revision_of, upgrade
+    from app.db import alembic_config, engine_for, head_revision, make_engine, revision_of, upgrade
 
     with fresh_database(backend, tmp_path) as url:
         engine = make_engine(url)
@@ -150,20 +150,20 @@ def test_upgrading_an_old_database_keeps_its_keys_jobs_and_log(backend: str, tmp
             done = subprocess.run(
                 [sys.executable, "-m", "app.cli", "db", "upgrade"], capture_output=True, text=True, env=env
             )
-            assert done.returncode == 0 and "0001 -> 0003" in done.stderr, done.stderr
+            assert done.returncode == 0 and f"0001 -> {head_revision()}" in done.stderr, done.stderr
         sessions = session_factory(Settings(data_dir=tmp_path, db_url=url))  # SQLite: upgraded on opening
         with sessions() as session:
             assert [k.prefix for k in session.scalars(select(ApiKey))] == ["abc"]
             job = session.get(Job, "j1")
-            assert job.counts == {"a": 1} and job.status == "succeeded"
+            assert job.counts == {"a": 1} and job.status == "succeeded" and job.covariates is None  # 0004
             job.seed = 2**62  # the API's largest seed: 64-bit since 0002
             session.commit()
             assert session.get(Job, "j1").seed == 2**62
             assert [e.action for e in audit_events(session)] == ["x"]
-        assert upgrade(url) == ("0003", "0003")
+        assert head_revision() == "0004" and upgrade(url) == ("0004", "0004")
         current = subprocess.run(
             [sys.executable, "-m", "app.cli", "db", "current"], capture_output=True, text=True, env=env
         )
-        assert current.stdout.startswith("0003")
+        assert current.stdout.startswith("0004")
         engine.dispose()
         engine_for.cache_clear()
