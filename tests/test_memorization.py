@@ -49,15 +49,18 @@ def test_near_copies_rejected_and_unseen_patients_accepted(fitted, split_holdout
     print(f"near-copy rejection {rejected}, unseen acceptance {accepted:.3f}, blend rejection {blends:.3f}")
 
 
-def test_without_alignment_rotated_and_zoomed_copies_pass(split_holdout) -> None:
-    """Why the default re-ranks with an aligned distance: the former default embedding misses rotations and
-    zooms of a few percent that the near-copy filter rejects."""
+def test_without_alignment_rotated_and_zoomed_copies_pass(fitted, split_holdout) -> None:
+    """Why the default re-ranks with an aligned distance: the former default embedding lets through rotations
+    and zooms of a few percent that the default filter rejects (how many depends on how much real patients
+    differ: on the demo with its ageing anatomy, about 7 % of rotated copies)."""
     train, calib, _ = split_holdout
     old = MemorizationFilter.build(train, calib, embedding="aligned-pyramid", self_test=False)
     # every training slice (the store's row order follows keyed pseudonyms, so a random subset would differ
     # between runs)
-    for kind in ("rotate", "scale"):
-        assert np.mean([not d.accepted for d in old.check(make_canaries(train, kind, seed=2))]) < 0.8, kind
+    canaries = np.concatenate([make_canaries(train, kind, seed=2) for kind in ("rotate", "scale")])
+    missed_by_old = np.mean([d.accepted for d in old.check(canaries)])
+    missed_by_default = np.mean([d.accepted for d in fitted.check(canaries)])
+    assert missed_by_old > 0.02 and missed_by_default <= 0.01, (missed_by_old, missed_by_default)
 
 
 def test_the_pixel_baseline_misses_shifted_copies(split_holdout) -> None:
