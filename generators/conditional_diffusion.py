@@ -200,7 +200,12 @@ class ConditionalDiffusion:
             out[start : start + len(batch_seeds)] = latents.clamp(-1.0, 1.0).float().cpu()
             if progress:
                 progress(len(batch_seeds))
-        return Generated(images=out, labels=names, seeds=seeds_arr, conditions=_as_list(conditions, len(names)))
+        return Generated(
+            images=out,
+            labels=names,
+            seeds=seeds_arr,
+            conditions=None if conditions is None else [dict(c) for c in conditions],
+        )
 
     @torch.no_grad()
     def membership_losses(
@@ -251,7 +256,3 @@ def check_condition(condition: Mapping[str, Any], declared: Mapping[str, Any]) -
                 )
         elif value not in declared["sex"]:
             raise InvalidInput(f"sex must be one of {declared['sex']}, got {value!r}")
-
-
-def _as_list(conditions: Sequence[Mapping[str, Any]] | None, n: int) -> list[dict[str, Any]] | None:
-    return None if conditions is None else [dict(c) for c in conditions][:n]
