@@ -741,18 +741,14 @@ def keys_revoke(
 @keys_app.command("list")
 def keys_list(db: Annotated[str | None, typer.Option(help="Database URL.")] = None) -> None:
     """List keys (prefix, role, quota; never the key itself)."""
-    from sqlalchemy import select
-
-    from app.db import ApiKey, session_factory
-    from app.keys import is_expired
+    from app.db import session_factory
+    from app.keys import key_state, list_keys
 
     settings = _settings_with(db)
     with session_factory(settings)() as session:
-        for row in session.scalars(select(ApiKey).order_by(ApiKey.id)):
+        for row in list_keys(session):
             quota = row.quota_samples_per_day or f"{settings.default_daily_quota} (default)"
-            state = "revoked" if row.revoked else "expired" if is_expired(row) else "active"
-            if row.expires_at and state == "active":
-                state += f" until {row.expires_at:%Y-%m-%d}"
+            state = key_state(row)
             typer.echo(f"{row.prefix}  {row.role:10s}  quota/day {quota}  {state}  created {row.created_at:%Y-%m-%d}")
 
 

@@ -199,6 +199,27 @@ class CohortSpec(BaseModel):
         return {label: t.model_dump(exclude_none=True) for label, t in self.covariates.items()}
 
 
+class CohortCreate(CohortSpec):
+    """A cohort request: how many samples of each label (with covariate targets, for a model trained on
+    them), from which model, in which formats. The same :class:`CohortSpec` as the CLI's ``--spec`` file."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "model": "demo",
+                "counts": {"healthy": 10, "lesion": 10},
+                "covariates": {"lesion": {"age": {"min": 60, "max": 80}, "sex": {"F": 0.5, "M": 0.5}}},
+                "seed": 0,
+            }
+        },
+    )
+    model: str = Field(..., min_length=1, max_length=128)
+    formats: list[str] = Field(
+        default_factory=lambda: ["nifti"], max_length=4, description="nifti (always), png, npz, dicom"
+    )
+
+
 def read_spec(path: str) -> CohortSpec:
     """A cohort spec from a YAML (or JSON) file; a clear :class:`InvalidInput` names what is wrong."""
     import yaml

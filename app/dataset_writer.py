@@ -52,6 +52,14 @@ def display_to_ras(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image[:, ::-1, :].transpose(2, 1, 0))
 
 
+def ras_to_display(volume: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`display_to_ras`: a written sample ``[W, H, D]`` → ``[H, W]`` (D = 1) or ``[D, H, W]``."""
+    if volume.ndim != 3:
+        raise ValueError(f"a written sample is [W, H, D], got shape {volume.shape}")
+    image = np.ascontiguousarray(volume.transpose(2, 1, 0)[:, ::-1, :])
+    return image[0] if image.shape[0] == 1 else image
+
+
 def slice_affine(spacing_mm: list[float]) -> np.ndarray:
     """Voxel → world for a sample written by :func:`display_to_ras`: ``(row_mm, col_mm, slice_mm)`` spacing."""
     row_mm, col_mm, slice_mm = spacing_mm

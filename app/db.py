@@ -103,6 +103,18 @@ class Job(Base):
     covariates: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # label → covariate targets
 
 
+class UiSession(Base):
+    """A signed-in web page session: the cookie holds a random token, the table its SHA-256 digest (so a copy of
+    the database opens no session), the key it acts for and the session's CSRF token."""
+
+    __tablename__ = "ui_sessions"
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id"), index=True)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 def database_url(settings: Settings) -> str:
     """``SYNTHCOHORT_DB_URL``, or a SQLite file under ``SYNTHCOHORT_DATA_DIR``."""
     if settings.db_url:
@@ -211,6 +223,14 @@ def record_event(
     return event
 
 
-def audit_events(session: Session, *, limit: int = 100) -> list[AuditEvent]:
-    """Most recent first."""
-    return list(session.scalars(select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)))
+def audit_events(
+    session: Session, *, limit: int = 100, action: str | None = None, key_prefix: str | None = None
+) -> list[AuditEvent]:
+    """Most recent first; ``action`` keeps events whose action starts with it (``cohort`` or ``cohort.create``),
+    ``key_prefix`` those of one key."""
+    query = select(AuditEvent).order_by(AuditEvent.at.desc(), AuditEvent.id.desc()).limit(limit)
+    if action:
+        query = query.where(AuditEvent.action.startswith(action, autoescape=True))
+    if key_prefix:
+        query = query.join(ApiKey, AuditEvent.key_id == ApiKey.id).where(ApiKey.prefix == key_prefix)
+    return list(session.scalars(query))

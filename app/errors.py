@@ -5,6 +5,35 @@ import errno
 
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy, SynthCohortError
 
+
+class InvalidField(InvalidInput):
+    """Bad input in one named field of a request (``counts``, ``covariates``, ``formats``): forms show the message
+    next to that field."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Refused(SynthCohortError):
+    """A well-formed request the service will not run now (quota, request size, storage); ``retry_after`` in
+    seconds where waiting helps."""
+
+    status = 429
+
+    def __init__(self, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class StorageFull(Refused):
+    status = 507
+
+
+class Gone(SynthCohortError):
+    """The thing existed and was deleted (an expired dataset)."""
+
+
 # Order matters: the first matching class wins.
 EXIT_CODES: tuple[tuple[type[SynthCohortError], int], ...] = (
     (InvalidInput, 2),
@@ -16,6 +45,9 @@ EXIT_CODES: tuple[tuple[type[SynthCohortError], int], ...] = (
 
 
 HTTP_STATUSES: tuple[tuple[type[SynthCohortError], int], ...] = (
+    (StorageFull, 507),
+    (Refused, 429),
+    (Gone, 410),
     (InvalidInput, 422),
     (NotFound, 404),
     (Conflict, 409),

@@ -290,10 +290,12 @@ class JobRunner:
         fields = {"status": status, "error": public_job_error(error) if error else None, "dataset_id": dataset_id}
         if status == "succeeded":
             fields["progress"] = 1.0
+        if status != "succeeded":  # its leftovers go first, so a job that reads cancelled or failed has none
+            if not self._update(job_id):
+                return  # another worker holds it now: the partial dataset and the outcome are its own
+            shutil.rmtree(partial_dir(self.datasets / job_id), ignore_errors=True)
         if not self._update(job_id, **fields, lease_owner=None, lease_expires_at=None):
             return  # another worker holds it now: the outcome is its to record
-        if status != "succeeded":
-            shutil.rmtree(partial_dir(self.datasets / job_id), ignore_errors=True)
         JOBS.labels(status).inc()
         detail = None
         if error is not None:  # the full text, for admins only

@@ -67,15 +67,49 @@ def is_expired(row: ApiKey) -> bool:
     return expires <= datetime.now(UTC)
 
 
+def list_keys(session: Session) -> list[ApiKey]:
+    """Every key, oldest first (prefix, role, quota and state only: the secret is not stored)."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def key_state(row: ApiKey) -> str:
+    """``revoked``, ``expired``, ``active`` or ``active until YYYY-MM-DD``."""
+    if row.revoked:
+        return "revoked"
+    if is_expired(row):
+        return "expired"
+    return f"active until {row.expires_at:%Y-%m-%d}" if row.expires_at else "active"
+
+
+def _key(session: Session, prefix: str) -> ApiKey:
+    row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
+    if row is None:
+        raise NotFound(f"no key with prefix {prefix!r} (`synthcohort keys list` shows them)")
+    return row
+
+
+def set_quota(session: Session, prefix: str, quota_samples_per_day: int | None) -> ApiKey:
+    """Set a key's daily sample quota (``None``: the service default).
+
+    Raises:
+        NotFound: no key has this prefix.
+        InvalidInput: a quota below 1.
+    """
+    if quota_samples_per_day is not None and quota_samples_per_day < 1:
+        raise InvalidInput("a daily quota must be at least 1 sample")
+    row = _key(session, prefix)
+    row.quota_samples_per_day = quota_samples_per_day
+    session.commit()
+    return row
+
+
 def revoke_key(session: Session, prefix: str) -> ApiKey:
     """Revoke the key with this prefix (idempotent).
 
     Raises:
         NotFound: no key has this prefix.
     """
-    row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
-    if row is None:
-        raise NotFound(f"no key with prefix {prefix!r} (`synthcohort keys list` shows them)")
+    row = _key(session, prefix)
     row.revoked = True
     session.commit()
     return row

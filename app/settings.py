@@ -36,6 +36,7 @@ class Settings(BaseSettings):
         None, gt=0.0, description="Finished datasets are deleted this many days after they finished (None: kept)."
     )
     max_samples_per_request: int = Field(10_000, ge=1, description="Largest cohort one REST request may ask for.")
+    ui_session_hours: float = Field(8.0, gt=0.0, le=24.0 * 30, description="A web sign-in lasts this long.")
     default_daily_quota: int = Field(
         10_000, ge=1, description="Samples per 24 h for keys created without their own quota (every job counts)."
     )

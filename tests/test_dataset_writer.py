@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.dataset_writer import preview_pixels, write_sample
+from app.dataset_writer import preview_pixels, ras_to_display, write_sample
 from generators.errors import InvalidInput
 
 SPACING = [2.0, 1.5, 3.0]  # row (anterior→posterior), column (left→right), slice (inferior→superior) in mm
@@ -98,3 +98,13 @@ def test_dicom_samples_pass_a_dicom_validator(tmp_path: Path) -> None:
         report = subprocess.run(["dciodvfy", str(f)], capture_output=True, text=True, check=False)
         errors = [line for line in (report.stdout + report.stderr).splitlines() if line.startswith("Error")]
         assert errors == [], errors
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (4, 6, 5)])
+def test_a_written_sample_reads_back_in_display_order(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    """What the web pages preview from a released NIfTI is the sample as generated (asymmetric, so a flip or a
+    transpose would show)."""
+    image = np.linspace(-1, 1, int(np.prod(shape)), dtype=np.float32).reshape(shape)
+    paths = write_sample(tmp_path, image[None], "a", 0, ("nifti",), [2.0, 3.0, 4.0])
+    volume = np.asarray(nib.load(tmp_path / paths["file"]).get_fdata(dtype=np.float32))
+    np.testing.assert_array_equal(ras_to_display(volume), image)

@@ -12,7 +12,7 @@ import pytest
 from conftest import fresh_database
 from sqlalchemy import select
 
-from app.db import ApiKey, Job, SchemaOutOfDate, audit_events, record_event, session_factory, utcnow
+from app.db import ApiKey, Job, SchemaOutOfDate, UiSession, audit_events, record_event, session_factory, utcnow
 from app.keys import create_key, verify_key
 from app.settings import Settings
 from generators.errors import InvalidInput
@@ -160,10 +160,11 @@ def test_upgrading_an_old_database_keeps_its_keys_jobs_and_log(backend: str, tmp
             session.commit()
             assert session.get(Job, "j1").seed == 2**62
             assert [e.action for e in audit_events(session)] == ["x"]
-        assert head_revision() == "0004" and upgrade(url) == ("0004", "0004")
+            assert session.scalars(select(UiSession)).all() == []  # 0005: web sessions start empty
+        assert head_revision() == "0005" and upgrade(url) == ("0005", "0005")
         current = subprocess.run(
             [sys.executable, "-m", "app.cli", "db", "current"], capture_output=True, text=True, env=env
         )
-        assert current.stdout.startswith("0004")
+        assert current.stdout.startswith("0005")
         engine.dispose()
         engine_for.cache_clear()

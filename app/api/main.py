@@ -9,9 +9,13 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request, status
-from fastapi.responses import JSONResponse
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import text
 from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.base import BaseHTTPMiddleware
 
 from app.api import routes_admin, routes_cohorts, routes_datasets, routes_models
@@ -19,11 +23,14 @@ from app.api.deps import CurrentKey, RateLimiter
 from app.api.limits import BodyLimitMiddleware
 from app.api.schemas import Health
 from app.db import session_factory
-from app.errors import http_status_for
+from app.errors import Refused, http_status_for
 from app.jobs import job_runner
 from app.metrics import MetricsMiddleware, metrics_response
 from app.model_registry import ModelRegistry
 from app.settings import Settings
+from app.ui import routes as ui_routes
+from app.ui import routes_admin as ui_admin
+from app.ui.deps import STATIC, SignInRequired, error_page, is_ui, sign_in_required
 from generators.errors import SynthCohortError
 
 log = logging.getLogger("synthcohort.api")
@@ -34,10 +41,27 @@ async def domain_error(request: Request, exc: Exception) -> JSONResponse:
     """Domain errors raised by routes and the services they call: their message, with the status of
     :func:`app.errors.http_status_for` (an unexpected one is logged and answered generically)."""
     code = http_status_for(exc)
-    if code >= 500:
+    message = str(exc)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, Refused) and exc.retry_after else None
+    if code >= 500 and not isinstance(exc, Refused):  # a refusal (507: storage full) is expected, not a fault
         log.error("domain error during %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"detail": "internal error; the operator has been told"}, status_code=code)
-    return JSONResponse({"detail": str(exc)}, status_code=code)
+        message = "internal error; the operator has been told"
+    if is_ui(request):
+        return error_page(request, code, message, headers)
+    return JSONResponse({"detail": message}, status_code=code, headers=headers)
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """HTTP errors raised by routes: a page under ``/ui``, FastAPI's JSON everywhere else."""
+    if is_ui(request):
+        return error_page(request, exc.status_code, str(exc.detail), exc.headers)
+    return await http_exception_handler(request, exc)
+
+
+async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+    if is_ui(request):
+        return error_page(request, 422, "the address or form was not understood")
+    return await request_validation_exception_handler(request, exc)
 
 
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -101,7 +125,13 @@ def create_app(
     app.include_router(routes_datasets.router)
     app.include_router(routes_admin.router)
     app.include_router(routes_admin.keys_router)
+    app.include_router(ui_routes.router)
+    app.include_router(ui_admin.router)
+    app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
     app.add_exception_handler(SynthCohortError, domain_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(SignInRequired, sign_in_required)
     app.add_exception_handler(OperationalError, database_unavailable)
     app.add_exception_handler(InterfaceError, database_unavailable)
     app.add_middleware(BodyLimitMiddleware)

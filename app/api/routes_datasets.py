@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,29 +10,15 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import FileResponse, StreamingResponse
 
 from app.api.deps import CurrentKey, SessionDep
-from app.jobs import visible_job
+from app.cohort_service import dataset_dir, dataset_documents
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
-def _dataset_dir(request: Request, session, key, dataset_id: str) -> Path:
-    job = visible_job(session, key, dataset_id)
-    root = request.app.state.jobs.datasets / dataset_id
-    if job is not None and job.status == "expired":
-        raise HTTPException(status.HTTP_410_GONE, f"dataset {dataset_id!r} expired and was deleted")
-    if job is None or job.status != "succeeded" or not root.is_dir():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no dataset {dataset_id!r}")
-    return root
-
-
 @router.get("/{dataset_id}", summary="Manifest and privacy report")
 def get_dataset(dataset_id: str, request: Request, session: SessionDep, key: CurrentKey) -> dict:
-    root = _dataset_dir(request, session, key, dataset_id)
-    return {
-        "id": dataset_id,
-        "manifest": json.loads((root / "manifest.json").read_text()),
-        "privacy_report": json.loads((root / "privacy_report.json").read_text()),
-    }
+    root = dataset_dir(session, key=key, runner=request.app.state.jobs, dataset_id=dataset_id)
+    return {"id": dataset_id, **dataset_documents(root)}
 
 
 def safe_file(root: Path, name: str) -> Path:
@@ -54,7 +39,7 @@ def safe_file(root: Path, name: str) -> Path:
 
 @router.get("/{dataset_id}/files/{name:path}", summary="One file of a dataset")
 def get_file(dataset_id: str, name: str, request: Request, session: SessionDep, key: CurrentKey) -> FileResponse:
-    root = _dataset_dir(request, session, key, dataset_id)
+    root = dataset_dir(session, key=key, runner=request.app.state.jobs, dataset_id=dataset_id)
     return FileResponse(safe_file(root, name))
 
 
@@ -100,7 +85,7 @@ def stream_zip(root: Path) -> Iterator[bytes]:
 
 @router.get("/{dataset_id}/archive", summary="The whole dataset as a streamed zip")
 def get_archive(dataset_id: str, request: Request, session: SessionDep, key: CurrentKey) -> StreamingResponse:
-    root = _dataset_dir(request, session, key, dataset_id)
+    root = dataset_dir(session, key=key, runner=request.app.state.jobs, dataset_id=dataset_id)
     return StreamingResponse(
         stream_zip(root),
         media_type="application/zip",

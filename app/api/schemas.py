@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.cohort_spec import CohortSpec, CovariateTargets
+from app.cohort_spec import CovariateTargets
 
 
 class FilterSummary(BaseModel):
@@ -83,27 +83,6 @@ class ModelCard(BaseModel):
 class Health(BaseModel):
     status: str
     models: int | None = None
-
-
-class CohortCreate(CohortSpec):
-    """A cohort request: how many samples of each label (with covariate targets, for a model trained on
-    them), from which model, in which formats. The same :class:`CohortSpec` as the CLI's ``--spec`` file."""
-
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "example": {
-                "model": "demo",
-                "counts": {"healthy": 10, "lesion": 10},
-                "covariates": {"lesion": {"age": {"min": 60, "max": 80}, "sex": {"F": 0.5, "M": 0.5}}},
-                "seed": 0,
-            }
-        },
-    )
-    model: str = Field(..., min_length=1, max_length=128)
-    formats: list[str] = Field(
-        default_factory=lambda: ["nifti"], max_length=4, description="nifti (always), png, npz, dicom"
-    )
 
 
 class CohortStatus(BaseModel):
