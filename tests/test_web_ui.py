@@ -95,6 +95,10 @@ def test_sign_in_gives_a_strict_http_only_cookie_and_the_key_never_comes_back(si
     admin = sign_in(base, keys["admin"])
     log = audit(admin, "ui.sign-in")
     assert "refused: invalid key" in log and log.count("<td>ui.sign-in</td>") >= 3
+    guesser = httpx.Client(base_url=base)
+    token = csrf_of(guesser.get("/ui/sign-in"))
+    guesses = [guesser.post("/ui/sign-in", data={"csrf": token, "api_key": "sck_x_y"}).status_code for _ in range(25)]
+    assert guesses[0] == 401 and guesses[-1] == 429  # bounded per client address (each attempt is logged)
 
 
 def test_posts_without_the_sessions_csrf_token_are_refused(site) -> None:

@@ -46,14 +46,15 @@ RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 
 
 class RateLimiter:
-    """At most ``per_minute`` requests per key in any 60-second window, counted in this API process."""
+    """At most ``per_minute`` requests per key (a key id, or a client address) in any 60-second window, counted in
+    this API process."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
-        self._seen: dict[int, deque[float]] = {}
+        self._seen: dict[int | str, deque[float]] = {}
         self._lock = threading.Lock()
 
-    def wait_seconds(self, key_id: int) -> int:
+    def wait_seconds(self, key_id: int | str) -> int:
         """0 if this request may go ahead (and count it), else how many seconds until one may."""
         now = time.monotonic()
         with self._lock:

@@ -35,6 +35,7 @@ from generators.errors import SynthCohortError
 
 log = logging.getLogger("synthcohort.api")
 DATABASE_RETRY_SECONDS = 5
+SIGN_INS_PER_MINUTE = 20  # failed web sign-ins per client address
 
 
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:
@@ -117,6 +118,7 @@ def create_app(
     app.state.settings = settings
     app.state.sessions = session_factory(settings)
     app.state.rate_limiter = RateLimiter(settings.rate_limit_per_minute)
+    app.state.sign_in_limiter = RateLimiter(SIGN_INS_PER_MINUTE)
     app.state.registry = ModelRegistry(models_dir, allow_not_private=allow_not_private)
     app.state.jobs = job_runner(settings, app.state.registry, workers=settings.job_workers if run_jobs else 0)
 

@@ -71,6 +71,11 @@ def sign_in(request: Request, session: SessionDep, settings: SettingsDep, form: 
         raise HTTPException(status.HTTP_403_FORBIDDEN, "the sign-in form's security token is missing; reload the page")
     key = verify_key(session, form.get("api_key", "").strip())
     if key is None:
+        wait = request.app.state.sign_in_limiter.wait_seconds(request.client.host if request.client else "")
+        if wait:  # keys cannot be guessed, but each refusal is an audit-log row: bounded per client address
+            raise HTTPException(
+                status.HTTP_429_TOO_MANY_REQUESTS, "too many failed sign-ins; wait a minute", {"Retry-After": str(wait)}
+            )
         record_event(session, action="ui.sign-in", outcome="refused: invalid key")
         return render(
             request,
