@@ -19,6 +19,7 @@ from PIL import Image
 from app.dataset_writer import preview_pixels, ras_to_display
 from app.model_registry import ServedModel
 from app.pipeline import CohortRequest, build_cohort, partial_dir
+from generators.errors import Conflict
 from generators.layout import BundleLayout
 
 PER_LABEL = 4
@@ -44,7 +45,10 @@ def preview_cohort(model: ServedModel, data_dir: Path, *, allow_not_private: boo
                 formats=("nifti", "png"),
                 allow_not_private=allow_not_private,
             )
-            build_cohort(model.path, request, out, resume=partial_dir(out).exists())
+            try:
+                build_cohort(model.path, request, out, resume=partial_dir(out).exists())
+            except Conflict:  # another process makes it right now; its message names server paths
+                raise Conflict("this model's preview is being made; reload in a moment") from None
     return out
 
 
