@@ -85,9 +85,13 @@ def stream_zip(root: Path) -> Iterator[bytes]:
 
 @router.get("/{dataset_id}/archive", summary="The whole dataset as a streamed zip")
 def get_archive(dataset_id: str, request: Request, session: SessionDep, key: CurrentKey) -> StreamingResponse:
-    root = dataset_dir(session, key=key, runner=request.app.state.jobs, dataset_id=dataset_id)
+    return archive_response(dataset_dir(session, key=key, runner=request.app.state.jobs, dataset_id=dataset_id))
+
+
+def archive_response(root: Path) -> StreamingResponse:
+    """A finished dataset directory as a streamed zip download named after the dataset."""
     return StreamingResponse(
         stream_zip(root),
         media_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="{dataset_id}.zip"'},
+        headers={"Content-Disposition": f'attachment; filename="{root.name}.zip"'},
     )

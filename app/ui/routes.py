@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import ValidationError
 
 from app.api.deps import RegistryDep, SessionDep, SettingsDep
-from app.api.routes_datasets import safe_file, stream_zip
+from app.api.routes_datasets import archive_response, safe_file
 from app.cohort_service import (
     cancel_job,
     dataset_dir,
@@ -309,8 +309,4 @@ def dataset_archive(dataset_id: str, request: Request, session: SessionDep, user
     record_event(
         session, action="dataset.download", outcome="ok", key_id=user.key.id, dataset_id=dataset_id, detail="archive"
     )
-    return StreamingResponse(
-        stream_zip(root),
-        media_type="application/zip",
-        headers={"Content-Disposition": f'attachment; filename="{dataset_id}.zip"'},
-    )
+    return archive_response(root)
