@@ -300,6 +300,9 @@ def train(
         str | None, typer.Option(help="Parameters DP-SGD trains after the prior: all, conditioning or embeddings.")
     ] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0.0, help="Override the preset's learning rate.")] = None,
+    max_grad_norm: Annotated[
+        float | None, typer.Option(min=1e-6, help="Clipping norm C of each patient's gradient (no ε cost).")
+    ] = None,
     public_pretrain_steps: Annotated[
         int | None, typer.Option(min=0, help="Steps of non-private pretraining on the public prior.")
     ] = None,
@@ -358,6 +361,7 @@ def train(
         slices_per_patient=slices_per_patient,
         trainable=trainable,
         learning_rate=learning_rate,
+        max_grad_norm=max_grad_norm,
         public_pretrain_steps=public_pretrain_steps,
         public_prior=public_prior,
         prediction=prediction,

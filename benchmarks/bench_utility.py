@@ -46,6 +46,10 @@ RECIPES: dict[str, dict] = {
     "batch128": {"preset": "cpu-small", "label_init": "random", "batch_size": 128},
     "lr2e-3": {"preset": "cpu-small", "label_init": "random", "learning_rate": 2e-3},
     "slices4-batch128": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 4, "batch_size": 128},
+    # clipping norm C below the typical per-patient gradient norm (benchmarks/bench_clip_norms.py): same ε, σ
+    "clip0.3": {"preset": "cpu-small", "label_init": "random", "max_grad_norm": 0.3},
+    "clip0.1": {"preset": "cpu-small", "label_init": "random", "max_grad_norm": 0.1},
+    "slices4-clip0.3": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 4, "max_grad_norm": 0.3},
 }
 
 
@@ -61,6 +65,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=None, help="sampler guidance for --quick (default: card)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reuse", action="store_true", help="reuse a trained model in --out/<recipe>/model")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="train each recipe N times (fresh DP noise and sampling each run)"
+    )
     return parser.parse_args()
 
 
@@ -126,9 +133,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    for recipe in args.recipe:
+    runs = [(recipe, run) for run in range(args.repeats) for recipe in args.recipe]  # run-major: partial runs pair up
+    for recipe, run in runs:
         preset = replace(preset_for(recipe, args.set), name=recipe)
-        model_dir = args.out / recipe / "model"
+        model_dir = args.out / recipe / (f"run{run}" if args.repeats > 1 else "") / "model"
         config = TrainConfig(
             store=args.store,
             out=model_dir,
@@ -149,10 +157,25 @@ def main() -> None:
             report = run_audit(args.store, model_dir, args.out / recipe / "audit", AuditSettings(n=args.n), force=True)
         guidance = args.guidance if args.quick and args.guidance is not None else card["sampler"]["guidance"]
         result = row(recipe, card, record, report, time.perf_counter() - started, guidance)
+        result["run"] = run
         result.update(machine=f"{platform.machine()}, {torch.get_num_threads()} threads", date=date.today().isoformat())
         with (args.out / "results.jsonl").open("a") as handle:
             handle.write(json.dumps(result) + "\n")
         print(json.dumps(result), flush=True)
+    if args.repeats > 1:
+        print_spread(args.out / "results.jsonl", args.recipe)
+
+
+def print_spread(results: Path, recipes: list[str]) -> None:
+    """Mean ± sample sd of TSTR/TRTR and the Fréchet ratios per recipe over every row in ``results``."""
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    for recipe in recipes:
+        mine = [r for r in rows if r["recipe"] == recipe]
+        summary = {
+            key: f"{np.mean([r[key] for r in mine]):.3f} ± {np.std([r[key] for r in mine], ddof=1):.3f}"
+            for key in ("tstr", "trtr", "ratio", "fd_filter", "fd_classifier")
+        }
+        print(f"{recipe} ({len(mine)} runs): {json.dumps(summary, ensure_ascii=False)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -572,7 +572,7 @@ def test_ctrl_c_on_the_cli_leaves_a_private_checkpoint_and_resumes(demo_store, t
     """The CLI half of resuming (exactness is tested above): Ctrl-C → exit 130, a 0600 checkpoint, no card."""
     store = str(demo_store.store.path)
     flags = ["--epsilon", "8", "--batch-size", "8", "--physical-batch-size", "4", "--epochs", "40"]
-    flags += ["--seed", "1", "--public-prior", "none"]
+    flags += ["--seed", "1", "--public-prior", "none", "--max-grad-norm", "0.5"]
     env = {**os.environ, "SYNTHCOHORT_NUM_THREADS": "1"}
     interrupted = cli("train", store, "--out", str(tmp_path / "b"), *flags, env=env)
     checkpoint = tmp_path / "b" / "private" / "checkpoint.pt"
@@ -591,6 +591,7 @@ def test_ctrl_c_on_the_cli_leaves_a_private_checkpoint_and_resumes(demo_store, t
     assert resumed.returncode == 0, err
     card = json.loads((tmp_path / "b" / "model_card.json").read_text())
     assert card["steps"] == card["planned_steps"] and "ε=" in out
+    assert card["max_grad_norm"] == 0.5  # the clipping norm given on the command line is the one trained with
 
 
 def test_cli_refuses_non_private_without_confirmation(demo_store, tmp_path: Path) -> None:
