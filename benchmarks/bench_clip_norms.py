@@ -3,7 +3,7 @@
 DP-SGD adds 𝒩(0, σ²C²) to the sum of the patients' clipped gradients. A patient whose gradient norm is below C
 contributes less than C of signal against the same noise, so C far above the typical norm wastes privacy
 budget. This script prints the quantiles of the per-patient gradient norms (``m`` slices, one (timestep, noise)
-draw each, exactly as training draws them) at the start of DP training (the public prior, random label
+draw each, exactly as training draws them, from OS entropy) at the start of DP training (the public prior, random label
 embeddings) and, with ``--checkpoint``, for the weights of a training checkpoint (``MODEL/private/checkpoint.pt``).
 
 It reads private data and prints statistics of it: run it on the demo cohort, not on a hospital's store.
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from generators.diffusion import noise_schedule, training_scheduler
-from train.dp_training import TrainConfig, _conditions, _initial_state, _plan_run
+from train.dp_training import TrainConfig, _conditions, _initial_state, _plan_run, private_generator
 from train.per_patient_grads import make_per_patient_grad_fn
 from train.preprocess import resize_images
 from train.presets import get_preset
@@ -84,7 +84,7 @@ def main() -> None:
             state.model.load_state_dict(saved["model"])
             name = f"{name} (step {saved['step']})"
         for m in args.slices or [1, 4]:
-            norms = patient_norms(run, state.model, m, args.patients, torch.Generator().manual_seed(1))
+            norms = patient_norms(run, state.model, m, args.patients, private_generator())
             quantiles = np.round(np.quantile(norms, QUANTILES), 3).tolist()
             clipped = float((norms > preset.max_grad_norm).mean())
             print(f"{name}, m = {m}: norm quantiles {quantiles}; share clipped at C: {clipped:.2f}", flush=True)
