@@ -19,9 +19,8 @@ import numpy as np
 import torch
 
 from generators.diffusion import noise_schedule, training_scheduler
-from train.dp_training import TrainConfig, _conditions, _initial_state, _plan_run, private_generator
+from train.dp_training import TrainConfig, _initial_state, _plan_run, draw_terms, private_generator
 from train.per_patient_grads import make_per_patient_grad_fn
-from train.preprocess import resize_images
 from train.presets import get_preset
 from train.store import CohortStore
 
@@ -46,16 +45,10 @@ def patient_norms(run, model: torch.nn.Module, m: int, n: int, gen: torch.Genera
     alphas = noise_schedule(training_scheduler(preset.prediction))
     grad_fn = make_per_patient_grad_fn(model, alphas, preset.prediction)
     params = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
-    item = (1, *(preset.image_size,) * preset.spatial_dims)
     norms = []
     for start in range(0, n, 32):
-        b = min(32, n - start)
-        ids = torch.randint(0, run.slices.n_patients, (b,), generator=gen)
-        rows = run.slices.pick(ids, gen, m).reshape(-1)
-        images = resize_images(run.train_images[rows.numpy()], preset.image_size).view(b, m, *item)
-        labels = _conditions(run, ids, m, gen)
-        timesteps = torch.randint(0, len(alphas), (b, m), generator=gen)
-        grads, _ = grad_fn(params, images, labels, timesteps, torch.randn(b, m, *item, generator=gen))
+        ids = torch.randint(0, run.slices.n_patients, (min(32, n - start),), generator=gen)
+        grads, _ = grad_fn(params, *draw_terms(run, ids, gen, m=m, k=m, n_timesteps=len(alphas)))
         norms.append(torch.sqrt(sum((g.flatten(1) ** 2).sum(1) for g in grads.values())))
     return torch.cat(norms).numpy()
 

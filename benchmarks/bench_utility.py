@@ -68,7 +68,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=1, help="train each recipe N times (fresh DP noise and sampling each run)"
     )
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    return args
 
 
 def preset_for(recipe: str, extra: list[str]):
@@ -134,6 +137,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     runs = [(recipe, run) for run in range(args.repeats) for recipe in args.recipe]  # run-major: partial runs pair up
+    results: list[dict] = []
     for recipe, run in runs:
         preset = replace(preset_for(recipe, args.set), name=recipe)
         model_dir = args.out / recipe / (f"run{run}" if args.repeats > 1 else "") / "model"
@@ -154,7 +158,7 @@ def main() -> None:
             report = quick_audit(args.store, model_dir, args.n, args.guidance)
         else:
             calibrate(args.store, model_dir)
-            report = run_audit(args.store, model_dir, args.out / recipe / "audit", AuditSettings(n=args.n), force=True)
+            report = run_audit(args.store, model_dir, model_dir.parent / "audit", AuditSettings(n=args.n), force=True)
         guidance = args.guidance if args.quick and args.guidance is not None else card["sampler"]["guidance"]
         result = row(recipe, card, record, report, time.perf_counter() - started, guidance)
         result["run"] = run
@@ -162,13 +166,13 @@ def main() -> None:
         with (args.out / "results.jsonl").open("a") as handle:
             handle.write(json.dumps(result) + "\n")
         print(json.dumps(result), flush=True)
+        results.append(result)
     if args.repeats > 1:
-        print_spread(args.out / "results.jsonl", args.recipe)
+        print_spread(results, args.recipe)
 
 
-def print_spread(results: Path, recipes: list[str]) -> None:
-    """Mean ± sample sd of TSTR/TRTR and the Fréchet ratios per recipe over every row in ``results``."""
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+def print_spread(rows: list[dict], recipes: list[str]) -> None:
+    """Mean ± sample sd of TSTR/TRTR and the Fréchet ratios per recipe over this invocation's ``rows``."""
     for recipe in recipes:
         mine = [r for r in rows if r["recipe"] == recipe]
         summary = {

@@ -602,8 +602,6 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
     alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)  # type: ignore[arg-type]
     grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction)  # type: ignore[arg-type]
     params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
-    size = preset.image_size
-    item = (1, *(size,) * preset.spatial_dims)  # one slice [1, H, W] or volume [1, D, H, W]
     m, k = preset.slices_per_patient, preset.slices_per_patient * preset.noise_multiplicity
     poisson = UniformWithReplacementSampler(
         num_samples=run.slices.n_patients,
@@ -617,16 +615,9 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
         else poisson
     )
 
-    def draws(patient_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:  # all from the private draw generator
-        b, gen = len(patient_ids), state.draw_gen
-        rows = run.slices.pick(patient_ids, gen, m).reshape(-1)  # (b·m,)
-        images = resize_images(run.train_images[rows.numpy()], size)  # (b·m, *item)
-        labels = _conditions(run, patient_ids, k, gen)
-        timesteps = torch.randint(0, len(alphas), (b, k), generator=gen)
-        noise = torch.randn(b, k, *item, generator=gen)
-        # each of a patient's m slices (or volumes) under K draws: (b, m·K, *item)
-        images = images.view(b, m, 1, *item).expand(b, m, k // m, *item).reshape(b, k, *item)
-        return images.to(device), labels.to(device), timesteps.to(device), noise.to(device)
+    def draws(patient_ids: torch.Tensor) -> list[torch.Tensor]:  # all from the private draw generator
+        terms = draw_terms(run, patient_ids, state.draw_gen, m=m, k=k, n_timesteps=len(alphas))
+        return [t.to(device) for t in terms]
 
     state.model.train()
     start_time = time.perf_counter() - state.elapsed
@@ -685,6 +676,24 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
             state.save(run)
             return True
     return False
+
+
+def draw_terms(
+    run: _Run, patient_ids: torch.Tensor, gen: torch.Generator, *, m: int, k: int, n_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss terms of the sampled patients, all drawn from ``gen`` (a private generator): ``m`` of each
+    patient's slices (or volumes), each under ``k // m`` (timestep, noise) draws. Returns CPU tensors: images
+    ``(b, k, *item)``, labels ``(b, k)``, timesteps ``(b, k)`` and noise shaped like the images."""
+    b, size = len(patient_ids), run.config.preset.image_size
+    item = (1, *(size,) * run.config.preset.spatial_dims)  # one slice [1, H, W] or volume [1, D, H, W]
+    rows = run.slices.pick(patient_ids, gen, m).reshape(-1)  # (b·m,)
+    images = resize_images(run.train_images[rows.numpy()], size)  # (b·m, *item)
+    labels = _conditions(run, patient_ids, k, gen)
+    timesteps = torch.randint(0, n_timesteps, (b, k), generator=gen)
+    noise = torch.randn(b, k, *item, generator=gen)
+    # each of a patient's m slices (or volumes) under K draws: (b, m·K, *item)
+    images = images.view(b, m, 1, *item).expand(b, m, k // m, *item).reshape(b, k, *item)
+    return images, labels, timesteps, noise
 
 
 def _null_id(run: _Run) -> int:
