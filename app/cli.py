@@ -297,7 +297,11 @@ def train(
         int | None, typer.Option(min=1, max=64, help="m slices per sampled patient, averaged before clipping.")
     ] = None,
     trainable: Annotated[
-        str | None, typer.Option(help="Parameters DP-SGD trains after the prior: all, conditioning or embeddings.")
+        str | None,
+        typer.Option(help="Parameters DP-SGD trains after the prior: all, conditioning, embeddings or lora."),
+    ] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option(min=1, max=256, help="Rank of the adapters of --trainable lora.")
     ] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0.0, help="Override the preset's learning rate.")] = None,
     max_grad_norm: Annotated[
@@ -360,6 +364,7 @@ def train(
         noise_multiplicity=noise_multiplicity,
         slices_per_patient=slices_per_patient,
         trainable=trainable,
+        lora_rank=lora_rank,
         learning_rate=learning_rate,
         max_grad_norm=max_grad_norm,
         public_pretrain_steps=public_pretrain_steps,

@@ -25,7 +25,7 @@ from generators.diffusion import denoising_loss, noise_schedule, training_schedu
 from generators.unet import build_unet, use_plain_attention
 from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
 from train.presets import get_preset
-from train.trainable import count_parameters, freeze_except
+from train.trainable import count_parameters, prepare_trainable
 
 warnings.filterwarnings("ignore")
 
@@ -89,7 +89,7 @@ def main() -> None:
 
     model = build_unet(image_size=size, n_classes=2, size=preset.unet)
     use_plain_attention(model)
-    trainable = freeze_except(model, preset.trainable)
+    trainable = prepare_trainable(model, preset.trainable, preset.lora_rank)
     n_trained, n_params = count_parameters(model)
     adam = torch.optim.Adam(trainable.values(), lr=1e-3)
 

@@ -45,7 +45,7 @@ from train.dp_training import (
 from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
 from train.presets import PRESETS, get_preset
 from train.store import CohortStore
-from train.trainable import count_parameters, freeze_except, trainable_names
+from train.trainable import count_parameters, freeze_except, merged_weights, prepare_trainable, trainable_names
 
 TINY = UNetSize(block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4)
 
@@ -123,6 +123,52 @@ def test_per_patient_gradients_of_a_trainable_subset_are_exact(which: str) -> No
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_per_patient_gradients_of_lora_adapters_are_exact() -> None:
+    """LoRA adapters on the cpu-small UNet: torch.func gradients of the adapters, label embeddings and norms ==
+    one backward pass per patient; the base weights are frozen and get no gradient."""
+    torch.manual_seed(0)
+    model = build_unet(image_size=16, n_classes=2, size=PRESETS["cpu-small"].unet)
+    use_plain_attention(model)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([10, 700]), torch.tensor([0, 1])
+    before = model(x, t, class_labels=y).sample
+    trainable = prepare_trainable(model, "lora", lora_rank=2)
+    torch.testing.assert_close(model(x, t, class_labels=y).sample, before)  # B = 0: training starts at the prior
+    adapters = [n for n in trainable if ".lora_" in n]
+    assert adapters and "class_embedding.weight" in trainable and not any("base_layer" in n for n in trainable)
+    assert any(".attentions." in n for n in adapters) and any(".resnets." in n for n in adapters)
+    with torch.no_grad():  # non-zero B so that the A matrices get gradients too
+        for name in adapters:
+            if ".lora_B." in name:
+                trainable[name].normal_(0, 0.1)
+    alphas = noise_schedule(training_scheduler("sample"))
+    images, labels, timesteps, noise = random_draws(3, 2, 16, 2, seed=7)
+    grads, _ = make_per_patient_grad_fn(model, alphas, "sample")(
+        {n: p.detach() for n, p in trainable.items()}, images, labels, timesteps, noise
+    )
+    reference = brute_force_per_patient_grads(model, alphas, "sample", images, labels, timesteps, noise)
+    assert set(grads) == set(reference) == set(trainable)
+    for name, ref in reference.items():
+        torch.testing.assert_close(grads[name], ref, rtol=2e-4, atol=2e-6, msg=name)
+    assert all(grads[n].abs().sum() > 0 for n in adapters)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_merged_lora_weights_load_into_the_plain_network_and_compute_the_same() -> None:
+    torch.manual_seed(0)
+    model = build_unet(image_size=16, n_classes=2, size=TINY)
+    use_plain_attention(model)
+    prepare_trainable(model, "lora", lora_rank=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.normal_(0, 0.1)
+    plain = build_unet(image_size=16, n_classes=2, size=TINY)
+    use_plain_attention(plain)
+    plain.load_state_dict(merged_weights(model, model.state_dict()))  # strict: exactly the plain keys
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([10, 700]), torch.tensor([0, 1])
+    torch.testing.assert_close(plain(x, t, class_labels=y).sample, model(x, t, class_labels=y).sample)
+
+
 def test_labels_start_at_the_null_class_so_conditional_equals_unconditional() -> None:
     torch.manual_seed(0)
     model = build_unet(image_size=16, n_classes=2, size=TINY)
@@ -137,10 +183,11 @@ def test_labels_start_at_the_null_class_so_conditional_equals_unconditional() ->
 
 def test_frozen_parameters_never_change_and_accounting_is_the_same(demo_store, tmp_path: Path) -> None:
     """A DP run that trains only the conditioning set leaves every other weight at its public initial value,
-    moves the trainable ones, and spends exactly what full training spends (same q, σ and steps)."""
+    moves the trainable ones, and spends exactly what full training spends (same q, σ and steps); so does a
+    LoRA run, whose released weights move by low-rank matrices only."""
     cards, weights = {}, {}
-    for which in ("all", "conditioning"):
-        preset = tiny_preset(public_prior="none", trainable=which, slices_per_patient=2)
+    for which in ("all", "conditioning", "lora"):
+        preset = tiny_preset(public_prior="none", trainable=which, slices_per_patient=2, lora_rank=2)
         config = TrainConfig(
             store=_store_copy(demo_store, tmp_path / which),
             out=tmp_path / which / "model",
@@ -165,6 +212,18 @@ def test_frozen_parameters_never_change_and_accounting_is_the_same(demo_store, t
     assert (a["sample_rate"], a["noise_multiplier"], a["steps"]) == (c["sample_rate"], c["noise_multiplier"], 3)
     assert c["trainable_parameters"]["set"] == "conditioning" and c["slices_per_patient"] == 2
     assert 0 < c["trainable_parameters"]["trained"] < a["trainable_parameters"]["trained"]
+    # LoRA: the same accounting; the released weights are the plain network's, each adapted layer moved by a
+    # matrix of rank ≤ r (B·A merged in), the layers without adapters (conv_in, conv_out) untouched
+    lora = cards["lora"]
+    assert lora["privacy_history"] == a["privacy_history"] and lora["steps"] == 3
+    assert lora["trainable_parameters"]["set"] == "lora" and lora["trainable_parameters"]["lora_rank"] == 2
+    assert set(weights["lora"]) == set(start)
+    assert all(torch.equal(weights["lora"][n], start[n]) for n in ("conv_in.weight", "conv_out.weight"))
+    adapted = [n for n in start if n.endswith(("conv1.weight", "conv2.weight", "to_q.weight"))]
+    deltas = [(weights["lora"][n] - start[n]).flatten(1) for n in adapted]
+    assert sum(bool(d.abs().max() > 0) for d in deltas) > len(adapted) // 2
+    singular = [torch.linalg.svdvals(d.double()) for d in deltas if d.abs().max() > 0]
+    assert all(v[2] < 1e-3 * v[0] for v in singular)  # beyond rank 2: float32 rounding of W + B·A only
 
 
 def test_opacus_clips_each_patient_with_the_exact_norm() -> None:

@@ -74,7 +74,7 @@ from train.presets import Preset
 from train.public_prior import DESCRIPTION as PUBLIC_PRIOR_DESCRIPTION
 from train.public_prior import cosine_lr, pretrain, template_images
 from train.store import CohortStore
-from train.trainable import TRAINABLE_SETS, count_parameters, freeze_except
+from train.trainable import TRAINABLE_SETS, count_parameters, merged_weights, prepare_trainable
 
 UNIT_MEANING = {
     "patient": "the PATIENT: any single patient's entire data (all of their slices and scans)",
@@ -438,7 +438,8 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
     pretrain_seconds = _public_prior(run, model, progress)
     if preset.label_init == "null" and not config.resume:
         start_labels_at_null(model, null_class(run.n_classes))
-    trainable = freeze_except(model, preset.trainable)  # the prior trained everything; DP-SGD trains this set
+    # the prior trained everything; DP-SGD trains this set (LoRA adapters are added here, at zero)
+    trainable = prepare_trainable(model, preset.trainable, preset.lora_rank)
     base_optimizer = torch.optim.Adam(trainable.values(), lr=preset.learning_rate)
     accountant = create_accountant(mechanism=config.accountant) if config.dp else None
     state = _State(
@@ -752,7 +753,7 @@ def _write_bundle(run: _Run, state: _State) -> dict:
     card's JSON."""
     preset = run.config.preset
     final = build_network(preset, run.n_classes, run.config.covariates)
-    final.load_state_dict({**state.model.state_dict(), **state.ema})
+    final.load_state_dict(merged_weights(state.model, {**state.model.state_dict(), **state.ema}))
     history = _history(run, state) if run.plan is not None else []
     epsilon = epsilon_of(history, delta=run.plan.delta, accountant=run.config.accountant) if run.plan else math.inf
     card = _public_card(run, state, history, epsilon)
@@ -821,7 +822,7 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
         "epochs": state.step * plan.sample_rate if plan else None,
         "noise_multiplicity": preset.noise_multiplicity,
         "slices_per_patient": preset.slices_per_patient,
-        "trainable_parameters": _trainable_summary(state.model, preset.trainable),
+        "trainable_parameters": _trainable_summary(state.model, preset),
         "statement": PRIVACY_STATEMENT.format(unit=UNIT_MEANING[unit]) if config.dp else NOT_PRIVATE_STATEMENT,
         "randomness": {"public_seed": config.seed, **RANDOMNESS},
         "preset": preset.as_dict(),
@@ -848,9 +849,11 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
     return ModelCard.parse(card)
 
 
-def _trainable_summary(model: torch.nn.Module, which: str) -> dict:
+def _trainable_summary(model: torch.nn.Module, preset: Preset) -> dict:
     trained, total = count_parameters(model)
-    return {"set": which, "meaning": TRAINABLE_SETS[which], "trained": trained, "total": total}
+    which = preset.trainable
+    summary = {"set": which, "meaning": TRAINABLE_SETS[which], "trained": trained, "total": total}
+    return {**summary, "lora_rank": preset.lora_rank} if which == "lora" else summary
 
 
 def _private_record(run: _Run, state: _State) -> dict:

@@ -25,6 +25,7 @@ class Preset:
     ema_decay: float
     label_dropout: float = 0.1
     trainable: str = "all"  # parameter set DP-SGD trains after the public prior (train.trainable)
+    lora_rank: int = 4  # rank of the adapters when trainable == "lora"
     slices_per_patient: int = 1  # m: slices of each sampled patient averaged before clipping (no ε cost)
     label_init: str = "random"  # "null": labels start with the null class's (public prior) embedding
     prediction: str = "sample"  # x0-prediction: smooth samples at small training budgets (see BENCHMARKS.md)
@@ -161,6 +162,8 @@ def get_preset(name: str, **overrides: object) -> Preset:
         raise InvalidInput(f"unknown label init {preset.label_init!r}; choose 'random' or 'null'")
     if preset.trainable not in TRAINABLE_SETS:
         raise InvalidInput(f"unknown trainable set {preset.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}")
+    if preset.lora_rank < 1:
+        raise InvalidInput("--lora-rank must be at least 1")
     if preset.batch_size < 1 or preset.physical_batch_size < 1:
         raise InvalidInput("batch sizes must be positive")
     if preset.spatial_dims == 3 and preset.trainable != "all":

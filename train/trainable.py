@@ -5,10 +5,16 @@ patient's clipped contribution is at most ``C``: training fewer parameters raise
 of every step (DP-LDM, Lyu et al.). Frozen parameters need no per-patient gradient, so steps are cheaper too.
 Which set wins is measured in ``benchmarks/bench_utility.py``: on the demo cohort the subsets did *not* beat
 full training (the frozen prior's body cannot draw lesions it never saw; BENCHMARKS.md), so presets keep "all".
+
+``lora`` keeps the body trainable through low-rank adapters (LoRA, Hu et al.; DP-LoRA) added by ``peft``:
+each adapted layer's weight becomes ``W + B·A`` with ``A`` of rank ``r`` and ``B`` starting at zero, so DP
+training starts exactly at the prior. When training ends the adapters are merged into the weights
+(:func:`merged_weights`) and the released network has the plain architecture.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 
 import torch
@@ -21,11 +27,20 @@ TRAINABLE_SETS = {
     "layers (DP-LDM style)",
     "embeddings": "class and time embeddings, every block's time/class projection and normalisation layers "
     "(feature-wise modulation only)",
+    "lora": "low-rank adapters (LoRA, rank lora_rank) on every convolution, attention projection and time "
+    "projection of the UNet's blocks, plus the label embeddings and normalisation layers; merged into the weights "
+    "when training ends",
 }
 _PATTERNS = {
     "conditioning": r"^class_embedding\.|^time_embedding\.|\.time_emb_proj\.|\.attentions\.|norm",
     "embeddings": r"^class_embedding\.|^time_embedding\.|\.time_emb_proj\.|norm",
+    "lora": r"\.lora_[AB]\.|^class_embedding\.|norm",
 }
+# the layers that get adapters: the blocks' convolutions, attention projections and time projections
+# (not conv_in / conv_out, which map to and from one channel, nor the embeddings, which train in full)
+_LORA_TARGETS = (
+    r"^(down_blocks|mid_block|up_blocks)\..*\.(conv1|conv2|conv_shortcut|conv|to_q|to_k|to_v|to_out\.0|time_emb_proj)$"
+)
 
 
 def trainable_names(model: torch.nn.Module, which: str) -> list[str]:
@@ -37,6 +52,34 @@ def trainable_names(model: torch.nn.Module, which: str) -> list[str]:
         return names
     pattern = re.compile(_PATTERNS[which])
     return [name for name in names if pattern.search(name)]
+
+
+def prepare_trainable(model: torch.nn.Module, which: str, lora_rank: int = 4) -> dict[str, torch.nn.Parameter]:
+    """Make ``model`` ready for DP training of set ``which``: add LoRA adapters when ``which == "lora"``
+    (in place; ``B`` starts at zero, so the model's outputs are unchanged), then freeze everything outside the
+    set. Returns the trainable parameters."""
+    if which == "lora":
+        from peft import LoraConfig, inject_adapter_in_model  # imported here: only LoRA runs need peft
+
+        config = LoraConfig(r=lora_rank, lora_alpha=lora_rank, lora_dropout=0.0, target_modules=_LORA_TARGETS)
+        inject_adapter_in_model(config, model)
+    return freeze_except(model, which)
+
+
+def merged_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``weights`` (a state dict of ``model``) with every LoRA adapter merged into its layer, keyed like the
+    plain network; unchanged for a model without adapters."""
+    if not any(".lora_" in key for key in weights):
+        return weights
+    from peft.tuners.lora import LoraLayer
+
+    adapted = copy.deepcopy(model)
+    adapted.load_state_dict(weights)
+    with torch.no_grad():
+        for module in adapted.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
+    return {k.replace(".base_layer.", "."): v for k, v in adapted.state_dict().items() if ".lora_" not in k}
 
 
 def freeze_except(model: torch.nn.Module, which: str) -> dict[str, torch.nn.Parameter]:
