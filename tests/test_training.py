@@ -341,6 +341,9 @@ def test_delta_rules_and_bad_plans() -> None:
     assert capped.sample_rate == 1.0 and capped.expected_batch_size == 80  # q = min(1, B / N̂)
     with pytest.raises(InvalidInput, match="preset"):
         get_preset("tpu-huge")
+    with pytest.raises(InvalidInput, match="trainable lora only"):
+        get_preset("cpu-small", lora_rank=8)  # would be silently ignored
+    assert get_preset("cpu-small", trainable="lora", lora_rank=8).lora_rank == 8
 
 
 def test_dp_noise_has_the_expected_scale_and_an_empty_step_still_moves() -> None:

@@ -164,6 +164,8 @@ def get_preset(name: str, **overrides: object) -> Preset:
         raise InvalidInput(f"unknown trainable set {preset.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}")
     if preset.lora_rank < 1:
         raise InvalidInput("--lora-rank must be at least 1")
+    if "lora_rank" in changes and preset.trainable != "lora":
+        raise InvalidInput("--lora-rank applies to --trainable lora only")
     if preset.batch_size < 1 or preset.physical_batch_size < 1:
         raise InvalidInput("batch sizes must be positive")
     if preset.spatial_dims == 3 and preset.trainable != "all":
