@@ -50,6 +50,8 @@ RECIPES: dict[str, dict] = {
     "clip0.3": {"preset": "cpu-small", "label_init": "random", "max_grad_norm": 0.3},
     "clip0.1": {"preset": "cpu-small", "label_init": "random", "max_grad_norm": 0.1},
     "slices8": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 8},
+    # m = 8 at half the epochs: the DP compute (epochs × N × m) of slices4, σ lower for the fewer steps
+    "slices8-epochs50": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 8, "epochs": 50},
     "slices4-clip0.3": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 4, "max_grad_norm": 0.3},
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "label_init": "random", "trainable": "lora", "lora_rank": 4},

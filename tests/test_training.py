@@ -187,7 +187,8 @@ def test_frozen_parameters_never_change_and_accounting_is_the_same(demo_store, t
     LoRA run, whose released weights move by low-rank matrices only."""
     cards, weights = {}, {}
     for which in ("all", "conditioning", "lora"):
-        preset = tiny_preset(public_prior="none", trainable=which, slices_per_patient=2, lora_rank=2)
+        rank = {"lora_rank": 2} if which == "lora" else {}
+        preset = tiny_preset(public_prior="none", trainable=which, slices_per_patient=2, **rank)
         config = TrainConfig(
             store=_store_copy(demo_store, tmp_path / which),
             out=tmp_path / which / "model",
