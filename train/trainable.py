@@ -55,7 +55,7 @@ def trainable_names(model: torch.nn.Module, which: str) -> list[str]:
     return [name for name in names if pattern.search(name)]
 
 
-def prepare_trainable(model: torch.nn.Module, which: str, lora_rank: int = 4) -> dict[str, torch.nn.Parameter]:
+def prepare_trainable(model: torch.nn.Module, which: str, lora_rank: int) -> dict[str, torch.nn.Parameter]:
     """Make ``model`` ready for DP training of set ``which``: add LoRA adapters when ``which == "lora"``
     (in place; ``B`` starts at zero, so the model's outputs are unchanged), then freeze everything outside the
     set. Returns the trainable parameters."""
