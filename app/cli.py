@@ -291,7 +291,9 @@ def train(
     ] = "cpu-small",
     epochs: Annotated[float | None, typer.Option(min=0.01, help="Override the preset's epochs.")] = None,
     batch_size: Annotated[int | None, typer.Option(min=1, help="Expected patients per step (logical batch).")] = None,
-    physical_batch_size: Annotated[int | None, typer.Option(min=1, help="Patients per forward pass.")] = None,
+    physical_batch_size: Annotated[
+        int | None, typer.Option(min=1, help="Slices × draws per forward pass (patients per pass: this ÷ (m·K)).")
+    ] = None,
     noise_multiplicity: Annotated[int | None, typer.Option(min=1, max=64, help="K draws per slice.")] = None,
     slices_per_patient: Annotated[
         int | None, typer.Option(min=1, max=64, help="m slices per sampled patient, averaged before clipping.")

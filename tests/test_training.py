@@ -345,6 +345,13 @@ def test_delta_rules_and_bad_plans() -> None:
     with pytest.raises(InvalidInput, match="trainable lora only"):
         get_preset("cpu-small", lora_rank=8)  # would be silently ignored
     assert get_preset("cpu-small", trainable="lora", lora_rank=8).lora_rank == 8
+    # --physical-batch-size counts slices × draws per pass: m·K of them per patient, never zero patients
+    assert get_preset("cpu-small").patients_per_pass == 128
+    assert get_preset("cpu-quality").patients_per_pass == 32
+    assert (
+        get_preset("cpu-small", slices_per_patient=3, noise_multiplicity=2, physical_batch_size=4).patients_per_pass
+        == 1
+    )
 
 
 def test_dp_noise_has_the_expected_scale_and_an_empty_step_still_moves() -> None:

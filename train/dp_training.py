@@ -611,7 +611,7 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
         steps=max(run.total_steps - state.step, 0),
     )
     batches = iter(
-        BatchSplittingSampler(sampler=poisson, max_batch_size=preset.physical_batch_size, optimizer=optimizer)
+        BatchSplittingSampler(sampler=poisson, max_batch_size=preset.patients_per_pass, optimizer=optimizer)
         if config.dp
         else poisson
     )

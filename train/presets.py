@@ -17,7 +17,7 @@ class Preset:
     image_size: int  # side of the model's images (slices) or of its isotropic volumes
     unet: UNetSize | UNet3DSize  # UNet3DSize exactly when generator is "diffusion-3d"
     batch_size: int  # expected logical batch (patients per step)
-    physical_batch_size: int  # patients per forward/backward (memory bound)
+    physical_batch_size: int  # training items (slice or volume × draw) per forward/backward pass: speed and memory
     epochs: float
     learning_rate: float
     max_grad_norm: float
@@ -36,6 +36,11 @@ class Preset:
     public_learning_rate: float = 2e-3
     generator: str = "diffusion-2d"  # the generator kind trained: "diffusion-2d" (slices) or "diffusion-3d"
     extra: dict = field(default_factory=dict)
+
+    @property
+    def patients_per_pass(self) -> int:
+        """Patients per forward/backward pass: each brings m slices × K draws (at least one patient)."""
+        return max(1, self.physical_batch_size // (self.slices_per_patient * self.noise_multiplicity))
 
     @property
     def spatial_dims(self) -> int:
@@ -72,7 +77,7 @@ PRESETS = {
             block_out_channels=(32, 64, 96, 128), layers_per_block=1, attention_levels=(False, False, False, True)
         ),
         batch_size=256,
-        physical_batch_size=32,
+        physical_batch_size=64,
         epochs=200,
         learning_rate=1e-3,
         max_grad_norm=1.0,
@@ -110,7 +115,7 @@ PRESETS = {
             num_head_channels=32,
         ),
         batch_size=256,
-        physical_batch_size=16,
+        physical_batch_size=32,
         epochs=100,
         learning_rate=5e-4,
         max_grad_norm=1.0,
@@ -128,7 +133,7 @@ PRESETS = {
             block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_levels=(False, False, True, True)
         ),
         batch_size=1024,
-        physical_batch_size=256,
+        physical_batch_size=1024,
         epochs=500,
         learning_rate=5e-4,
         max_grad_norm=1.0,
