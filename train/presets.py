@@ -68,7 +68,7 @@ _CPU_SMALL = Preset(
 PRESETS = {
     "cpu-small": _CPU_SMALL,
     # ≤ 45 min on 2 CPU cores: cpu-small with 4 slices of each sampled patient averaged before clipping
-    # (no ε cost; the best recipe of the utility ablation in BENCHMARKS.md).
+    # (no ε cost; ahead of cpu-small in two of three runs of the utility ablation in BENCHMARKS.md).
     "cpu-quality": replace(_CPU_SMALL, name="cpu-quality", slices_per_patient=4),
     "cpu-medium": Preset(
         name="cpu-medium",
