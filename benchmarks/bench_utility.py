@@ -52,11 +52,8 @@ RECIPES: dict[str, dict] = {
     "slices8": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 8},
     # m = 8 at half the epochs: the DP compute (epochs × N × m) of slices4, σ lower for the fewer steps
     "slices8-epochs50": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 8, "epochs": 50},
-    # m slices at fewer epochs: the DP compute (epochs × N × m) of the baseline (m = 4 at 25 epochs) or of half
-    # cpu-quality (m = 4 at 50 epochs); the accountant lowers σ for the fewer steps
+    # m = 4 at a quarter of the epochs: the baseline's DP compute, σ lower for the fewer steps
     "slices4-epochs25": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 4, "epochs": 25},
-    "slices4-epochs50": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 4, "epochs": 50},
-    "slices16-epochs25": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 16, "epochs": 25},
     "slices4-clip0.3": {"preset": "cpu-small", "label_init": "random", "slices_per_patient": 4, "max_grad_norm": 0.3},
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "label_init": "random", "trainable": "lora", "lora_rank": 4},
