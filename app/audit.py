@@ -673,6 +673,7 @@ RECIPE_KEYS = (
     "label_init",
     "slices_per_patient",
     "noise_multiplicity",
+    "timestep_sampling",
     "learning_rate",
     "epochs",
     "batch_size",

@@ -305,6 +305,9 @@ def train(
     lora_rank: Annotated[
         int | None, typer.Option(min=1, max=256, help="Rank of the adapters of --trainable lora.")
     ] = None,
+    timestep_sampling: Annotated[
+        str | None, typer.Option(help="Timesteps of the DP loss draws: uniform or logit-normal (mid noise).")
+    ] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0.0, help="Override the preset's learning rate.")] = None,
     max_grad_norm: Annotated[
         float | None, typer.Option(min=1e-6, help="Clipping norm C of each patient's gradient (no ε cost).")
@@ -367,6 +370,7 @@ def train(
         slices_per_patient=slices_per_patient,
         trainable=trainable,
         lora_rank=lora_rank,
+        timestep_sampling=timestep_sampling,
         learning_rate=learning_rate,
         max_grad_norm=max_grad_norm,
         public_pretrain_steps=public_pretrain_steps,

@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 Prediction = Literal["epsilon", "v_prediction", "sample"]
 NUM_TRAIN_TIMESTEPS = 1000
+TIMESTEP_SAMPLING = ("uniform", "logit-normal")
 
 
 def training_scheduler(prediction: Prediction = "v_prediction") -> DDPMScheduler:
@@ -30,6 +31,23 @@ def training_scheduler(prediction: Prediction = "v_prediction") -> DDPMScheduler
 def noise_schedule(scheduler: DDPMScheduler) -> torch.Tensor:
     """ᾱ_t for t = 0 … T-1 as float32."""
     return scheduler.alphas_cumprod.to(torch.float32)
+
+
+def draw_timesteps(
+    shape: tuple[int, ...], n_timesteps: int, generator: torch.Generator, sampling: str = "uniform"
+) -> torch.Tensor:
+    """Integer timesteps in ``0 … n_timesteps-1`` drawn from ``generator``.
+
+    ``uniform`` weighs every noise level alike (DDPM). ``logit-normal`` draws t/T = sigmoid(z), z ~ N(0, 1)
+    (Esser et al. 2024): about three quarters of the draws fall in the middle half of the schedule, where the coarse
+    content of an image (and its class) is decided, and every t keeps a non-zero probability.
+    """
+    if sampling == "uniform":
+        return torch.randint(0, n_timesteps, shape, generator=generator)
+    if sampling == "logit-normal":
+        fraction = torch.sigmoid(torch.randn(shape, generator=generator))
+        return (fraction * n_timesteps).long().clamp_(0, n_timesteps - 1)
+    raise ValueError(f"unknown timestep sampling {sampling!r}; choose one of {TIMESTEP_SAMPLING}")
 
 
 def denoising_loss(

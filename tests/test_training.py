@@ -19,7 +19,7 @@ from scipy.special import gammaln, logsumexp
 from scipy.stats import norm
 
 from generators.card import ModelCard
-from generators.diffusion import noise_schedule, training_scheduler
+from generators.diffusion import draw_timesteps, noise_schedule, training_scheduler
 from generators.diffusion_2d import DiffusionModel
 from generators.errors import InvalidInput, PrivacyPolicy
 from generators.unet import UNetSize, build_unet, use_plain_attention
@@ -345,6 +345,8 @@ def test_delta_rules_and_bad_plans() -> None:
     with pytest.raises(InvalidInput, match="trainable lora only"):
         get_preset("cpu-small", lora_rank=8)  # would be silently ignored
     assert get_preset("cpu-small", trainable="lora", lora_rank=8).lora_rank == 8
+    with pytest.raises(InvalidInput, match="timestep sampling"):
+        get_preset("cpu-small", timestep_sampling="late")
     # --physical-batch-size counts slices × draws per pass: m·K of them per patient, never zero patients
     assert get_preset("cpu-small").patients_per_pass == 128
     assert get_preset("cpu-quality").patients_per_pass == 32
@@ -388,6 +390,19 @@ def test_dp_noise_has_the_expected_scale_and_an_empty_step_still_moves() -> None
     optimizer.step()
     moved = torch.cat([(p.detach() - before[n]).flatten() for n, p in params.items()])
     assert moved.std().item() == pytest.approx(expected_std, rel=0.05)
+
+
+def test_logit_normal_timesteps_favour_mid_noise_and_reach_every_level() -> None:
+    uniform = draw_timesteps((200_000,), 1000, torch.Generator().manual_seed(0))
+    focused = draw_timesteps((200_000,), 1000, torch.Generator().manual_seed(0), "logit-normal")
+    for t in (uniform, focused):
+        assert t.dtype == torch.long and t.min() >= 0 and t.max() <= 999
+    middle = ((focused >= 250) & (focused < 750)).float().mean().item()
+    assert abs(((uniform >= 250) & (uniform < 750)).float().mean().item() - 0.5) < 0.01
+    assert abs(middle - 0.728) < 0.01  # P(|z| < ln 3) for z ~ N(0, 1)
+    assert (focused < 20).sum() > 0 and (focused > 980).sum() > 0  # the ends stay trained, only less often
+    with pytest.raises(ValueError, match="timestep sampling"):
+        draw_timesteps((4,), 1000, torch.Generator(), "late")
 
 
 def test_one_slice_per_sampled_patient_with_several_scans(demo_store) -> None:
@@ -607,13 +622,14 @@ def test_noise_multiplicity_and_no_dp_card(demo_store, tmp_path: Path) -> None:
         TrainConfig(
             store=demo_store.store.path,
             out=tmp_path / "k",
-            preset=tiny_preset(noise_multiplicity=3),
+            preset=tiny_preset(noise_multiplicity=3, timestep_sampling="logit-normal"),
             epsilon=8.0,
             max_steps=2,
             samples_per_label=1,
         )
     ).card
     assert card["noise_multiplicity"] == 3 and card["steps"] == 2 and card["stopped_early"]
+    assert card["preset"]["timestep_sampling"] == "logit-normal" and "logit-normal timesteps" in card["sampling"]
     assert card["epsilon"] < 8.0  # stopping early spends less than the target
     plain = train_model(
         TrainConfig(

@@ -62,7 +62,7 @@ from generators.covariates import (
     null_condition,
     sex_id,
 )
-from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
+from generators.diffusion import denoising_loss, draw_timesteps, noise_schedule, training_scheduler
 from generators.diffusion_2d import DEFAULT_GUIDANCE, DEFAULT_STEPS, DiffusionModel
 from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarning
 from generators.layout import BundleLayout
@@ -690,7 +690,7 @@ def draw_terms(
     rows = run.slices.pick(patient_ids, gen, m).reshape(-1)  # (b·m,)
     images = resize_images(run.train_images[rows.numpy()], size)  # (b·m, *item)
     labels = _conditions(run, patient_ids, k, gen)
-    timesteps = torch.randint(0, n_timesteps, (b, k), generator=gen)
+    timesteps = draw_timesteps((b, k), n_timesteps, gen, run.config.preset.timestep_sampling)
     noise = torch.randn(b, k, *item, generator=gen)
     # each of a patient's m slices (or volumes) under K draws: (b, m·K, *item)
     images = images.view(b, m, 1, *item).expand(b, m, k // m, *item).reshape(b, k, *item)
@@ -812,8 +812,8 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
         "noise_multiplier": plan.noise_multiplier if plan else 0.0,
         "max_grad_norm": preset.max_grad_norm if config.dp else None,
         "sampling": f"Poisson sampling of {unit}s at rate q = B / N̂; {preset.slices_per_patient} uniformly chosen "
-        f"{item}(s) per sampled {unit}, each under {preset.noise_multiplicity} (timestep, noise) draw(s), averaged "
-        f"before the {unit}'s gradient is clipped",
+        f"{item}(s) per sampled {unit}, each under {preset.noise_multiplicity} (timestep, noise) draw(s) "
+        f"({preset.timestep_sampling} timesteps), averaged before the {unit}'s gradient is clipped",
         "sample_rate": plan.sample_rate if plan else None,
         "expected_batch_size": plan.expected_batch_size if plan else preset.batch_size,
         "steps": state.step,

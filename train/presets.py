@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
+from generators.diffusion import TIMESTEP_SAMPLING
 from generators.errors import InvalidInput
 from generators.unet import UNet3DSize, UNetSize
 from train.trainable import TRAINABLE_SETS
@@ -28,6 +29,7 @@ class Preset:
     lora_rank: int = 4  # rank of the adapters when trainable == "lora"
     slices_per_patient: int = 1  # m: slices of each sampled patient averaged before clipping (no ε cost)
     label_init: str = "random"  # "null": labels start with the null class's (public prior) embedding
+    timestep_sampling: str = "uniform"  # of the DP draws; "logit-normal" favours mid noise (generators.diffusion)
     prediction: str = "sample"  # x0-prediction: smooth samples at small training budgets (see BENCHMARKS.md)
     checkpoint_every: int = 50
     public_prior: str = "mni152"  # non-private pretraining on public data ("none" to skip)
@@ -62,13 +64,14 @@ _CPU_SMALL = Preset(
     max_grad_norm=1.0,
     noise_multiplicity=1,
     ema_decay=0.99,
+    timestep_sampling="logit-normal",  # ahead of uniform timesteps in 3 of 3 paired runs (BENCHMARKS.md)
     public_pretrain_steps=800,
 )
 
 PRESETS = {
     "cpu-small": _CPU_SMALL,
     # ≤ 45 min on 2 CPU cores: cpu-small with 4 slices of each sampled patient averaged before clipping
-    # (no ε cost; ahead of cpu-small in two of three runs of the utility ablation in BENCHMARKS.md).
+    # (no ε cost; its gain over cpu-small is within the run-to-run spread so far: BENCHMARKS.md).
     "cpu-quality": replace(_CPU_SMALL, name="cpu-quality", slices_per_patient=4),
     "cpu-medium": Preset(
         name="cpu-medium",
@@ -165,6 +168,10 @@ def get_preset(name: str, **overrides: object) -> Preset:
         raise InvalidInput("--slices-per-patient must be at least 1")
     if preset.label_init not in ("random", "null"):
         raise InvalidInput(f"unknown label init {preset.label_init!r}; choose 'random' or 'null'")
+    if preset.timestep_sampling not in TIMESTEP_SAMPLING:
+        raise InvalidInput(
+            f"unknown timestep sampling {preset.timestep_sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLING)}"
+        )
     if preset.trainable not in TRAINABLE_SETS:
         raise InvalidInput(f"unknown trainable set {preset.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}")
     if preset.lora_rank < 1:
