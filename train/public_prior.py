@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from generators.diffusion import Prediction, denoising_loss
+from generators.diffusion import Prediction, denoising_loss, draw_timesteps
 from train.preprocess import axial_slices, isotropic_volume
 from train.scan_io import Scan
 
@@ -102,7 +102,7 @@ def pretrain(
         pick = torch.randint(0, len(images), (batch_size,), generator=generator)
         batch = augment(images[pick], generator).to(device)
         labels = torch.full((batch_size,), null_label, device=device)
-        timesteps = torch.randint(0, len(alphas_cumprod), (batch_size,), generator=generator).to(device)
+        timesteps = draw_timesteps((batch_size,), len(alphas_cumprod), generator).to(device)  # uniform: every t
         noise = torch.randn(batch.shape, generator=generator).to(device)
         loss = denoising_loss(model, batch, labels, timesteps, noise, alphas_cumprod, prediction)
         optimizer.zero_grad(set_to_none=True)
