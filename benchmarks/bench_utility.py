@@ -63,6 +63,14 @@ RECIPES: dict[str, dict] = {
     "slices4-logit-normal": {"preset": "cpu-small", "slices_per_patient": 4, "timestep_sampling": "logit-normal"},
     # the under-training reading (ε = 4 scores like ε = 8): larger steps on top of focused timesteps
     "logit-normal-lr1e-3": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "learning_rate": 1e-3},
+    # more steps at the same epochs and ε (q = 0.16, ≈ 620 steps, σ 2.54) with focused timesteps; 160 slices per
+    # pass so that most Poisson batches of 128 expected patients fit one pass
+    "batch128-logit-normal": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "batch_size": 128,
+        "physical_batch_size": 160,
+    },
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4},
     "lora4-lr2e-3": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4, "learning_rate": 2e-3},
