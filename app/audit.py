@@ -674,6 +674,7 @@ RECIPE_KEYS = (
     "slices_per_patient",
     "noise_multiplicity",
     "timestep_sampling",
+    "timestep_mean",
     "learning_rate",
     "epochs",
     "batch_size",

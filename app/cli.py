@@ -308,6 +308,10 @@ def train(
     timestep_sampling: Annotated[
         str | None, typer.Option(help="Timesteps of the DP loss draws: uniform or logit-normal (mid noise).")
     ] = None,
+    timestep_mean: Annotated[
+        float | None,
+        typer.Option(help="Logit-normal focus z ~ N(mean, 1): > 0 toward high noise, < 0 toward fine detail."),
+    ] = None,
     learning_rate: Annotated[float | None, typer.Option(min=0.0, help="Override the preset's learning rate.")] = None,
     max_grad_norm: Annotated[
         float | None, typer.Option(min=1e-6, help="Clipping norm C of each patient's gradient (no ε cost).")
@@ -371,6 +375,7 @@ def train(
         trainable=trainable,
         lora_rank=lora_rank,
         timestep_sampling=timestep_sampling,
+        timestep_mean=timestep_mean,
         learning_rate=learning_rate,
         max_grad_norm=max_grad_norm,
         public_pretrain_steps=public_pretrain_steps,

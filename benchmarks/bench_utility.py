@@ -71,6 +71,10 @@ RECIPES: dict[str, dict] = {
         "batch_size": 128,
         "physical_batch_size": 160,
     },
+    # logit-normal's focus moved by one standard deviation: toward high noise (coarse layout, where the class may
+    # be decided) or toward low noise (the lesion's few pixels are fine detail)
+    "logit-normal-high": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "timestep_mean": 1.0},
+    "logit-normal-low": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "timestep_mean": -1.0},
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4},
     "lora4-lr2e-3": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4, "learning_rate": 2e-3},

@@ -34,18 +34,23 @@ def noise_schedule(scheduler: DDPMScheduler) -> torch.Tensor:
 
 
 def draw_timesteps(
-    shape: tuple[int, ...], n_timesteps: int, generator: torch.Generator, sampling: str = "uniform"
+    shape: tuple[int, ...],
+    n_timesteps: int,
+    generator: torch.Generator,
+    sampling: str = "uniform",
+    mean: float = 0.0,
 ) -> torch.Tensor:
     """Integer timesteps in ``0 … n_timesteps-1`` drawn from ``generator``.
 
     ``uniform`` weighs every noise level alike (DDPM). ``logit-normal`` draws t/T = sigmoid(z), z ~ N(0, 1)
     (Esser et al. 2024): about three quarters of the draws fall in the middle half of the schedule, where the coarse
-    content of an image (and its class) is decided, and every t keeps a non-zero probability.
+    content of an image (and its class) is decided, and every t keeps a non-zero probability. ``mean`` moves the
+    focus: z ~ N(mean, 1), positive toward high noise (coarse layout), negative toward low noise (fine detail).
     """
     if sampling == "uniform":
         return torch.randint(0, n_timesteps, shape, generator=generator)
     if sampling == "logit-normal":
-        fraction = torch.sigmoid(torch.randn(shape, generator=generator))
+        fraction = torch.sigmoid(torch.randn(shape, generator=generator) + mean)
         return (fraction * n_timesteps).long().clamp_(0, n_timesteps - 1)
     raise ValueError(f"unknown timestep sampling {sampling!r}; choose one of {TIMESTEP_SAMPLING}")
 

@@ -97,3 +97,13 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("SYNTHCOHORT_WORKERS", "0")
     with pytest.raises(ValueError):
         Settings()
+
+
+def test_train_rejects_a_timestep_mean_it_would_ignore(tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    args = ("train", str(tmp_path / "store"), "--out", str(out), "--epsilon", "8", "--timestep-mean", "1")
+    ignored = run_cli(*args, "--timestep-sampling", "uniform")
+    assert ignored.returncode == 2 and "logit-normal timestep sampling only" in ignored.stderr
+    extreme = run_cli(*args[:-1], "5")
+    assert extreme.returncode == 2 and "[-3, 3]" in extreme.stderr
+    assert not out.exists()

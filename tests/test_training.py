@@ -405,6 +405,20 @@ def test_logit_normal_timesteps_favour_mid_noise_and_reach_every_level() -> None
         draw_timesteps((4,), 1000, torch.Generator(), "late")
 
 
+def test_logit_normal_mean_moves_the_focus() -> None:
+    def median(mean: float) -> float:
+        draws = draw_timesteps((100_000,), 1000, torch.Generator().manual_seed(0), "logit-normal", mean)
+        return draws.float().median().item()
+
+    assert abs(median(0.0) - 500) < 5
+    assert abs(median(1.0) - 731) < 5 and abs(median(-1.0) - 269) < 5  # 1000 · sigmoid(±1)
+    assert get_preset("cpu-small", timestep_mean=-1.0).timestep_mean == -1.0
+    with pytest.raises(InvalidInput, match="logit-normal timestep sampling only"):
+        get_preset("cpu-small", timestep_sampling="uniform", timestep_mean=1.0)  # would be silently ignored
+    with pytest.raises(InvalidInput, match=r"\[-3, 3\]"):
+        get_preset("cpu-small", timestep_mean=4.0)
+
+
 def test_one_slice_per_sampled_patient_with_several_scans(demo_store) -> None:
     """Patients with two scans (NIfTI + DICOM) contribute one slice per step, drawn uniformly over both scans;
     with m > 1, each pick is m of the patient's own slices."""
@@ -622,14 +636,15 @@ def test_noise_multiplicity_and_no_dp_card(demo_store, tmp_path: Path) -> None:
         TrainConfig(
             store=demo_store.store.path,
             out=tmp_path / "k",
-            preset=tiny_preset(noise_multiplicity=3, timestep_sampling="logit-normal"),
+            preset=tiny_preset(noise_multiplicity=3, timestep_sampling="logit-normal", timestep_mean=0.5),
             epsilon=8.0,
             max_steps=2,
             samples_per_label=1,
         )
     ).card
     assert card["noise_multiplicity"] == 3 and card["steps"] == 2 and card["stopped_early"]
-    assert card["preset"]["timestep_sampling"] == "logit-normal" and "logit-normal timesteps" in card["sampling"]
+    assert card["preset"]["timestep_sampling"] == "logit-normal" and card["preset"]["timestep_mean"] == 0.5
+    assert "logit-normal timesteps, focus z ~ N(0.5, 1)" in card["sampling"]
     assert card["epsilon"] < 8.0  # stopping early spends less than the target
     plain = train_model(
         TrainConfig(

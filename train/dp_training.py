@@ -690,11 +690,19 @@ def draw_terms(
     rows = run.slices.pick(patient_ids, gen, m).reshape(-1)  # (b·m,)
     images = resize_images(run.train_images[rows.numpy()], size)  # (b·m, *item)
     labels = _conditions(run, patient_ids, k, gen)
-    timesteps = draw_timesteps((b, k), n_timesteps, gen, run.config.preset.timestep_sampling)
+    preset = run.config.preset
+    timesteps = draw_timesteps((b, k), n_timesteps, gen, preset.timestep_sampling, preset.timestep_mean)
     noise = torch.randn(b, k, *item, generator=gen)
     # each of a patient's m slices (or volumes) under K draws: (b, m·K, *item)
     images = images.view(b, m, 1, *item).expand(b, m, k // m, *item).reshape(b, k, *item)
     return images, labels, timesteps, noise
+
+
+def _timestep_words(preset: Preset) -> str:
+    """How the DP draws' timesteps were sampled, for the model card."""
+    if preset.timestep_mean:
+        return f"{preset.timestep_sampling} timesteps, focus z ~ N({preset.timestep_mean:g}, 1)"
+    return f"{preset.timestep_sampling} timesteps"
 
 
 def _null_id(run: _Run) -> int:
@@ -813,7 +821,7 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
         "max_grad_norm": preset.max_grad_norm if config.dp else None,
         "sampling": f"Poisson sampling of {unit}s at rate q = B / N̂; {preset.slices_per_patient} uniformly chosen "
         f"{item}(s) per sampled {unit}, each under {preset.noise_multiplicity} (timestep, noise) draw(s) "
-        f"({preset.timestep_sampling} timesteps), averaged before the {unit}'s gradient is clipped",
+        f"({_timestep_words(preset)}), averaged before the {unit}'s gradient is clipped",
         "sample_rate": plan.sample_rate if plan else None,
         "expected_batch_size": plan.expected_batch_size if plan else preset.batch_size,
         "steps": state.step,

@@ -30,6 +30,7 @@ class Preset:
     slices_per_patient: int = 1  # m: slices of each sampled patient averaged before clipping (no ε cost)
     label_init: str = "random"  # "null": labels start with the null class's (public prior) embedding
     timestep_sampling: str = "uniform"  # of the DP draws; "logit-normal" favours mid noise (generators.diffusion)
+    timestep_mean: float = 0.0  # logit-normal's focus: z ~ N(mean, 1); > 0 toward high noise, < 0 toward low
     prediction: str = "sample"  # x0-prediction: smooth samples at small training budgets (see BENCHMARKS.md)
     checkpoint_every: int = 50
     public_prior: str = "mni152"  # non-private pretraining on public data ("none" to skip)
@@ -172,6 +173,10 @@ def get_preset(name: str, **overrides: object) -> Preset:
         raise InvalidInput(
             f"unknown timestep sampling {preset.timestep_sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLING)}"
         )
+    if preset.timestep_mean and preset.timestep_sampling != "logit-normal":
+        raise InvalidInput("--timestep-mean applies to logit-normal timestep sampling only")
+    if not -3.0 <= preset.timestep_mean <= 3.0:
+        raise InvalidInput("--timestep-mean must lie in [-3, 3] (beyond, almost every draw sits at one end)")
     if preset.trainable not in TRAINABLE_SETS:
         raise InvalidInput(f"unknown trainable set {preset.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}")
     if preset.lora_rank < 1:
