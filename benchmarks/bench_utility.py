@@ -82,6 +82,19 @@ RECIPES: dict[str, dict] = {
         "timestep_sampling": "logit-normal",
         "public_pretrain_steps": 3000,
     },
+    # cpu-quality's DP compute (4× cpu-small) spent on 4× the epochs at m = 1 instead of m = 4 (≈ 640 steps, σ ≈ 9.6)
+    "epochs400-logit-normal": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "epochs": 400},
+    # resolution (lever 5): the store's 64 px slices instead of 32 px, a fourth level so attention stays at 8×8
+    "64px-logit-normal": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "image_size": 64,
+        "unet": {
+            "block_out_channels": [16, 32, 32, 32],
+            "layers_per_block": 1,
+            "attention_levels": [False, False, False, True],
+        },
+    },
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4},
     "lora4-lr2e-3": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4, "learning_rate": 2e-3},
