@@ -95,6 +95,17 @@ RECIPES: dict[str, dict] = {
             "attention_levels": [False, False, False, True],
         },
     },
+    # model width (lever 5) at 32 px: half and twice cpu-small's channels, same depth and attention level
+    "narrow-logit-normal": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "unet": {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "attention_levels": [False, False, True]},
+    },
+    "wide-logit-normal": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "unet": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_levels": [False, False, True]},
+    },
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4},
     "lora4-lr2e-3": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4, "learning_rate": 2e-3},
