@@ -95,7 +95,7 @@ RECIPES: dict[str, dict] = {
             "attention_levels": [False, False, False, True],
         },
     },
-    # model width (lever 5) at 32 px: half and twice cpu-small's channels, same depth and attention level
+    # model width (lever 5) at 32 px: half and twice cpu-small's channels (71 129 / 1 113 185 parameters), same depth
     "narrow-logit-normal": {
         "preset": "cpu-small",
         "timestep_sampling": "logit-normal",
@@ -105,6 +105,12 @@ RECIPES: dict[str, dict] = {
         "preset": "cpu-small",
         "timestep_sampling": "logit-normal",
         "unet": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_levels": [False, False, True]},
+    },
+    # depth (lever 5): two ResNet layers per level instead of one (408 833 parameters)
+    "deep-logit-normal": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "unet": {"block_out_channels": [16, 32, 32], "layers_per_block": 2, "attention_levels": [False, False, True]},
     },
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4},
