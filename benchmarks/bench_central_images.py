@@ -16,7 +16,8 @@ own distribution (independent Gaussian pixels per class, equal priors): the accu
 samples of the central images reaches on real data at best. It also prints the size of the class-mean
 difference against the release's noise.
 
-It reads private data and prints statistics of it: run it on the demo cohort, not on a hospital's store.
+It reads private data and prints statistics of it: run it on the demo cohort, not on a hospital's store; nothing
+it computes is a release. ``--seed`` repeats a run's noise draws (default: OS entropy).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def parse_args() -> argparse.Namespace:
         help="average-pool slices by this factor before release (fewer, less noisy pixels)",
     )
     parser.add_argument("--draws", type=int, default=20, help="noise draws per ε share")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the benchmark's noise draws")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the noise draws (default: OS entropy)")
     return parser.parse_args()
 
 
@@ -77,9 +78,8 @@ def released_statistics(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per-class mean and variance from a Gaussian-mechanism release of clipped first and second moments.
 
-    The two moments are released separately, each at noise multiplier ``sigma`` (a two-entry history). Second
-    moments are clipped elementwise to the squared clip's share of the pixels so each patient's vector stays
-    within norm ``clip``.
+    The two moments are released separately, each at noise multiplier ``sigma`` (a two-entry history). Squared
+    deviations are clipped elementwise to ``clip / √d``, so each patient's vector of them has norm ≤ ``clip``.
     """
     d = x.shape[1]
     dev = x - centre
@@ -102,9 +102,9 @@ def released_statistics(
 def bayes_accuracy(stats: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     """Accuracy on ``x`` of the independent-Gaussian Bayes classifier of ``stats`` (equal class priors), with each
     class's own pixel variances and with their pooled average (a linear rule: only the means differ)."""
-    pooled = np.mean([v for _, v in stats], axis=0)
+    shared = np.mean([v for _, v in stats], axis=0)
     own = np.stack([-0.5 * (((x - m) ** 2) / v + np.log(v)).sum(1) for m, v in stats], axis=1)
-    linear = np.stack([-0.5 * (((x - m) ** 2) / pooled).sum(1) for m, _ in stats], axis=1)
+    linear = np.stack([-0.5 * (((x - m) ** 2) / shared).sum(1) for m, _ in stats], axis=1)
     return float((own.argmax(1) == y).mean()), float((linear.argmax(1) == y).mean())
 
 
@@ -113,6 +113,8 @@ def main() -> None:
     store = CohortStore.open(args.store)
     train, holdout = store.read("train"), store.read("holdout")
     n_classes = len(store.label_names)
+    if args.pool < 1 or store.image_size % args.pool or store.spatial_dims != 2:
+        raise SystemExit(f"--pool must divide the store's slice size {store.image_size} (2-D stores only)")
     x, y = patient_means(pooled(train.images, args.pool), train.labels, train.patients)
     x_test = pooled(holdout.images, args.pool)
     y_test = holdout.labels
