@@ -47,7 +47,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--draws", type=int, default=20, help="noise draws per ε share")
     parser.add_argument("--seed", type=int, default=None, help="seed of the noise draws (default: OS entropy)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if any(share <= 0 for share in args.share or []) or args.clip <= 0 or args.draws < 1 or args.pool < 1:
+        parser.error("--share and --clip must be positive, --draws and --pool at least 1")
+    return args
 
 
 def pooled(images: np.ndarray, factor: int) -> np.ndarray:
@@ -111,10 +114,12 @@ def bayes_accuracy(stats: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray, y:
 def main() -> None:
     args = parse_args()
     store = CohortStore.open(args.store)
-    train, holdout = store.read("train"), store.read("holdout")
     n_classes = len(store.label_names)
-    if args.pool < 1 or store.image_size % args.pool or store.spatial_dims != 2:
-        raise SystemExit(f"--pool must divide the store's slice size {store.image_size} (2-D stores only)")
+    if store.spatial_dims != 2 or n_classes != 2 or store.image_size % args.pool:
+        raise SystemExit(
+            f"needs a 2-D store with two labels and a --pool that divides its slice size {store.image_size}"
+        )
+    train, holdout = store.read("train"), store.read("holdout")
     x, y = patient_means(pooled(train.images, args.pool), train.labels, train.patients)
     x_test = pooled(holdout.images, args.pool)
     y_test = holdout.labels
