@@ -162,14 +162,31 @@ def quick_audit(store: Path, model_dir: Path, n: int, guidance: float | None) ->
     labels = [name for name in names for _ in range(n)]
     generated = model.generate(labels=labels, seed=10_000, **kwargs)
     synthetic = Synthetic(generated.images.numpy(), np.array([model.label_ids[x] for x in labels]))
+    return score_samples(real, synthetic, names, settings, model.image_shape[-1], model.spatial_dims)
+
+
+def score_samples(real, synthetic: Synthetic, names: list[str], settings: AuditSettings, size: int, dims: int) -> dict:
+    """The quick audit of ``synthetic`` against the store's real images: TSTR/TRTR, Fréchet ratios, MS-SSIM."""
     utility, trtr_model = _utility(real, synthetic, len(names), settings, torch.device("cpu"))
-    embedding = make_embedding(FEATURE_EMBEDDING, model.image_shape[-1], model.spatial_dims)
+    embedding = make_embedding(FEATURE_EMBEDDING, size, dims)
     fid = _fidelity(real, synthetic, names, trtr_model, embedding, settings)
     return {"utility": utility, "fidelity": fid, "quick": True}
 
 
-def row(recipe: str, card: dict, record: dict, report: dict, audit_s: float, guidance: float) -> dict:
+def score_columns(report: dict) -> dict:
+    """A report's utility and fidelity numbers as one results row's columns."""
     utility, fid = report["utility"], report["fidelity"]
+    return {
+        "tstr": utility["tstr"]["accuracy"],
+        "trtr": utility["trtr"]["accuracy"],
+        "ratio": utility["ratio"]["accuracy"],
+        "fd_filter": fid["frechet"]["filter_embedding"]["ratio"],
+        "fd_classifier": fid["frechet"]["classifier_features"]["ratio"],
+        "ms_ssim": {k: round(v, 3) for k, v in fid["ms_ssim"]["synthetic"].items()},
+    }
+
+
+def row(recipe: str, card: dict, record: dict, report: dict, audit_s: float, guidance: float) -> dict:
     out = {
         "recipe": recipe,
         "epsilon": card["epsilon"],
@@ -180,12 +197,7 @@ def row(recipe: str, card: dict, record: dict, report: dict, audit_s: float, gui
         "batch": card["preset"]["batch_size"],
         "lr": card["preset"]["learning_rate"],
         "guidance": guidance,
-        "tstr": utility["tstr"]["accuracy"],
-        "trtr": utility["trtr"]["accuracy"],
-        "ratio": utility["ratio"]["accuracy"],
-        "fd_filter": fid["frechet"]["filter_embedding"]["ratio"],
-        "fd_classifier": fid["frechet"]["classifier_features"]["ratio"],
-        "ms_ssim": {k: round(v, 3) for k, v in fid["ms_ssim"]["synthetic"].items()},
+        **score_columns(report),
         "train_s": record.get("training_wall_time_s"),
         "prior_s": record.get("public_pretraining_wall_time_s"),
         "dp_step_s": record["training_wall_time_s"] / max(1, card["steps"]),
