@@ -164,9 +164,11 @@ def fake_batch(g: nn.Module, batch: int, n_classes: int, gen) -> tuple[torch.Ten
 
 def public_prior(g, d, g_opt, d_opt, args, n_classes: int) -> None:
     """Non-private GAN steps on the augmented public template, random labels."""
+    if not args.prior_steps:
+        return
     gen = torch.Generator().manual_seed(args.seed)
     template = template_images(SIZE, 2)
-    for _ in tqdm(range(args.prior_steps), desc="public prior", mininterval=10, disable=not args.prior_steps):
+    for _ in tqdm(range(args.prior_steps), desc="public prior", mininterval=10):
         real = augment(template[torch.randint(0, len(template), (args.batch,), generator=gen)], gen)
         y = torch.randint(0, n_classes, (args.batch,), generator=gen)
         fake, fake_y = fake_batch(g, args.batch, n_classes, gen)
