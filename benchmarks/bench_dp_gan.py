@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from app.audit import AuditSettings, Synthetic, _load_real
 from generators.base import save_grid
+from generators.errors import SynthCohortError
 from train.accounting import count_mechanism, epsilon_of, plan_privacy
 from train.dp_training import PatientSlices, make_dp_optimizer, private_generator
 from train.preprocess import resize_images
@@ -185,7 +186,7 @@ def dp_phase(g, d, g_opt, d_opt, args, store: CohortStore) -> dict:
     n_classes = len(store.label_names)
     draw, public = private_generator(), torch.Generator().manual_seed(args.seed + 1)
     if args.no_dp:
-        sample_rate, plan, optimizer = min(1.0, args.batch / slices.n_patients), None, d_opt
+        sample_rate, plan, optimizer = min(1.0, args.batch / store.patients_estimate), None, d_opt  # N̂, as with DP
     else:
         count = count_mechanism(float(store.meta["patients_estimate"]["noise_std"]))
         delta = float(store.meta["budget"]["delta"])
@@ -262,7 +263,10 @@ def quick_scores(store: CohortStore, g: nn.Module, n: int, out: Path) -> dict:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    store = CohortStore.open(args.store)
+    try:
+        store = CohortStore.open(args.store)
+    except SynthCohortError as err:  # a missing or corrupt store: one clear line
+        raise SystemExit(f"error: {err}") from None
     if store.spatial_dims != 2:
         raise SystemExit("the DP-GAN baseline trains on 2-D slices; this store holds volumes")
     args.out.mkdir(parents=True, exist_ok=True)
