@@ -134,6 +134,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--reuse", action="store_true", help="reuse a trained model in --out/<recipe>/model")
     parser.add_argument(
+        "--sample-seed", type=int, default=10_000, help="public seed of --quick's samples (re-score a --reuse model)"
+    )
+    parser.add_argument(
         "--repeats", type=int, default=1, help="train each recipe N times (fresh DP noise and sampling each run)"
     )
     args = parser.parse_args()
@@ -152,7 +155,7 @@ def preset_for(recipe: str, extra: list[str]):
     return get_preset(name, **spec)
 
 
-def quick_audit(store: Path, model_dir: Path, n: int, guidance: float | None) -> dict:
+def quick_audit(store: Path, model_dir: Path, n: int, guidance: float | None, sample_seed: int = 10_000) -> dict:
     """TSTR/TRTR and Fréchet ratios on ``n`` unfiltered samples per label (a ranking proxy for the audit)."""
     model = load_generator(model_dir, device="cpu")
     real = _load_real(CohortStore.open(store), model)
@@ -160,7 +163,7 @@ def quick_audit(store: Path, model_dir: Path, n: int, guidance: float | None) ->
     settings = AuditSettings(n=n, classifier_seeds=2)
     kwargs = {"guidance": guidance} if guidance is not None else {}
     labels = [name for name in names for _ in range(n)]
-    generated = model.generate(labels=labels, seed=10_000, **kwargs)
+    generated = model.generate(labels=labels, seed=sample_seed, **kwargs)
     synthetic = Synthetic(generated.images.numpy(), np.array([model.label_ids[x] for x in labels]))
     return score_samples(real, synthetic, names, settings, model.image_shape[-1], model.spatial_dims)
 
@@ -178,6 +181,8 @@ def score_columns(report: dict) -> dict:
     utility, fid = report["utility"], report["fidelity"]
     return {
         "tstr": utility["tstr"]["accuracy"],
+        "tstr_per_seed": [round(r["accuracy"], 3) for r in utility["tstr"]["per_seed"]],
+        "tstr_auc": utility["tstr"]["auc"],
         "trtr": utility["trtr"]["accuracy"],
         "ratio": utility["ratio"]["accuracy"],
         "fd_filter": fid["frechet"]["filter_embedding"]["ratio"],
@@ -236,13 +241,15 @@ def main() -> None:
         record = read_training_record(model_dir)
         started = time.perf_counter()
         if args.quick:
-            report = quick_audit(args.store, model_dir, args.n, args.guidance)
+            report = quick_audit(args.store, model_dir, args.n, args.guidance, args.sample_seed)
         else:
             calibrate(args.store, model_dir)
             report = run_audit(args.store, model_dir, model_dir.parent / "audit", AuditSettings(n=args.n), force=True)
         guidance = args.guidance if args.quick and args.guidance is not None else card["sampler"]["guidance"]
         result = row(recipe, card, record, report, time.perf_counter() - started, guidance)
         result["run"] = run
+        if args.quick:
+            result["sample_seed"] = args.sample_seed
         result.update(machine=f"{platform.machine()}, {torch.get_num_threads()} threads", date=date.today().isoformat())
         with (args.out / "results.jsonl").open("a") as handle:
             handle.write(json.dumps(result) + "\n")
