@@ -64,7 +64,7 @@ _CPU_SMALL = Preset(
     learning_rate=5e-4,
     max_grad_norm=1.0,
     noise_multiplicity=1,
-    ema_decay=0.99,
+    ema_decay=0.99,  # inert below ≈ 890 steps (warm-up); no EMA scored the same in 5 vs 4 runs (BENCHMARKS.md)
     timestep_sampling="logit-normal",  # ahead of uniform timesteps in 3 of 3 paired runs (BENCHMARKS.md)
     public_pretrain_steps=800,
 )
