@@ -155,7 +155,7 @@ def preset_for(recipe: str, extra: list[str]):
     return get_preset(name, **spec)
 
 
-def quick_audit(store: Path, model_dir: Path, n: int, guidance: float | None, sample_seed: int = 10_000) -> dict:
+def quick_audit(store: Path, model_dir: Path, n: int, guidance: float | None, sample_seed: int) -> dict:
     """TSTR/TRTR and Fréchet ratios on ``n`` unfiltered samples per label (a ranking proxy for the audit)."""
     model = load_generator(model_dir, device="cpu")
     real = _load_real(CohortStore.open(store), model)
