@@ -680,6 +680,7 @@ RECIPE_KEYS = (
     "batch_size",
     "public_prior",
     "public_pretrain_steps",
+    "public_anomaly_rate",
     "prediction",
 )
 

@@ -82,6 +82,13 @@ RECIPES: dict[str, dict] = {
         "timestep_sampling": "logit-normal",
         "public_pretrain_steps": 3000,
     },
+    # a public prior that also draws generic focal anomalies (train.public_prior.add_focal_anomalies) on half of
+    # its slices: the body learns to draw focal findings at no ε, DP training which labels carry them
+    "anomaly-prior-logit-normal": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "public_anomaly_rate": 0.5,
+    },
     # cpu-quality's DP compute (4× cpu-small) spent on 4× the epochs at m = 1 instead of m = 4 (≈ 640 steps, σ ≈ 9.6)
     "epochs400-logit-normal": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "epochs": 400},
     # resolution (lever 5): the store's 64 px slices instead of 32 px, a fourth level so attention stays at 8×8

@@ -70,7 +70,8 @@ class ModelCard(BaseModel):
     preset: dict[str, Any] = Field(default_factory=dict)
     public_pretraining: dict[str, Any] | None = None
     prediction_type: str | None = None
-    ema_decay: float | None = None
+    ema_decay: float | None = None  # the preset's; the warm-up keeps short runs below it:
+    ema_decay_last_step: float | None = None  # the decay actually applied at the last step
     sampler: dict[str, Any] = Field(default_factory=dict)
     # provenance
     store_id: str | None = None

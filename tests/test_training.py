@@ -44,6 +44,7 @@ from train.dp_training import (
 )
 from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
 from train.presets import PRESETS, get_preset
+from train.public_prior import add_focal_anomalies, template_images
 from train.store import CohortStore
 from train.trainable import count_parameters, freeze_except, merged_weights, prepare_trainable, trainable_names
 
@@ -419,6 +420,28 @@ def test_logit_normal_mean_moves_the_focus() -> None:
         get_preset("cpu-small", timestep_mean=4.0)
 
 
+def test_focal_anomalies_of_the_public_prior_stay_inside_tissue_and_only_where_chosen() -> None:
+    images = template_images(32)[:8].repeat(8, 1, 1, 1)  # 64 public template slices
+    untouched = add_focal_anomalies(images, torch.Generator().manual_seed(0), rate=0.0)
+    assert torch.equal(untouched, images)
+    changed = add_focal_anomalies(images, torch.Generator().manual_seed(1), rate=0.5)
+    assert torch.equal(changed, add_focal_anomalies(images, torch.Generator().manual_seed(1), rate=0.5))
+    delta = (changed - images).abs()
+    assert changed.min() >= -1.0 and changed.max() <= 1.0
+    assert delta[images <= -0.8].max() == 0  # background (no tissue) never changes
+    hit = delta.flatten(1).max(dim=1).values > 0.05
+    assert 16 <= hit.sum() <= 48  # about half the slices (binomial 64 × 0.5)
+    area = (delta > 0.05).flatten(1).float().sum(dim=1)[hit]
+    assert area.max() < 0.5 * 32 * 32  # focal: a patch, not the whole slice
+    every = add_focal_anomalies(images, torch.Generator().manual_seed(2), rate=1.0)
+    assert ((every - images).abs().flatten(1).max(dim=1).values > 0.05).float().mean() > 0.9
+    assert get_preset("cpu-small", public_anomaly_rate=0.5).public_anomaly_rate == 0.5
+    with pytest.raises(InvalidInput, match=r"\[0, 1\]"):
+        get_preset("cpu-small", public_anomaly_rate=1.5)
+    with pytest.raises(InvalidInput, match="2-D mni152 public prior only"):
+        get_preset("cpu-3d", public_anomaly_rate=0.5)
+
+
 def test_one_slice_per_sampled_patient_with_several_scans(demo_store) -> None:
     """Patients with two scans (NIfTI + DICOM) contribute one slice per step, drawn uniformly over both scans;
     with m > 1, each pick is m of the patient's own slices."""
@@ -449,6 +472,8 @@ def test_training_writes_a_complete_bundle(demo_store, tmp_path: Path) -> None:
     assert [s["step"] for s in seen if s["phase"] == "public prior"] == [1, 2]
     assert [s["step"] for s in seen if s["phase"] == "dp"] == list(range(1, card["steps"] + 1))
     assert card["public_pretraining"]["steps"] == 2 and "no ε" in card["public_pretraining"]["privacy"]
+    assert card["public_pretraining"]["focal_anomaly_rate"] == 0.0
+    assert card["ema_decay_last_step"] == round(min(card["ema_decay"], (1 + card["steps"]) / (10 + card["steps"])), 4)
     for key in (
         "labels",
         "image_size",

@@ -516,6 +516,7 @@ def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], 
         null_label=_null_id(run),
         seed=config.seed + 4,
         device=device,
+        anomaly_rate=preset.public_anomaly_rate,
         progress=report,
     )
     if cached is not None:
@@ -536,6 +537,7 @@ def prior_cache_path(config: TrainConfig, n_classes: int) -> Path | None:
         "unet": asdict(p.unet),
         "prediction": p.prediction,
         "prior": [p.public_prior, p.public_pretrain_steps, p.public_batch_size, p.public_learning_rate],
+        **({"anomaly_rate": p.public_anomaly_rate} if p.public_anomaly_rate else {}),  # old caches keep their keys
         "n_classes": n_classes,
         "seed": config.seed,
         "versions": _library_versions(),
@@ -729,8 +731,13 @@ def _conditions(run: _Run, patient_ids: torch.Tensor, k: int, gen: torch.Generat
     return encode(labels, sexes, ages, run.n_classes)
 
 
+def ema_decay_at(step: int, decay_max: float) -> float:
+    """The EMA decay applied after step ``step``: warm-up ``(1 + t) / (10 + t)`` up to the preset's decay."""
+    return min(decay_max, (1 + step) / (10 + step))
+
+
 def _update_ema(state: _State, params: dict[str, torch.nn.Parameter], decay_max: float) -> None:
-    decay = min(decay_max, (1 + state.step) / (10 + state.step))
+    decay = ema_decay_at(state.step, decay_max)
     with torch.no_grad():
         for name, p in params.items():
             state.ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
@@ -839,6 +846,7 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
                 "data": PUBLIC_PRIOR_DESCRIPTION[dims],
                 "steps": preset.public_pretrain_steps,
                 "batch_size": preset.public_batch_size,
+                "focal_anomaly_rate": preset.public_anomaly_rate,
                 "privacy": "public data about no patient: spends no ε",
             }
             if preset.public_prior == "mni152" and preset.public_pretrain_steps > 0
@@ -846,6 +854,7 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
         ),
         "prediction_type": preset.prediction,
         "ema_decay": preset.ema_decay,
+        "ema_decay_last_step": round(ema_decay_at(state.step, preset.ema_decay), 4) if state.step else None,
         "sampler": {"solver": "dpmsolver++", "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
         "store_id": store.store_id,
         "training_inputs_digest": run.digest,

@@ -37,6 +37,7 @@ class Preset:
     public_pretrain_steps: int = 400
     public_batch_size: int = 64
     public_learning_rate: float = 2e-3
+    public_anomaly_rate: float = 0.0  # share of prior slices with generic focal anomalies (train.public_prior; 2-D)
     generator: str = "diffusion-2d"  # the generator kind trained: "diffusion-2d" (slices) or "diffusion-3d"
     extra: dict = field(default_factory=dict)
 
@@ -163,6 +164,10 @@ def get_preset(name: str, **overrides: object) -> Preset:
         raise InvalidInput(f"unknown prediction {preset.prediction!r}; choose sample, v_prediction or epsilon")
     if preset.public_prior not in ("mni152", "none"):
         raise InvalidInput(f"unknown public prior {preset.public_prior!r}; choose 'mni152' or 'none'")
+    if not 0.0 <= preset.public_anomaly_rate <= 1.0:
+        raise InvalidInput("--public-anomaly-rate must lie in [0, 1]")
+    if preset.public_anomaly_rate and (preset.spatial_dims != 2 or preset.public_prior != "mni152"):
+        raise InvalidInput("--public-anomaly-rate applies to the 2-D mni152 public prior only")
     if preset.noise_multiplicity < 1:
         raise InvalidInput("--noise-multiplicity must be at least 1")
     if preset.slices_per_patient < 1:

@@ -6,6 +6,13 @@ label-specific findings). Slices (or, for 3-D models, the whole volume) are take
 augmented on the fly with random affine and elastic warps, intensity gamma/scale and noise; they are trained
 as the *null* class because they carry no label. Use it for brain MRI; pass ``--public-prior none`` for other
 anatomy.
+
+Optionally (``public_anomaly_rate`` > 0, 2-D only) a share of the prior's slices also gets generic *focal
+anomalies*: one or two soft-edged, irregular patches of a random intensity inside the brain, the kind of synthetic
+anomaly that self-supervised anomaly detection trains on. They come from no patient and from no cohort's own
+generator; they teach the public body to draw focal findings, so that DP training only has to learn which labels
+carry them. They help cohorts whose findings are focal (tumours, lesions, infarcts) and say nothing about diffuse
+ones (atrophy, say).
 """
 
 from __future__ import annotations
@@ -75,6 +82,35 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return (x * 2.0 - 1.0).clamp(-1.0, 1.0)
 
 
+def add_focal_anomalies(images: torch.Tensor, generator: torch.Generator, rate: float) -> torch.Tensor:
+    """Generic focal anomalies on slices ``(B, 1, H, W)`` in [-1, 1]: each slice, with probability ``rate``, gets
+    one patch (a second with probability 0.3) — an ellipse of random size (4–16 % of the side), aspect and angle,
+    its outline roughened by smooth noise and its edge soft — blended toward a random intensity in [-1, 1] with
+    a random opacity, and only where the slice shows tissue. Slices left alone are returned unchanged."""
+    b, _, h, w = images.shape
+    out = images.clone()
+    tissue = (images > -0.8).float()
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    chosen = torch.rand(b, generator=generator) < rate
+    for active in (chosen, chosen & (torch.rand(b, generator=generator) < 0.3)):
+        weights = tissue.flatten(1) + 1e-6  # a slice with no tissue still draws a centre (and changes nothing)
+        centre = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        cy, cx = (centre // w).float(), (centre % w).float()
+        radius = (0.04 + 0.12 * torch.rand(b, 2, generator=generator)) * min(h, w)
+        angle = torch.rand(b, generator=generator) * math.pi
+        cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+        dy, dx = ys - cy[:, None, None], xs - cx[:, None, None]
+        u, v = (dx * cos + dy * sin) / radius[:, 0, None, None], (-dx * sin + dy * cos) / radius[:, 1, None, None]
+        rough = F.interpolate(torch.randn(b, 1, 4, 4, generator=generator), size=(h, w), mode="bicubic")[:, 0]
+        distance = torch.sqrt(u**2 + v**2) + 0.25 * rough
+        patch = torch.sigmoid((1.0 - distance) / 0.12) * tissue[:, 0]
+        level = torch.rand(b, generator=generator) * 2.0 - 1.0
+        opacity = 0.5 + 0.5 * torch.rand(b, generator=generator)
+        alpha = (patch * (opacity * active)[:, None, None]).unsqueeze(1)
+        out = out * (1.0 - alpha) + level[:, None, None, None] * alpha
+    return out.clamp(-1.0, 1.0)
+
+
 def pretrain(
     model: torch.nn.Module,
     *,
@@ -87,10 +123,12 @@ def pretrain(
     null_label: int,
     seed: int,
     device: torch.device,
+    anomaly_rate: float = 0.0,
     progress: Callable[[int, float], None] | None = None,
 ) -> None:
     """Non-private denoising training on augmented public ``images`` (:func:`template_images`; null class), in
-    place. The learning rate follows a cosine decay to 10 %; the model ends holding the EMA of its iterates.
+    place, with :func:`add_focal_anomalies` on a share ``anomaly_rate`` of them. The learning rate follows a cosine
+    decay to 10 %; the model ends holding the EMA of its iterates.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
@@ -100,7 +138,10 @@ def pretrain(
         for group in optimizer.param_groups:
             group["lr"] = cosine_lr(learning_rate, step, steps)
         pick = torch.randint(0, len(images), (batch_size,), generator=generator)
-        batch = augment(images[pick], generator).to(device)
+        batch = augment(images[pick], generator)
+        if anomaly_rate > 0:
+            batch = add_focal_anomalies(batch, generator, anomaly_rate)
+        batch = batch.to(device)
         labels = torch.full((batch_size,), null_label, device=device)
         timesteps = draw_timesteps((batch_size,), len(alphas_cumprod), generator).to(device)  # uniform: every t
         noise = torch.randn(batch.shape, generator=generator).to(device)
