@@ -319,12 +319,6 @@ def train(
     public_pretrain_steps: Annotated[
         int | None, typer.Option(min=0, help="Steps of non-private pretraining on the public prior.")
     ] = None,
-    public_anomaly_rate: Annotated[
-        float | None,
-        typer.Option(
-            min=0.0, max=1.0, help="Share of public-prior slices given generic focal anomalies (2-D; no ε cost)."
-        ),
-    ] = None,
     prior_cache: Annotated[
         Path | None, typer.Option(help="Directory to reuse public-prior weights from (public data only).")
     ] = None,
@@ -385,7 +379,6 @@ def train(
         learning_rate=learning_rate,
         max_grad_norm=max_grad_norm,
         public_pretrain_steps=public_pretrain_steps,
-        public_anomaly_rate=public_anomaly_rate,
         public_prior=public_prior,
         prediction=prediction,
     )

@@ -165,9 +165,9 @@ def get_preset(name: str, **overrides: object) -> Preset:
     if preset.public_prior not in ("mni152", "none"):
         raise InvalidInput(f"unknown public prior {preset.public_prior!r}; choose 'mni152' or 'none'")
     if not 0.0 <= preset.public_anomaly_rate <= 1.0:
-        raise InvalidInput("--public-anomaly-rate must lie in [0, 1]")
+        raise InvalidInput("public_anomaly_rate must lie in [0, 1]")
     if preset.public_anomaly_rate and (preset.spatial_dims != 2 or preset.public_prior != "mni152"):
-        raise InvalidInput("--public-anomaly-rate applies to the 2-D mni152 public prior only")
+        raise InvalidInput("public_anomaly_rate applies to the 2-D mni152 public prior only")
     if preset.noise_multiplicity < 1:
         raise InvalidInput("--noise-multiplicity must be at least 1")
     if preset.slices_per_patient < 1:
