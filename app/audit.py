@@ -422,7 +422,7 @@ def _classifier_design(spatial_dims: int) -> str:
             "3-D, voxels standardised by its own training set, 3 conv blocks 16-32-64, GroupNorm, SiLU, global max "
             "pool, 64-d features"
         )
-    return "2-D, 3 conv blocks 16-32-64, GroupNorm, SiLU, global average pool, 64-d features"
+    return "2-D, 3 conv blocks 16-32-64, GroupNorm, SiLU, global max pool, 64-d features"
 
 
 def _utility(

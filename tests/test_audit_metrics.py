@@ -167,6 +167,26 @@ def test_classifier_learns_a_visible_label() -> None:
     assert untrained.auc == 0.5
 
 
+def test_slice_classifier_finds_a_small_lesion_anywhere_in_a_shared_anatomy() -> None:
+    """Slices: a faint 5-pixel blob at a random place in 32² slices that share their anatomy. Global max pooling
+    finds it in 200 steps; the average pooling it replaced scored 0.47 and 0.55 on these two cohorts."""
+    accuracies = []
+    for seed in (6, 8):
+        rng = np.random.default_rng(seed)
+        anatomy = np.kron(rng.normal(0, 0.3, size=(8, 8)), np.ones((4, 4)))
+        images = (anatomy + rng.normal(0, 0.1, size=(300, 1, 32, 32))).astype(np.float32)
+        labels = rng.integers(0, 2, size=300)
+        yy, xx = np.mgrid[:32, :32]
+        for i in np.flatnonzero(labels):
+            cy, cx = rng.integers(6, 26, size=2)
+            images[i, 0][(yy - cy) ** 2 + (xx - cx) ** 2 <= 2] += 0.8
+        images = np.clip(images, -1, 1)
+        model = clf.train_classifier(images[:240], labels[:240], 2, steps=200, batch_size=32)
+        probs, _ = clf.predict(model, images[240:])
+        accuracies.append(clf.score(probs, labels[240:]).accuracy)
+    assert np.mean(accuracies) > 0.85, accuracies
+
+
 def test_volume_classifier_finds_a_small_lesion_anywhere_in_a_shared_anatomy() -> None:
     """Volumes: a small blob at a random place in 16³ heads that share their anatomy (the demo's situation)."""
     rng = np.random.default_rng(6)
