@@ -40,8 +40,8 @@ def pooling(kind: str) -> Iterator[None]:
         clf.SmallCNN = shipped
 
 
-def score(train_x, train_y, test_x, test_y, seed: int, steps: int) -> clf.ClassifierScores:
-    model = clf.train_classifier(train_x, train_y, int(train_y.max()) + 1, steps=steps, seed=seed)
+def score(train_x, train_y, test_x, test_y, n_classes: int, seed: int, steps: int) -> clf.ClassifierScores:
+    model = clf.train_classifier(train_x, train_y, n_classes, steps=steps, seed=seed)
     probs, _ = clf.predict(model, test_x)
     return clf.score(probs, test_y)
 
@@ -56,25 +56,27 @@ def main() -> None:
     parser.add_argument("--holdout", action="store_true", help="also score the held-out patients (TRTR)")
     args = parser.parse_args()
 
-    train = CohortStore.open(args.store).read("train")
+    store = CohortStore.open(args.store)
+    n_classes = len(store.label_names)
+    train = store.read("train")
     x = np.ascontiguousarray(resize_split(train.images, args.size), dtype=np.float32)
     y = np.asarray(train.labels)
     patients = np.asarray(train.patients)
     unique = np.unique(patients)
     validation = np.isin(patients, np.random.default_rng(99).permutation(unique)[: len(unique) // 5])
     if args.holdout:
-        held = CohortStore.open(args.store).read("holdout")
+        held = store.read("holdout")
         hx = np.ascontiguousarray(resize_split(held.images, args.size), dtype=np.float32)
         hy = np.asarray(held.labels)
     for kind in args.pool:
         with pooling(kind):
             accuracies = []
             for seed in range(args.seeds):
-                val = score(x[~validation], y[~validation], x[validation], y[validation], seed, args.steps)
+                val = score(x[~validation], y[~validation], x[validation], y[validation], n_classes, seed, args.steps)
                 accuracies.append(val.accuracy)
                 line = f"{kind} seed {seed}: validation accuracy {val.accuracy:.3f} AUC {val.auc:.3f}"
                 if args.holdout:
-                    trtr = score(x, y, hx, hy, seed, args.steps)
+                    trtr = score(x, y, hx, hy, n_classes, seed, args.steps)
                     line += f"; held-out (TRTR) accuracy {trtr.accuracy:.3f} AUC {trtr.auc:.3f}"
                 print(line, flush=True)
             print(
