@@ -417,12 +417,8 @@ def _sex_fidelity(real: RealData, images: np.ndarray, requested: np.ndarray, fit
 
 # ------------------------------------------------------------------------------------------ utility
 def _classifier_design(spatial_dims: int) -> str:
-    if spatial_dims == 3:
-        return (
-            "3-D, voxels standardised by its own training set, 3 conv blocks 16-32-64, GroupNorm, SiLU, global max "
-            "pool, 64-d features"
-        )
-    return "2-D, 3 conv blocks 16-32-64, GroupNorm, SiLU, global max pool, 64-d features"
+    layers = "3 conv blocks 16-32-64, GroupNorm, SiLU, global max pool, 64-d features"
+    return f"3-D, voxels standardised by its own training set, {layers}" if spatial_dims == 3 else f"2-D, {layers}"
 
 
 def _utility(
