@@ -1,0 +1,184 @@
+"""A DP label critic as a sample filter: does keeping only the samples a DP classifier assigns to their label help?
+
+The critic is the audit's small CNN (``privacy_filters.audit_classifier.SmallCNN``):
+1. **public pretext** (no ε): trained to tell augmented MNI152 template slices from the same slices with generic
+   focal anomalies (``train.public_prior.add_focal_anomalies``: public data and a generic augmentation, never the
+   demo cohort's own lesion model);
+2. **patient-level DP-SGD** (ε_c): only its last two layers (``features``, ``head``: 4 290 parameters) are trained on
+   the store's training patients — Poisson sampling of patients at ``q = B / N̂``, ``m`` slices per patient averaged
+   before the patient's gradient is clipped to ``C``, Gaussian noise σC drawn from OS entropy; σ is solved so that
+   the critic alone spends ``--critic-epsilon``, and the composed ε of the model's own history plus the critic's
+   is printed (PRV accountant): the price of the filter in the one budget a privacy officer reads.
+3. The model generates ``--over`` × ``--n`` samples per label (public sample seed); the quick audit
+   (``bench_utility``: TSTR/TRTR, Fréchet ratios, MS-SSIM) scores the first ``n`` per label (unfiltered) and the
+   ``n`` per label the critic gives the highest probability of their own label (filtered).
+
+``--validate`` first scores the critic on a seeded fifth of the TRAINING patients (trained on the rest), never on
+the held-out patients. Runs on the demo store and prints accuracies computed from it: never on a hospital's store.
+
+    .venv/bin/python benchmarks/bench_label_critic.py --store demo/store --model MODEL_DIR --critic-epsilon 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_utility import score_columns, score_samples  # scripts run from benchmarks/, which Python puts on the path
+from torch.func import functional_call, grad, vmap
+
+from app.audit import AuditSettings, Synthetic, _load_real
+from generators.card import read_card
+from generators.registry import load_generator
+from privacy_filters import audit_classifier as clf
+from train.accounting import count_mechanism, epsilon_of, solve_noise_multiplier
+from train.dp_training import private_generator
+from train.preprocess import resize_split
+from train.public_prior import add_focal_anomalies, augment, template_images
+from train.store import CohortStore
+
+TUNED = ("features", "head")  # the critic's layers DP-SGD trains; the public pretext trained them all
+
+
+def public_pretext(size: int, steps: int, seed: int) -> clf.SmallCNN:
+    """Train the critic to tell template slices with generic focal anomalies from those without (public data)."""
+    torch.manual_seed(seed)
+    model = clf.SmallCNN(2)
+    images, generator = template_images(size), torch.Generator().manual_seed(seed)
+    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=2e-3, total_steps=steps)
+    for _ in range(steps):
+        batch = augment(images[torch.randint(0, len(images), (128,), generator=generator)], generator)
+        anomalous = torch.rand(128, generator=generator) < 0.5
+        batch = torch.where(anomalous.view(-1, 1, 1, 1), add_focal_anomalies(batch, generator, 1.0), batch)
+        loss = torch.nn.functional.cross_entropy(model(batch), anomalous.long())
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+    return model.eval()
+
+
+def dp_fine_tune(model: clf.SmallCNN, x: np.ndarray, y: np.ndarray, patients: np.ndarray, args, sigma: float) -> None:
+    """Patient-level DP-SGD of the ``TUNED`` layers in place (``q = batch / N̂``, m slices per patient)."""
+    frozen = {k: v.detach() for k, v in model.named_parameters() if not k.startswith(TUNED)}
+    frozen.update(dict(model.named_buffers()))
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters() if k.startswith(TUNED)}
+    images, targets = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+    rows = [np.flatnonzero(patients == p) for p in np.unique(patients)]
+    q = args.critic_batch / args.patients_estimate
+
+    def patient_loss(trainable, xs, ys):
+        return torch.nn.functional.cross_entropy(functional_call(model, (trainable, frozen), (xs,)), ys)
+
+    per_patient = vmap(grad(patient_loss), in_dims=(None, 0, 0))
+    optimiser = torch.optim.Adam(params.values(), lr=args.critic_lr)
+    gen = private_generator()  # Poisson masks, slice picks, augmentation and DP noise: OS entropy
+    for _ in range(args.critic_steps):
+        sampled = np.flatnonzero((torch.rand(len(rows), generator=gen) < q).numpy())
+        total = {k: torch.zeros_like(v) for k, v in params.items()}
+        for start in range(0, len(sampled), 128):
+            picks = np.stack(
+                [
+                    rows[i][torch.randint(0, len(rows[i]), (args.critic_m,), generator=gen).numpy()]
+                    for i in sampled[start : start + 128]
+                ]
+            )
+            xs = clf._augment(images[picks.reshape(-1)], gen).view(*picks.shape, *images.shape[1:])
+            grads = per_patient({k: v.detach() for k, v in params.items()}, xs, targets[picks])
+            norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
+            scale = (args.clip / (norms + 1e-6)).clamp(max=1.0)
+            for k in total:
+                total[k] += torch.einsum("b,b...->...", scale, grads[k])
+        for k, p in params.items():
+            p.grad = (total[k] + torch.randn(p.shape, generator=gen) * sigma * args.clip) / args.critic_batch
+        optimiser.step()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in params:
+                p.copy_(params[name])
+    model.eval()
+
+
+def trained_critic(x, y, patients, args, sigma: float) -> clf.SmallCNN:
+    critic = public_pretext(x.shape[-1], args.pretext_steps, args.seed)
+    dp_fine_tune(critic, x, y, patients, args, sigma)
+    return critic
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", type=Path, required=True)
+    parser.add_argument("--model", type=Path, required=True, help="a trained 2-D model directory")
+    parser.add_argument("--critic-epsilon", type=float, default=3.0)
+    parser.add_argument("--critic-steps", type=int, default=100)
+    parser.add_argument("--critic-batch", type=int, default=256, help="expected patients per DP step")
+    parser.add_argument("--critic-m", type=int, default=4, help="slices per sampled patient")
+    parser.add_argument("--critic-lr", type=float, default=5e-3)
+    parser.add_argument("--clip", type=float, default=1.0)
+    parser.add_argument("--pretext-steps", type=int, default=2000)
+    parser.add_argument("--n", type=int, default=300, help="samples per label scored")
+    parser.add_argument("--over", type=int, default=3, help="candidates per kept sample")
+    parser.add_argument("--sample-seed", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=7, help="public seed of the pretext task")
+    parser.add_argument("--validate", action="store_true", help="first score the critic on a fifth of train patients")
+    args = parser.parse_args()
+
+    card = read_card(args.model)
+    store = CohortStore.open(args.store)
+    args.patients_estimate = int(card.patients_estimate["value"])
+    train = store.read("train")
+    x = np.ascontiguousarray(resize_split(train.images, card.image_size), dtype=np.float32)
+    y, patients = np.asarray(train.labels), np.asarray(train.patients)
+    q = args.critic_batch / args.patients_estimate
+    count = count_mechanism(float(store.meta["patients_estimate"]["noise_std"]))
+    sigma = solve_noise_multiplier(
+        target_epsilon=args.critic_epsilon, delta=card.delta, sample_rate=q, steps=args.critic_steps, prior=[count]
+    )
+    critic_mechanism = (sigma, q, args.critic_steps)
+    composed = epsilon_of([*map(tuple, card.privacy_history), critic_mechanism], delta=card.delta)
+    print(
+        f"model ε {card.epsilon:.3f}; critic σ {sigma:.3f} (q {q:.3f}, {args.critic_steps} steps, alone ε "
+        f"{args.critic_epsilon}); composed ε {composed:.3f} at δ {card.delta:g}",
+        flush=True,
+    )
+
+    if args.validate:
+        unique = np.unique(patients)
+        val = np.isin(patients, np.random.default_rng(99).permutation(unique)[: len(unique) // 5])
+        started = time.perf_counter()
+        critic = trained_critic(x[~val], y[~val], patients[~val], args, sigma)
+        probs, _ = clf.predict(critic, x[val])
+        s = clf.score(probs, y[val])
+        print(
+            f"critic on validation patients: accuracy {s.accuracy:.3f} AUC {s.auc:.3f} "
+            f"({time.perf_counter() - started:.0f} s)",
+            flush=True,
+        )
+
+    critic = trained_critic(x, y, patients, args, sigma)
+    model = load_generator(args.model, device="cpu")
+    names = list(model.label_ids)
+    labels = [name for name in names for _ in range(args.n * args.over)]
+    images = model.generate(labels=labels, seed=args.sample_seed).images.numpy()
+    ids = np.array([model.label_ids[name] for name in labels])
+    probs, _ = clf.predict(critic, images)
+    own = probs[np.arange(len(ids)), ids]
+    first = np.concatenate([np.flatnonzero(ids == k)[: args.n] for k in range(len(names))])
+    best = np.concatenate(
+        [(idx := np.flatnonzero(ids == k))[np.argsort(-own[idx])][: args.n] for k in range(len(names))]
+    )
+    agree = {name: round(float((own[first][ids[first] == k] > 0.5).mean()), 3) for k, name in enumerate(names)}
+    print(f"critic agrees with the label of {agree} of the unfiltered samples", flush=True)
+    real = _load_real(store, model)
+    settings = AuditSettings(n=args.n, classifier_seeds=2)
+    for name, keep in (("unfiltered", first), ("critic-filtered", best)):
+        report = score_samples(real, Synthetic(images[keep], ids[keep]), names, settings, card.image_size, 2)
+        print(name, score_columns(report), flush=True)
+
+
+if __name__ == "__main__":
+    main()
