@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_utility import score_columns, score_samples  # scripts run from benchmarks/, which Python puts on the path
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.func import functional_call, grad, vmap
 
 from app.audit import AuditSettings, Synthetic, _load_real
 from generators.card import read_card
 from generators.registry import load_generator
 from privacy_filters import audit_classifier as clf
-from train.accounting import count_mechanism, epsilon_of, solve_noise_multiplier
-from train.dp_training import private_generator
+from train.accounting import count_mechanism, epsilon_of, plan_privacy
+from train.dp_training import make_dp_optimizer, private_generator
 from train.preprocess import resize_split
 from train.public_prior import add_focal_anomalies, augment, template_images
 from train.store import CohortStore
@@ -62,24 +63,28 @@ def public_pretext(size: int, steps: int, seed: int) -> clf.SmallCNN:
     return model.eval()
 
 
-def dp_fine_tune(model: clf.SmallCNN, x: np.ndarray, y: np.ndarray, patients: np.ndarray, args, sigma: float) -> None:
-    """Patient-level DP-SGD of the ``TUNED`` layers in place (``q = batch / N̂``, m slices per patient)."""
+def dp_fine_tune(model: clf.SmallCNN, x: np.ndarray, y: np.ndarray, patients: np.ndarray, args, plan) -> None:
+    """Patient-level DP-SGD of the ``TUNED`` layers in place: Opacus' Poisson sampler over patients and its DP
+    optimiser (``train.dp_training.make_dp_optimizer``: clip each patient to ``C``, add noise, average)."""
     frozen = {k: v.detach() for k, v in model.named_parameters() if not k.startswith(TUNED)}
     frozen.update(dict(model.named_buffers()))
-    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters() if k.startswith(TUNED)}
+    params = {k: p for k, p in model.named_parameters() if k.startswith(TUNED)}
     images, targets = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
     rows = [np.flatnonzero(patients == p) for p in np.unique(patients)]
-    q = args.critic_batch / args.patients_estimate
 
     def patient_loss(trainable, xs, ys):
         return torch.nn.functional.cross_entropy(functional_call(model, (trainable, frozen), (xs,)), ys)
 
     per_patient = vmap(grad(patient_loss), in_dims=(None, 0, 0))
-    optimiser = torch.optim.Adam(params.values(), lr=args.critic_lr)
     gen = private_generator()  # Poisson masks, slice picks, augmentation and DP noise: OS entropy
-    for _ in range(args.critic_steps):
-        sampled = np.flatnonzero((torch.rand(len(rows), generator=gen) < q).numpy())
-        total = {k: torch.zeros_like(v) for k, v in params.items()}
+    optimiser = make_dp_optimizer(
+        torch.optim.Adam(params.values(), lr=args.critic_lr), plan, max_grad_norm=args.clip, generator=gen
+    )
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(rows), sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
+    )
+    for sampled in sampler:
+        chunks = [[torch.zeros(0, *p.shape)] for p in params.values()]  # an empty Poisson batch still steps
         for start in range(0, len(sampled), 128):
             picks = np.stack(
                 [
@@ -88,24 +93,19 @@ def dp_fine_tune(model: clf.SmallCNN, x: np.ndarray, y: np.ndarray, patients: np
                 ]
             )
             xs = clf._augment(images[picks.reshape(-1)], gen).view(*picks.shape, *images.shape[1:])
-            grads = per_patient({k: v.detach() for k, v in params.items()}, xs, targets[picks])
-            norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))
-            scale = (args.clip / (norms + 1e-6)).clamp(max=1.0)
-            for k in total:
-                total[k] += torch.einsum("b,b...->...", scale, grads[k])
-        for k, p in params.items():
-            p.grad = (total[k] + torch.randn(p.shape, generator=gen) * sigma * args.clip) / args.critic_batch
+            grads = per_patient({k: p.detach() for k, p in params.items()}, xs, targets[picks])
+            for chunk, name in zip(chunks, params, strict=True):
+                chunk.append(grads[name])
+        for chunk, p in zip(chunks, params.values(), strict=True):
+            p.grad_sample = torch.cat(chunk)
         optimiser.step()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in params:
-                p.copy_(params[name])
+        optimiser.zero_grad(set_to_none=True)
     model.eval()
 
 
-def trained_critic(x, y, patients, args, sigma: float) -> clf.SmallCNN:
+def trained_critic(x, y, patients, args, plan) -> clf.SmallCNN:
     critic = public_pretext(x.shape[-1], args.pretext_steps, args.seed)
-    dp_fine_tune(critic, x, y, patients, args, sigma)
+    dp_fine_tune(critic, x, y, patients, args, plan)
     return critic
 
 
@@ -129,17 +129,19 @@ def main() -> None:
 
     card = read_card(args.model)
     store = CohortStore.open(args.store)
-    args.patients_estimate = int(card.patients_estimate["value"])
     train = store.read("train")
     x = np.ascontiguousarray(resize_split(train.images, card.image_size), dtype=np.float32)
     y, patients = np.asarray(train.labels), np.asarray(train.patients)
-    q = args.critic_batch / args.patients_estimate
-    count = count_mechanism(float(store.meta["patients_estimate"]["noise_std"]))
-    sigma = solve_noise_multiplier(
-        target_epsilon=args.critic_epsilon, delta=card.delta, sample_rate=q, steps=args.critic_steps, prior=[count]
+    plan = plan_privacy(
+        target_epsilon=args.critic_epsilon,
+        delta=card.delta,
+        patients_estimate=int(card.patients_estimate["value"]),
+        batch_size=args.critic_batch,
+        steps=args.critic_steps,
+        prior=[count_mechanism(float(card.patients_estimate["noise_std"]))],
     )
-    critic_mechanism = (sigma, q, args.critic_steps)
-    composed = epsilon_of([*map(tuple, card.privacy_history), critic_mechanism], delta=card.delta)
+    sigma, q = plan.noise_multiplier, plan.sample_rate
+    composed = epsilon_of([*map(tuple, card.privacy_history), (sigma, q, plan.steps)], delta=card.delta)
     print(
         f"model ε {card.epsilon:.3f}; critic σ {sigma:.3f} (q {q:.3f}, {args.critic_steps} steps, alone ε "
         f"{args.critic_epsilon}); composed ε {composed:.3f} at δ {card.delta:g}",
@@ -150,7 +152,7 @@ def main() -> None:
         unique = np.unique(patients)
         val = np.isin(patients, np.random.default_rng(99).permutation(unique)[: len(unique) // 5])
         started = time.perf_counter()
-        critic = trained_critic(x[~val], y[~val], patients[~val], args, sigma)
+        critic = trained_critic(x[~val], y[~val], patients[~val], args, plan)
         probs, _ = clf.predict(critic, x[val])
         s = clf.score(probs, y[val])
         print(
@@ -159,7 +161,7 @@ def main() -> None:
             flush=True,
         )
 
-    critic = trained_critic(x, y, patients, args, sigma)
+    critic = trained_critic(x, y, patients, args, plan)
     model = load_generator(args.model, device="cpu")
     names = list(model.label_ids)
     labels = [name for name in names for _ in range(args.n * args.over)]
