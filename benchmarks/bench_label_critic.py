@@ -22,6 +22,7 @@ the held-out patients. Runs on the demo store and prints accuracies computed fro
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from generators.card import read_card
 from generators.registry import load_generator
 from privacy_filters import audit_classifier as clf
 from train.accounting import count_mechanism, epsilon_of, plan_privacy
-from train.dp_training import make_dp_optimizer, private_generator
+from train.dp_training import PatientSlices, make_dp_optimizer, private_generator
 from train.preprocess import resize_split
 from train.public_prior import add_focal_anomalies, augment, template_images
 from train.store import CohortStore
@@ -70,7 +71,7 @@ def dp_fine_tune(model: clf.SmallCNN, x: np.ndarray, y: np.ndarray, patients: np
     frozen.update(dict(model.named_buffers()))
     params = {k: p for k, p in model.named_parameters() if k.startswith(TUNED)}
     images, targets = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-    rows = [np.flatnonzero(patients == p) for p in np.unique(patients)]
+    slices = PatientSlices(patients, y)
 
     def patient_loss(trainable, xs, ys):
         return torch.nn.functional.cross_entropy(functional_call(model, (trainable, frozen), (xs,)), ys)
@@ -81,17 +82,12 @@ def dp_fine_tune(model: clf.SmallCNN, x: np.ndarray, y: np.ndarray, patients: np
         torch.optim.Adam(params.values(), lr=args.critic_lr), plan, max_grad_norm=args.clip, generator=gen
     )
     sampler = UniformWithReplacementSampler(
-        num_samples=len(rows), sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
+        num_samples=slices.n_patients, sample_rate=plan.sample_rate, generator=gen, steps=plan.steps
     )
     for sampled in sampler:
         chunks = [[torch.zeros(0, *p.shape)] for p in params.values()]  # an empty Poisson batch still steps
         for start in range(0, len(sampled), 128):
-            picks = np.stack(
-                [
-                    rows[i][torch.randint(0, len(rows[i]), (args.critic_m,), generator=gen).numpy()]
-                    for i in sampled[start : start + 128]
-                ]
-            )
+            picks = slices.pick(torch.as_tensor(sampled[start : start + 128]), gen, m=args.critic_m).numpy()
             xs = clf._augment(images[picks.reshape(-1)], gen).view(*picks.shape, *images.shape[1:])
             grads = per_patient({k: p.detach() for k, p in params.items()}, xs, targets[picks])
             for chunk, name in zip(chunks, params, strict=True):
@@ -103,8 +99,9 @@ def dp_fine_tune(model: clf.SmallCNN, x: np.ndarray, y: np.ndarray, patients: np
     model.eval()
 
 
-def trained_critic(x, y, patients, args, plan) -> clf.SmallCNN:
-    critic = public_pretext(x.shape[-1], args.pretext_steps, args.seed)
+def trained_critic(pretext: clf.SmallCNN, x, y, patients, args, plan) -> clf.SmallCNN:
+    """A copy of the public ``pretext`` critic, DP fine-tuned on ``x``."""
+    critic = copy.deepcopy(pretext)
     dp_fine_tune(critic, x, y, patients, args, plan)
     return critic
 
@@ -147,12 +144,13 @@ def main() -> None:
         f"{args.critic_epsilon}); composed ε {composed:.3f} at δ {card.delta:g}",
         flush=True,
     )
+    pretext = public_pretext(x.shape[-1], args.pretext_steps, args.seed)  # public: trained once, copied per use
 
     if args.validate:
         unique = np.unique(patients)
         val = np.isin(patients, np.random.default_rng(99).permutation(unique)[: len(unique) // 5])
         started = time.perf_counter()
-        critic = trained_critic(x[~val], y[~val], patients[~val], args, plan)
+        critic = trained_critic(pretext, x[~val], y[~val], patients[~val], args, plan)
         probs, _ = clf.predict(critic, x[val])
         s = clf.score(probs, y[val])
         print(
@@ -161,7 +159,7 @@ def main() -> None:
             flush=True,
         )
 
-    critic = trained_critic(x, y, patients, args, plan)
+    critic = trained_critic(pretext, x, y, patients, args, plan)
     model = load_generator(args.model, device="cpu")
     names = list(model.label_ids)
     labels = [name for name in names for _ in range(args.n * args.over)]
