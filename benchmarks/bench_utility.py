@@ -122,6 +122,23 @@ RECIPES: dict[str, dict] = {
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4},
     "lora4-lr2e-3": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4, "learning_rate": 2e-3},
+    # a class-aware public prior: half its slices get generic focal anomalies and train under a second public
+    # condition; labels start halfway between it and the null (normal) condition. DP then trains the label
+    # embeddings only (a few hundred parameters: high signal-to-noise, larger steps) or every parameter
+    "anomaly-class-labels": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "public_anomaly_class": True,
+        "label_init": "midpoint",
+        "trainable": "labels",
+        "learning_rate": 1e-2,
+    },
+    "anomaly-class": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "public_anomaly_class": True,
+        "label_init": "midpoint",
+    },
     # volumes (store from ingest --dims 3 --size 32): cpu-3d with 4× the steps at the same epochs and ε
     # (q = 0.04, ≈ 200 steps, σ 0.72) and focused timesteps
     "3d-logit-normal-batch32": {"preset": "cpu-3d", "timestep_sampling": "logit-normal", "batch_size": 32},
@@ -135,6 +152,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--recipe", action="append", required=True, help=f"one of {sorted(RECIPES)} (repeat)")
     parser.add_argument("--set", action="append", default=[], help="extra preset override KEY=JSON for every recipe")
     parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument(
+        "--no-dp", action="store_true", help="train WITHOUT DP (same steps, no clipping or noise): the recipe's ceiling"
+    )
     parser.add_argument("--quick", action="store_true", help="utility and fidelity only (ranking runs)")
     parser.add_argument("--n", type=int, default=500, help="samples per label in the audit")
     parser.add_argument("--guidance", type=float, default=None, help="sampler guidance for --quick (default: card)")
@@ -238,7 +258,8 @@ def main() -> None:
             store=args.store,
             out=model_dir,
             preset=preset,
-            epsilon=args.epsilon,
+            epsilon=None if args.no_dp else args.epsilon,
+            dp=not args.no_dp,
             prior_cache=args.out / "priors",
             allow_over_budget=True,
             force=not args.reuse,
