@@ -122,23 +122,6 @@ RECIPES: dict[str, dict] = {
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4},
     "lora4-lr2e-3": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4, "learning_rate": 2e-3},
-    # a class-aware public prior: half its slices get generic focal anomalies and train under a second public
-    # condition; labels start halfway between it and the null (normal) condition. DP then trains the label
-    # embeddings only (a few hundred parameters: high signal-to-noise, larger steps) or every parameter
-    "anomaly-class-labels": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "public_anomaly_class": True,
-        "label_init": "midpoint",
-        "trainable": "labels",
-        "learning_rate": 1e-2,
-    },
-    "anomaly-class": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "public_anomaly_class": True,
-        "label_init": "midpoint",
-    },
     # volumes (store from ingest --dims 3 --size 32): cpu-3d with 4× the steps at the same epochs and ε
     # (q = 0.04, ≈ 200 steps, σ 0.72) and focused timesteps
     "3d-logit-normal-batch32": {"preset": "cpu-3d", "timestep_sampling": "logit-normal", "batch_size": 32},

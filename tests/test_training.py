@@ -34,18 +34,17 @@ from train.accounting import (
     public_default_delta,
 )
 from train.dp_training import (
-    PRIOR_ANOMALY_ROW,
     PatientSlices,
     TrainConfig,
     ensure_private_ok,
     make_dp_optimizer,
     read_training_record,
-    start_labels,
+    start_labels_at_null,
     train_model,
 )
 from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
 from train.presets import PRESETS, get_preset
-from train.public_prior import add_focal_anomalies, pretrain, template_images
+from train.public_prior import add_focal_anomalies, template_images
 from train.store import CohortStore
 from train.trainable import count_parameters, freeze_except, merged_weights, prepare_trainable, trainable_names
 
@@ -178,17 +177,17 @@ def test_labels_start_at_the_null_class_so_conditional_equals_unconditional() ->
     null = torch.full((3,), 2)
     differs = model(x, t, class_labels=torch.tensor([0, 1, 0])).sample - model(x, t, class_labels=null).sample
     assert differs.abs().max() > 1e-3  # random label embeddings: labels change the prediction
-    start_labels(model, 2)
+    start_labels_at_null(model, 2)
     same = model(x, t, class_labels=torch.tensor([0, 1, 0])).sample - model(x, t, class_labels=null).sample
     assert same.abs().max() == 0
 
 
 def test_frozen_parameters_never_change_and_accounting_is_the_same(demo_store, tmp_path: Path) -> None:
     """A DP run that trains only the conditioning set leaves every other weight at its public initial value,
-    moves the trainable ones, and spends exactly what full training spends (same q, σ and steps); so do a run
-    that trains the label table alone and a LoRA run, whose released weights move by low-rank matrices only."""
+    moves the trainable ones, and spends exactly what full training spends (same q, σ and steps); so does a
+    LoRA run, whose released weights move by low-rank matrices only."""
     cards, weights = {}, {}
-    for which in ("all", "conditioning", "lora", "labels"):
+    for which in ("all", "conditioning", "lora"):
         rank = {"lora_rank": 2} if which == "lora" else {}
         preset = tiny_preset(public_prior="none", trainable=which, slices_per_patient=2, **rank)
         config = TrainConfig(
@@ -215,9 +214,6 @@ def test_frozen_parameters_never_change_and_accounting_is_the_same(demo_store, t
     assert (a["sample_rate"], a["noise_multiplier"], a["steps"]) == (c["sample_rate"], c["noise_multiplier"], 3)
     assert c["trainable_parameters"]["set"] == "conditioning" and c["slices_per_patient"] == 2
     assert 0 < c["trainable_parameters"]["trained"] < a["trainable_parameters"]["trained"]
-    labels = cards["labels"]  # the label table alone: nothing else moves, the same accounting
-    assert labels["privacy_history"] == a["privacy_history"] and labels["trainable_parameters"]["trained"] == 3 * 32
-    assert [n for n in start if not torch.equal(weights["labels"][n], start[n])] == ["class_embedding.weight"]
     # LoRA: the same accounting; the released weights are the plain network's, each adapted layer moved by a
     # matrix of rank ≤ r (B·A merged in), the layers without adapters (conv_in, conv_out) untouched
     lora = cards["lora"]
@@ -444,38 +440,6 @@ def test_focal_anomalies_of_the_public_prior_stay_inside_tissue_and_only_where_c
         get_preset("cpu-small", public_anomaly_rate=1.5)
     with pytest.raises(InvalidInput, match="2-D mni152 public prior only"):
         get_preset("cpu-3d", public_anomaly_rate=0.5)
-
-
-def test_a_public_anomaly_condition_trains_its_own_row_and_labels_start_between_the_two() -> None:
-    """The prior's anomalous half trains the scratch row and the normal half the null row (the other label row gets
-    no gradient); "midpoint" then starts every label halfway between them. The presets refuse combinations
-    where the scratch row would survive as a label or there is no second condition."""
-    torch.manual_seed(0)
-    model = build_unet(image_size=16, n_classes=2, size=TINY)
-    use_plain_attention(model)
-    before = model.class_embedding.weight.detach().clone()
-    alphas = noise_schedule(training_scheduler("sample"))
-    pretrain(
-        model, images=template_images(16), steps=3, batch_size=8, learning_rate=1e-2, alphas_cumprod=alphas,
-        prediction="sample", null_label=2, seed=0, device=torch.device("cpu"), anomaly_label=PRIOR_ANOMALY_ROW,
-    )  # fmt: skip
-    after = model.class_embedding.weight.detach().clone()
-    assert PRIOR_ANOMALY_ROW == 0 and torch.equal(after[1], before[1])
-    assert not torch.equal(after[0], before[0]) and not torch.equal(after[2], before[2])
-    start_labels(model, 2, midpoint=True)
-    table = model.class_embedding.weight.detach()
-    assert torch.equal(table[0], table[1]) and torch.equal(table[2], after[2])
-    torch.testing.assert_close(table[0], (after[0] + after[2]) / 2)
-    preset = get_preset("cpu-small", public_anomaly_class=True, label_init="midpoint", trainable="labels")
-    assert preset.public_anomaly_class and trainable_names(model, "labels") == ["class_embedding.weight"]
-    with pytest.raises(InvalidInput, match="label_init 'null' or 'midpoint'"):
-        get_preset("cpu-small", public_anomaly_class=True)  # random labels would keep the scratch row
-    with pytest.raises(InvalidInput, match="needs public_anomaly_class"):
-        get_preset("cpu-small", label_init="midpoint")
-    with pytest.raises(InvalidInput, match="2-D mni152"):
-        get_preset("cpu-3d", public_anomaly_class=True, label_init="null")
-    with pytest.raises(InvalidInput, match="2-D mni152"):
-        get_preset("cpu-small", public_anomaly_class=True, label_init="null", public_prior="none")
 
 
 def test_one_slice_per_sampled_patient_with_several_scans(demo_store) -> None:

@@ -436,8 +436,8 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
     torch.manual_seed(config.seed)
     model = build_network(preset, run.n_classes, config.covariates).to(device)
     pretrain_seconds = _public_prior(run, model, progress)
-    if preset.label_init != "random" and not config.resume:
-        start_labels(model, null_class(run.n_classes), midpoint=preset.label_init == "midpoint")
+    if preset.label_init == "null" and not config.resume:
+        start_labels_at_null(model, null_class(run.n_classes))
     # the prior trained everything; DP-SGD trains this set (LoRA adapters are added here, at zero)
     trainable = prepare_trainable(model, preset.trainable, preset.lora_rank)
     base_optimizer = torch.optim.Adam(trainable.values(), lr=preset.learning_rate)
@@ -479,24 +479,15 @@ def wrap_generator(preset: Preset, network: torch.nn.Module, card: ModelCard, de
     return DiffusionModel(network, scheduler_config, card, device=device)  # type: ignore[arg-type]
 
 
-# the label row the public prior's anomalous condition trains in (public_anomaly_class): scratch, because every
-# label row is set by start_labels before DP training starts
-PRIOR_ANOMALY_ROW = 0
-
-
-def start_labels(model: torch.nn.Module, null: int, *, midpoint: bool = False) -> None:
+def start_labels_at_null(model: torch.nn.Module, null: int) -> None:
     """Give every label the null class's embedding (public: the prior trained only the null class), so DP
-    training starts from a model whose conditional samples are the prior's and learns only what labels add; with
-    ``midpoint``, the embedding halfway between the prior's null (normal) and anomalous conditions instead."""
+    training starts from a model whose conditional samples are the prior's and learns only what labels add."""
     if isinstance(model.class_embedding, ConditionEmbedding):
-        if midpoint:
-            raise InvalidInput("label_init 'midpoint' does not apply to covariate-conditioned models")
         model.class_embedding.start_at_null()
         return
     with torch.no_grad():
         table = model.class_embedding.weight  # type: ignore[union-attr]
-        start = (table[null] + table[PRIOR_ANOMALY_ROW]) / 2 if midpoint else table[null].clone()
-        table[:null] = start
+        table.copy_(table[null].expand_as(table))
 
 
 def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], None] | None) -> float:
@@ -526,7 +517,6 @@ def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], 
         seed=config.seed + 4,
         device=device,
         anomaly_rate=preset.public_anomaly_rate,
-        anomaly_label=PRIOR_ANOMALY_ROW if preset.public_anomaly_class else None,
         progress=report,
     )
     if cached is not None:
@@ -548,7 +538,6 @@ def prior_cache_path(config: TrainConfig, n_classes: int) -> Path | None:
         "prediction": p.prediction,
         "prior": [p.public_prior, p.public_pretrain_steps, p.public_batch_size, p.public_learning_rate],
         **({"anomaly_rate": p.public_anomaly_rate} if p.public_anomaly_rate else {}),  # old caches keep their keys
-        **({"anomaly_class": True} if p.public_anomaly_class else {}),
         "n_classes": n_classes,
         "seed": config.seed,
         "versions": _library_versions(),
@@ -858,7 +847,6 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
                 "steps": preset.public_pretrain_steps,
                 "batch_size": preset.public_batch_size,
                 "focal_anomaly_rate": preset.public_anomaly_rate,
-                "anomaly_condition": preset.public_anomaly_class,
                 "privacy": "public data about no patient: spends no ε",
             }
             if preset.public_prior == "mni152" and preset.public_pretrain_steps > 0

@@ -28,8 +28,7 @@ class Preset:
     trainable: str = "all"  # parameter set DP-SGD trains after the public prior (train.trainable)
     lora_rank: int = 4  # rank of the adapters when trainable == "lora"
     slices_per_patient: int = 1  # m: slices of each sampled patient averaged before clipping (no ε cost)
-    label_init: str = "random"  # "null": labels start with the null class's (public prior) embedding; "midpoint":
-    # halfway between the prior's normal (null) and anomalous conditions (public_anomaly_class only)
+    label_init: str = "random"  # "null": labels start with the null class's (public prior) embedding
     timestep_sampling: str = "uniform"  # of the DP draws; "logit-normal" favours mid noise (generators.diffusion)
     timestep_mean: float = 0.0  # logit-normal's focus: z ~ N(mean, 1); > 0 toward high noise, < 0 toward low
     prediction: str = "sample"  # x0-prediction: smooth samples at small training budgets (see BENCHMARKS.md)
@@ -39,7 +38,6 @@ class Preset:
     public_batch_size: int = 64
     public_learning_rate: float = 2e-3
     public_anomaly_rate: float = 0.0  # share of prior slices with generic focal anomalies (train.public_prior; 2-D)
-    public_anomaly_class: bool = False  # the prior's anomalous slices train as a second public condition (2-D)
     generator: str = "diffusion-2d"  # the generator kind trained: "diffusion-2d" (slices) or "diffusion-3d"
     extra: dict = field(default_factory=dict)
 
@@ -170,22 +168,12 @@ def get_preset(name: str, **overrides: object) -> Preset:
         raise InvalidInput("public_anomaly_rate must lie in [0, 1]")
     if preset.public_anomaly_rate and (preset.spatial_dims != 2 or preset.public_prior != "mni152"):
         raise InvalidInput("public_anomaly_rate applies to the 2-D mni152 public prior only")
-    if preset.public_anomaly_class and (
-        preset.spatial_dims != 2 or preset.public_prior != "mni152" or preset.public_anomaly_rate
-    ):
-        raise InvalidInput("public_anomaly_class applies to the 2-D mni152 public prior, without public_anomaly_rate")
-    if preset.public_anomaly_class and preset.label_init not in ("null", "midpoint"):
-        raise InvalidInput(
-            "public_anomaly_class needs label_init 'null' or 'midpoint' (its scratch row is not a label)"
-        )
-    if preset.label_init == "midpoint" and not preset.public_anomaly_class:
-        raise InvalidInput("label_init 'midpoint' needs public_anomaly_class (there is no second condition otherwise)")
     if preset.noise_multiplicity < 1:
         raise InvalidInput("--noise-multiplicity must be at least 1")
     if preset.slices_per_patient < 1:
         raise InvalidInput("--slices-per-patient must be at least 1")
-    if preset.label_init not in ("random", "null", "midpoint"):
-        raise InvalidInput(f"unknown label init {preset.label_init!r}; choose 'random', 'null' or 'midpoint'")
+    if preset.label_init not in ("random", "null"):
+        raise InvalidInput(f"unknown label init {preset.label_init!r}; choose 'random' or 'null'")
     if preset.timestep_sampling not in TIMESTEP_SAMPLING:
         raise InvalidInput(
             f"unknown timestep sampling {preset.timestep_sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLING)}"

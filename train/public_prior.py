@@ -13,12 +13,6 @@ anomaly that self-supervised anomaly detection trains on. They come from no pati
 generator; the idea was to teach the public body to draw focal findings so that DP training only has to learn
 which labels carry them. Measured on the demo cohort it does the opposite (BENCHMARKS.md): the healthy label
 learns "no anomaly" as "no dark structure at all", so no preset turns it on.
-
-``public_anomaly_class`` (2-D only) keeps the two apart instead: half of the prior's slices get the same generic
-anomalies and train under a second public condition, so the body learns a *normal* mode (the null class) and an
-*anomalous* one (a scratch label row). Labels then start between the two (``label_init="midpoint"``) and DP training
-learns which label sits where. This fits cohorts whose labels are normal vs focal findings; it presumes nothing
-about which label is which, but a generic-blob prior suits blob-like findings best (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -130,13 +124,11 @@ def pretrain(
     seed: int,
     device: torch.device,
     anomaly_rate: float = 0.0,
-    anomaly_label: int | None = None,
     progress: Callable[[int, float], None] | None = None,
 ) -> None:
     """Non-private denoising training on augmented public ``images`` (:func:`template_images`; null class), in
-    place, with :func:`add_focal_anomalies` on a share ``anomaly_rate`` of them; with ``anomaly_label``, on half of
-    each batch instead, which then trains under that label. The learning rate follows a cosine decay to 10 %; the
-    model ends holding the EMA of its iterates.
+    place, with :func:`add_focal_anomalies` on a share ``anomaly_rate`` of them. The learning rate follows a cosine
+    decay to 10 %; the model ends holding the EMA of its iterates.
     """
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
@@ -147,14 +139,10 @@ def pretrain(
             group["lr"] = cosine_lr(learning_rate, step, steps)
         pick = torch.randint(0, len(images), (batch_size,), generator=generator)
         batch = augment(images[pick], generator)
-        labels = torch.full((batch_size,), null_label)
-        if anomaly_label is not None:
-            anomalous = torch.rand(batch_size, generator=generator) < 0.5
-            batch[anomalous] = add_focal_anomalies(batch[anomalous], generator, 1.0)
-            labels[anomalous] = anomaly_label
-        elif anomaly_rate > 0:
+        if anomaly_rate > 0:
             batch = add_focal_anomalies(batch, generator, anomaly_rate)
-        batch, labels = batch.to(device), labels.to(device)
+        batch = batch.to(device)
+        labels = torch.full((batch_size,), null_label, device=device)
         timesteps = draw_timesteps((batch_size,), len(alphas_cumprod), generator).to(device)  # uniform: every t
         noise = torch.randn(batch.shape, generator=generator).to(device)
         loss = denoising_loss(model, batch, labels, timesteps, noise, alphas_cumprod, prediction)

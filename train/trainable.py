@@ -28,8 +28,6 @@ TRAINABLE_SETS = {
     "layers (DP-LDM style)",
     "embeddings": "class and time embeddings, every block's time/class projection and normalisation layers "
     "(feature-wise modulation only)",
-    "labels": "the label embedding table only (the body stays the public prior's: fits a prior that already draws "
-    "what the labels differ by, e.g. public_anomaly_class)",
     "lora": "low-rank adapters (LoRA, rank lora_rank) on every convolution, attention projection and time "
     "projection of the UNet's blocks, plus the label embeddings and normalisation layers; merged into the weights "
     "when training ends",
@@ -37,7 +35,6 @@ TRAINABLE_SETS = {
 _PATTERNS = {
     "conditioning": r"^class_embedding\.|^time_embedding\.|\.time_emb_proj\.|\.attentions\.|norm",
     "embeddings": r"^class_embedding\.|^time_embedding\.|\.time_emb_proj\.|norm",
-    "labels": r"^class_embedding\.",
     "lora": r"\.lora_[AB]\.|^class_embedding\.|norm",
 }
 # the layers that get adapters: the blocks' convolutions, attention projections and time projections
