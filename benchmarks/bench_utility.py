@@ -6,8 +6,9 @@
 Every recipe starts from the same store, public seed and public prior (cached under ``--out/priors``, public
 data only) and changes one lever of the preset (``RECIPES``). ``--quick`` replaces the full audit by its
 utility and fidelity stages (fewer samples, no filter, no attacks) to rank recipes; run the winner without it.
-Rows are appended to ``--out/results.jsonl`` and printed as Markdown. Runs on a demo store spend its privacy
-budget many times over (``allow_over_budget``): this is a benchmark, not a release.
+``--no-dp`` trains the same recipe with the same steps but without clipping or noise: the ceiling no DP lever
+can lift it above. Rows are appended to ``--out/results.jsonl`` and printed (JSON, one per line). Runs on a demo
+store spend its privacy budget many times over (``allow_over_budget``): this is a benchmark, not a release.
 """
 
 from __future__ import annotations
