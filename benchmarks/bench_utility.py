@@ -123,8 +123,9 @@ RECIPES: dict[str, dict] = {
     # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
     "lora4": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4},
     "lora4-lr2e-3": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4, "learning_rate": 2e-3},
-    # volumes (store from ingest --dims 3 --size 32): cpu-3d with 4× the steps at the same epochs and ε
-    # (q = 0.04, ≈ 200 steps, σ 0.72) and focused timesteps
+    # volumes (store from ingest --dims 3 --size 32): cpu-3d as shipped, and cpu-3d with 4× the steps at the same
+    # epochs and ε (q = 0.04, ≈ 200 steps, σ 0.72) and focused timesteps
+    "3d-baseline": {"preset": "cpu-3d"},
     "3d-logit-normal-batch32": {"preset": "cpu-3d", "timestep_sampling": "logit-normal", "batch_size": 32},
 }
 
