@@ -139,9 +139,12 @@ def test_approximate_indexes_and_numpy_fallback_agree_on_canaries(split_holdout)
     numpy_d, numpy_ids = NearestNeighbourIndex(emb.dim, "numpy").build(vectors).search(queries)
     np.testing.assert_allclose(numpy_d, exact_d, rtol=1e-3, atol=1e-4)
     assert np.mean(numpy_ids == exact_ids) > 0.99
+    caught_below = exact_d[100:].min()  # every canary must sit closer than the nearest unseen patient
     for kind in ("ivf", "hnsw"):
-        _, ids = NearestNeighbourIndex(emb.dim, kind).build(vectors).search(queries[:100])
-        assert np.array_equal(ids, exact_ids[:100]), kind  # recall 1.0 on canaries
+        d, ids = NearestNeighbourIndex(emb.dim, kind).build(vectors).search(queries[:100])
+        # approximate: a multi-threaded HNSW build may return a near-identical neighbour (an adjacent slice)
+        assert np.mean(ids == exact_ids[:100]) >= 0.98, kind
+        assert np.all(d >= exact_d[:100] - 1e-6) and np.all(d < caught_below), kind  # every canary still caught
 
 
 def test_brute_force_chunks() -> None:
