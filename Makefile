@@ -17,8 +17,11 @@ install: $(BIN)/.installed
 $(DEMO_DIR)/raw/labels.csv: | $(BIN)/.installed
 	$(BIN)/synthcohort demo-data --out $(DEMO_DIR)/raw --patients $(DEMO_PATIENTS) --force
 
+# The demo's patients are synthetic, so a re-ingest starts their privacy budget afresh (--reset-budget, recorded
+# in the new ledger). With real patients, leave it out: a replaced store's ledger then follows its patients.
 $(DEMO_DIR)/store/store.json: $(DEMO_DIR)/raw/labels.csv
-	$(BIN)/synthcohort ingest $(DEMO_DIR)/raw --labels $(DEMO_DIR)/raw/labels.csv --out $(DEMO_DIR)/store --force
+	$(BIN)/synthcohort ingest $(DEMO_DIR)/raw --labels $(DEMO_DIR)/raw/labels.csv --declare-labels healthy,lesion \
+		--out $(DEMO_DIR)/store --force --reset-budget
 
 # Retrains only when the store changed (make's timestamps); `train` also reuses a bundle whose inputs match.
 $(DEMO_DIR)/model/model_card.json: $(DEMO_DIR)/store/store.json
@@ -35,7 +38,7 @@ $(DEMO_DIR)/cohort/manifest.json: $(DEMO_DIR)/model/private/calibration.json
 demo: $(DEMO_DIR)/cohort/manifest.json
 	$(BIN)/synthcohort info $(DEMO_DIR)/store
 	$(BIN)/synthcohort card $(DEMO_DIR)/model
-	@echo "sample grids: $(DEMO_DIR)/model/samples_*.png"
+	@echo "unfiltered sample grids (internal, never served): $(DEMO_DIR)/model/private/unfiltered_samples_*.png"
 	@echo "synthetic cohort (NIfTI + PNG previews, manifest, privacy report): $(DEMO_DIR)/cohort"
 
 # Internal privacy and utility report on the demo model (≈ 10 min on 2 cores); never served.

@@ -1,9 +1,10 @@
 """Build a model's memorization filter from the cohort store it was trained on.
 
-Everything written here is private: ``MODEL_DIR/private/filter/`` (the index of training embeddings),
-``MODEL_DIR/private/calibration.json`` (the calibration record) and ``MODEL_DIR/private/seed.key`` (the
-server secret that keys every released sample's seed, see :func:`app.pipeline.sample_seed`). None is ever
-served.
+Everything written here is private but one file: ``MODEL_DIR/private/filter/`` (the index of training
+embeddings), ``MODEL_DIR/private/calibration.json`` (the calibration record) and ``MODEL_DIR/private/seed.key``
+(the server secret that keys every released sample's seed, see :func:`app.pipeline.sample_seed`) are never
+served; ``MODEL_DIR/filter_summary.json`` is the filter's public summary (its rule and coarse rates), which is
+all an API process reads of the filter.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from generators.atomic import write_json_atomic
 from generators.card import card_exists, read_card
 from generators.errors import InvalidInput
 from generators.layout import BundleLayout
-from privacy_filters import MemorizationFilter
+from privacy_filters import MemorizationFilter, public_summary
 from train.preprocess import resize_split
 from train.store import CohortStore
 
@@ -80,4 +81,5 @@ def calibrate(
     filt.save(layout.filter_dir)
     ensure_seed_key(model_dir)
     write_json_atomic(layout.calibration, record)
+    write_json_atomic(layout.filter_summary, public_summary(record))  # the only part an API process reads
     return record

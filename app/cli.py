@@ -103,14 +103,37 @@ def ingest(
     allow_2d: Annotated[
         bool, typer.Option("--allow-2d", help="Also read single-frame US/SC images without geometry as 2-D images.")
     ] = False,
-    holdout: Annotated[float, typer.Option(min=0.0, max=0.95, help="Share of patients held out (per label).")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the patient split.")] = 0,
+    declare_labels: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated label set models may publish (your declaration, e.g. healthy,lesion); patients "
+            "with other labels are skipped."
+        ),
+    ] = "",
+    min_label_patients: Annotated[
+        int, typer.Option(min=1, help="Refuse a declared label held by fewer patients (its holders would be exposed).")
+    ] = 20,
+    holdout: Annotated[
+        float,
+        typer.Option(
+            min=0.0, max=0.95, help="Share of patients held out per label (chosen by a keyed hash: the store's secret)."
+        ),
+    ] = 0.2,
     store_budget: Annotated[
         float, typer.Option(min=0.01, help="Total ε every model trained from this store may spend (composed).")
     ] = 10.0,
     allow_burned_in: Annotated[bool, typer.Option(help="Accept DICOM marked BurnedInAnnotation=YES.")] = False,
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: settings).")] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing store (atomically).")] = False,
+    force: Annotated[
+        bool, typer.Option(help="Replace an existing store (atomically); its privacy ledger and secret carry over.")
+    ] = False,
+    reset_budget: Annotated[
+        bool,
+        typer.Option(
+            help="With --force: do NOT carry the replaced store's privacy spend over (recorded in the new ledger). "
+            "Only when the new store holds other patients, or the privacy officer has agreed."
+        ),
+    ] = False,
     show_paths: Annotated[
         bool, typer.Option(help="Print skipped inputs' paths (paths may contain identifiers; never stored).")
     ] = False,
@@ -128,10 +151,12 @@ def ingest(
         link_by=link_by,
         allow_2d=allow_2d,
         holdout=holdout,
-        seed=seed,
+        labels=tuple(label.strip() for label in declare_labels.split(",") if label.strip()),
+        min_label_patients=min_label_patients,
         allow_burned_in=allow_burned_in,
         workers=workers or get_settings().workers,
         overwrite=force,
+        reset_budget=reset_budget,
         store_budget=store_budget,
     )
     try:
@@ -441,7 +466,10 @@ def train(
         )
     else:
         typer.echo(f"model: {out}  NOT PRIVATE (dp: false), {card['steps']} steps")
-    typer.echo("samples: " + ", ".join(str(out / f"samples_{label}.png") for label in card["labels"]))
+    from generators.layout import BundleLayout
+
+    grids = ", ".join(str(BundleLayout(out).sample_grid(label)) for label in card["labels"])
+    typer.echo(f"unfiltered sample grids (internal, never served): {grids}")
 
 
 @app.command("privacy-budget")
@@ -621,9 +649,8 @@ def export(
 @app.command()
 def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.")]) -> None:
     """Print a model's privacy guarantee and, if calibrated, its filter summary (public fields only)."""
+    from app.model_registry import read_filter_summary
     from generators.card import read_card
-    from generators.layout import BundleLayout
-    from privacy_filters import public_summary
 
     model_card = read_card(model_dir)
     if model_card.dp:
@@ -644,9 +671,8 @@ def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.
         parts = [f"age {declared['age']['min']}-{declared['age']['max']} (declared)"] if "age" in declared else []
         parts += ["sex F/M"] if "sex" in declared else []
         typer.echo(f"  conditioned on covariates: {', '.join(parts)}")
-    calibration = BundleLayout(model_dir).calibration
-    if calibration.is_file():
-        summary = public_summary(json.loads(calibration.read_text()))
+    summary = read_filter_summary(model_dir)
+    if summary is not None:
         typer.echo(
             f"  memorization filter: q = {summary['quantile']}, held-out acceptance "
             f"{summary['holdout_acceptance_rate']:.0%}, canary rejection {summary['canary_rejection_rate']:.0%} "
@@ -654,6 +680,33 @@ def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.
         )
     else:
         typer.echo("  memorization filter: not calibrated (run `synthcohort calibrate STORE MODEL_DIR`)")
+
+
+@app.command("public-copy")
+def public_copy(
+    model_dir: Annotated[Path, typer.Argument(help="Model bundle directory (calibrated).")],
+    out: Annotated[Path, typer.Option("--out", help="Where the copy goes (replaced atomically if it exists).")],
+) -> None:
+    """Copy a bundle's public parts (card, weights, filter summary) for API processes, which need nothing else."""
+    import shutil
+    import tempfile
+
+    from generators.atomic import publish_directory
+    from generators.card import card_exists
+    from generators.errors import InvalidInput
+    from generators.layout import BundleLayout
+
+    layout = BundleLayout(model_dir)
+    if not card_exists(model_dir):
+        raise InvalidInput(f"{model_dir} is not a model bundle (no model card)")
+    if not layout.filter_summary.is_file():
+        raise InvalidInput(f"{model_dir} is not calibrated: run `synthcohort calibrate STORE {model_dir}` first")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for part in layout.public_parts():
+        (shutil.copytree if part.is_dir() else shutil.copy2)(part, work / part.name)
+    publish_directory(work, out)
+    typer.echo(f"public copy of {model_dir}: {out} ({', '.join(p.name for p in layout.public_parts())})")
 
 
 @app.command()
@@ -679,7 +732,14 @@ def serve(
 
     settings = _settings_with(db)
     application = create_app(settings, models, allow_not_private=allow_not_private, run_jobs=worker)
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    uvicorn.run(  # behind a proxy: the client's address and scheme from its forwarded headers, if trusted
+        application,
+        host=host,
+        port=port,
+        log_level="warning",
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
+    )
 
 
 @app.command("worker")

@@ -15,7 +15,7 @@ from app.cohort_spec import CohortCreate, check_covariates
 from app.dataset_writer import FORMATS
 from app.db import ApiKey, Job, record_event
 from app.errors import Gone, InvalidField, Refused, StorageFull
-from app.jobs import JobRunner, create_job, samples_requested_today, visible_job
+from app.jobs import JobRunner, create_job, visible_job
 from app.model_registry import ModelRegistry
 from app.settings import Settings
 from generators.errors import InvalidInput, NotFound
@@ -38,7 +38,8 @@ def request_cohort(
         NotFound: no such model.
         InvalidField: an unknown label, a count below 1, covariates the model cannot honour, bad formats.
         StorageFull: the dataset storage is over its cap.
-        Refused: the request is larger than one request may be, or over the key's daily quota.
+        Refused: the request is larger than one request may be, or over the key's daily quota (checked and
+            charged atomically: :func:`app.jobs.create_job`).
     """
     model = registry.get(spec.model)
     _check_against_model(spec, model.card.labels, model.card.covariates)
@@ -49,16 +50,21 @@ def request_cohort(
             "the service's dataset storage is full; try again once old datasets have expired",
             retry_after=STORAGE_RETRY_SECONDS,
         )
-    _check_limits(session, spec, key, settings, total)
-    job = create_job(
-        session,
-        key=key,
-        model=spec.model,
-        counts=dict(spec.counts),
-        seed=spec.seed,
-        formats=list(spec.formats),
-        covariates=spec.covariates_json(),
-    )
+    _check_size(session, spec, key, settings, total)
+    try:
+        job = create_job(
+            session,
+            key=key,
+            quota=key.quota_samples_per_day or settings.default_daily_quota,
+            model=spec.model,
+            counts=dict(spec.counts),
+            seed=spec.seed,
+            formats=list(spec.formats),
+            covariates=spec.covariates_json(),
+        )
+    except Refused:
+        _record_refusal(session, "daily quota", spec, key)
+        raise
     runner.submit(job.id)
     return job
 
@@ -77,28 +83,22 @@ def _check_against_model(spec: CohortCreate, labels: dict[str, int], declared: d
         raise InvalidField(f"formats must include nifti and come from {list(FORMATS)}", field="formats")
 
 
-def _check_limits(session: Session, spec: CohortCreate, key: ApiKey, settings: Settings, total: int) -> None:
+def _check_size(session: Session, spec: CohortCreate, key: ApiKey, settings: Settings, total: int) -> None:
     limit = settings.max_samples_per_request
-    quota = key.quota_samples_per_day or settings.default_daily_quota
-    used = samples_requested_today(session, key)
-    refusal = None
     if total > limit:
-        refusal = ("request too large", f"{total} samples requested; at most {limit} per request")
-    elif used + total > quota:
-        refusal = (
-            "daily quota",
-            f"daily quota exceeded: {used} of {quota} samples used in the last 24 h, {total} more requested",
-        )
-    if refusal is not None:
-        record_event(
-            session,
-            action="cohort.create",
-            outcome=f"refused: {refusal[0]}",
-            key_id=key.id,
-            model=spec.model,
-            counts=dict(spec.counts),
-        )
-        raise Refused(refusal[1])
+        _record_refusal(session, "request too large", spec, key)
+        raise Refused(f"{total} samples requested; at most {limit} per request")
+
+
+def _record_refusal(session: Session, reason: str, spec: CohortCreate, key: ApiKey) -> None:
+    record_event(
+        session,
+        action="cohort.create",
+        outcome=f"refused: {reason}",
+        key_id=key.id,
+        model=spec.model,
+        counts=dict(spec.counts),
+    )
 
 
 def get_job(session: Session, key: ApiKey, job_id: str) -> Job:

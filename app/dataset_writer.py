@@ -79,10 +79,13 @@ def write_sample(
     formats: tuple[str, ...],
     spacing_mm: list[float],
     covariates: dict | None = None,
+    released_at: str | None = None,
 ) -> dict[str, str]:
     """Write one accepted sample ``[1, H, W]`` or ``[1, D, H, W]``; returns its manifest paths relative to
     ``root``: ``file`` (the NIfTI) and, with ``dicom``, ``dicom`` (the series directory). ``covariates`` (the
-    requested age and sex) go into the DICOM header where DICOM has a place for them."""
+    requested age and sex) go into the DICOM header where DICOM has a place for them; ``released_at`` (ISO time,
+    the dataset's one time) is its study and content date and time. Nothing written depends on when this sample
+    was written: NIfTI's gzip header carries no time, PNG no tIME chunk."""
     name = sample_name(label, index)
     relative = f"images/{label}/{name}.nii.gz"
     paths = {"file": relative}
@@ -104,6 +107,7 @@ def write_sample(
             name=name,
             description=DICOM_DESCRIPTION,
             covariates=covariates or {},
+            released_at=released_at,
         )
     return paths
 

@@ -35,10 +35,12 @@ def write_dicom_series(
     name: str,
     description: str,
     covariates: dict | None = None,
+    released_at: str | None = None,
 ) -> list[str]:
     """Write one sample ``[1, H, W]`` or ``[1, D, H, W]`` (values in [-1, 1]) as a DICOM series in ``directory``;
-    returns the file names. ``covariates`` (requested age and sex) fill PatientAge and PatientSex. Each file is
-    written atomically (:func:`generators.atomic.write_atomic`)."""
+    returns the file names. ``covariates`` (requested age and sex) fill PatientAge and PatientSex. ``released_at``
+    (ISO time; default now) is the study and content date and time: one value for a whole dataset, so no file
+    shows when its sample was drawn. Each file is written atomically (:func:`generators.atomic.write_atomic`)."""
     from pydicom.uid import generate_uid
 
     volume = image[0] if image.ndim == 4 else image[0][None]  # [D, H, W]
@@ -50,11 +52,14 @@ def write_dicom_series(
         "SeriesInstanceUID": generate_uid(prefix=None),
         "FrameOfReferenceUID": generate_uid(prefix=None),
     }
+    when = datetime.fromisoformat(released_at).astimezone(UTC) if released_at else datetime.now(UTC)
     directory.mkdir(parents=True, exist_ok=True)
     names = []
     for k in range(depth):
         position = [0.0, -row_mm * (height - 1), slice_mm * k]  # RAS (0, row_mm·(H-1), z) in LPS
-        dataset = _instance(pixels[k], series, position, row_mm, col_mm, slice_mm, depth, label, name, description)
+        dataset = _instance(
+            pixels[k], series, position, row_mm, col_mm, slice_mm, depth, label, name, description, when
+        )
         dataset.InstanceNumber = k + 1
         _write_covariates(dataset, covariates or {})
         file_name = f"{k + 1:04d}.dcm"
@@ -71,11 +76,10 @@ def _write_covariates(dataset, covariates: dict) -> None:
         dataset.PatientAge = f"{int(covariates['age']):03d}Y"
 
 
-def _instance(pixels, series, position, row_mm, col_mm, slice_mm, depth, label, name, description):
+def _instance(pixels, series, position, row_mm, col_mm, slice_mm, depth, label, name, description, when):
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-    now = datetime.now(UTC)
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
@@ -91,7 +95,7 @@ def _instance(pixels, series, position, row_mm, col_mm, slice_mm, depth, label, 
     ds.PatientSex = ""
     ds.PatientIdentityRemoved = "NO"  # there never was a patient identity to remove
     ds.StudyInstanceUID = series["StudyInstanceUID"]
-    ds.StudyDate, ds.StudyTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    ds.StudyDate, ds.StudyTime = when.strftime("%Y%m%d"), when.strftime("%H%M%S")
     ds.ContentDate, ds.ContentTime = ds.StudyDate, ds.StudyTime
     ds.ReferringPhysicianName = ""
     ds.StudyID = "1"

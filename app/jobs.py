@@ -31,11 +31,12 @@ from pathlib import Path
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.db import ApiKey, Job, record_event, session_factory, utcnow
-from app.errors import public_job_error
+from app.db import ApiKey, Job, as_utc, record_event, session_factory, utcnow
+from app.errors import Refused, public_job_error
 from app.metrics import GENERATED, JOBS, REJECTED, SAMPLES
 from app.model_registry import ModelRegistry
 from app.pipeline import CohortProgress, CohortRequest, build_cohort, partial_dir
+from app.previews import make_preview
 from app.settings import Settings
 from generators.errors import SynthCohortError
 
@@ -54,14 +55,15 @@ class JobRunner:
         self,
         sessions: sessionmaker[Session],
         registry: ModelRegistry,
-        datasets: Path,
+        data_dir: Path,
         workers: int,
         *,
         lease_seconds: float = 30.0,
         poll_seconds: float = 1.0,
         dataset_ttl_days: float | None = None,
     ) -> None:
-        self.sessions, self.registry, self.datasets = sessions, registry, Path(datasets)
+        self.sessions, self.registry, self.data_dir = sessions, registry, Path(data_dir)
+        self.datasets = self.data_dir / "datasets"
         self.datasets.mkdir(parents=True, exist_ok=True)
         self.workers, self.lease, self.poll = workers, timedelta(seconds=lease_seconds), poll_seconds
         self.ttl = timedelta(days=dataset_ttl_days) if dataset_ttl_days else None
@@ -132,9 +134,19 @@ class JobRunner:
                 if job_id is not None:
                     with self._lock:
                         self._running.pop(job_id, None)
-            if job_id is None:
+            if job_id is None and not self._make_a_preview():
                 self._wake.wait(self.poll)
                 self._wake.clear()
+
+    def _make_a_preview(self) -> bool:
+        """Idle: make one missing model preview (the web pages show only finished ones); ``True`` if one was made."""
+        for model in self.registry.models.values():
+            try:
+                if make_preview(model, self.data_dir, allow_not_private=self.registry.allow_not_private):
+                    return True
+            except Exception:  # a model that cannot make one (e.g. a memorizing model) must not stop the jobs
+                log.warning("could not make the preview of model %s", model.id, exc_info=True)
+        return False
 
     def _claim(self) -> str | None:
         """The oldest active job nobody holds (or whose holder's lease ran out), now held by this process."""
@@ -216,13 +228,14 @@ class JobRunner:
             stop = self._running[job_id]
         with self.sessions() as session:
             job = session.get(Job, job_id)
-            model_id, counts, seed, formats, key_id, covariates = (
+            model_id, counts, seed, formats, key_id, covariates, created_at = (
                 job.model,
                 dict(job.counts),
                 job.seed,
                 tuple(job.formats),
                 job.key_id,
                 dict(job.covariates or {}),
+                job.created_at,
             )
             cancel_requested = job.cancel_requested
         out = self.datasets / job_id
@@ -240,12 +253,12 @@ class JobRunner:
             REJECTED.inc(max(0, state.rejected - last["rejected"]))
             SAMPLES.inc(max(0, state.accepted - last["accepted"]))
             last.update(generated=state.generated, rejected=state.rejected, accepted=state.accepted)
-            held = self._update(
+            held = self._update(  # researchers see shards done (fixed work each), admins also the filter's totals
                 job_id,
-                progress=state.accepted / total,
+                progress=state.done / total,
                 generated=state.generated,
                 rejected=state.rejected,
-                accepted=state.accepted,
+                accepted=state.done,
             )
             if not held:
                 stop.set()
@@ -258,6 +271,7 @@ class JobRunner:
                 formats=formats,
                 covariates=covariates,
                 allow_not_private=self.registry.allow_not_private,
+                released_at=as_utc(created_at).isoformat(timespec="seconds"),  # every file carries the job's time
             )
             build_cohort(
                 model.path,
@@ -318,7 +332,7 @@ def job_runner(settings: Settings, registry: ModelRegistry, *, workers: int) -> 
     return JobRunner(
         session_factory(settings),
         registry,
-        Path(settings.data_dir) / "datasets",
+        Path(settings.data_dir),
         workers,
         lease_seconds=settings.job_lease_seconds,
         poll_seconds=settings.job_poll_seconds,
@@ -330,12 +344,27 @@ def create_job(
     session: Session,
     *,
     key: ApiKey,
+    quota: int,
     model: str,
     counts: dict[str, int],
     seed: int,
     formats: list[str],
     covariates: dict[str, dict] | None = None,
 ) -> Job:
+    """Queue a job when the key's daily quota still fits it: the check and the insert are one transaction that
+    first updates the key's row, so concurrent requests of one key are charged one at a time (a row lock on
+    PostgreSQL, the database's write lock on SQLite) and never all pass a check that only one of them fits.
+
+    Raises:
+        Refused: the key's requests of the last 24 h plus this one exceed ``quota``.
+    """
+    total = sum(counts.values())
+    session.commit()  # end any read transaction, so the update below starts a fresh one (SQLite: takes the lock)
+    session.execute(update(ApiKey).where(ApiKey.id == key.id).values(last_request_at=utcnow()))
+    used = samples_requested_today(session, key)
+    if used + total > quota:
+        session.rollback()
+        raise Refused(f"daily quota exceeded: {used} of {quota} samples used in the last 24 h, {total} more requested")
     job = Job(
         id=uuid.uuid4().hex,
         key_id=key.id,
@@ -355,8 +384,8 @@ def samples_requested_today(session: Session, key: ApiKey) -> int:
     """Samples this key asked for in the last 24 h: every job counts, failed and cancelled ones included
     (a failed or cancelled job still ran the filter on the key's behalf)."""
     since = utcnow() - timedelta(days=1)
-    jobs = session.scalars(select(Job).where(Job.key_id == key.id, Job.created_at >= since))
-    return sum(sum(job.counts.values()) for job in jobs)
+    jobs = session.scalars(select(Job.counts).where(Job.key_id == key.id, Job.created_at >= since))
+    return sum(sum(counts.values()) for counts in jobs)
 
 
 def job_status(job: Job, key: ApiKey) -> dict:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db import ApiKey, utcnow
+from app.db import ApiKey, as_utc, utcnow
 from generators.errors import InvalidInput, NotFound
 
 ROLES = ("researcher", "admin")
@@ -63,7 +63,7 @@ def verify_key(session: Session, token: str) -> ApiKey | None:
 def is_expired(row: ApiKey) -> bool:
     if row.expires_at is None:
         return False
-    expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=UTC)  # SQLite: naive UTC
+    expires = as_utc(row.expires_at)
     return expires <= datetime.now(UTC)
 
 

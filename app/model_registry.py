@@ -1,6 +1,8 @@
 """The served models: one bundle per subdirectory of ``--models``; the directory name is the model id.
 
-Only public fields leave this module: no paths, nothing from ``private/`` except the filter's public summary.
+Only public fields leave this module: no paths, nothing from ``private/``. The registry needs only a bundle's
+public parts (card and filter summary), so an API-only process can serve from a public copy of the bundles
+(``synthcohort public-copy``) while workers hold the whole bundles.
 """
 
 from __future__ import annotations
@@ -49,12 +51,23 @@ PUBLIC_CARD_FIELDS = (
 )
 
 
+def read_filter_summary(model_dir: Path) -> dict | None:
+    """The filter's public summary (``filter_summary.json``, written by calibrate); ``None``: not calibrated.
+    A bundle calibrated before that file existed has its summary computed from its private calibration record."""
+    layout = BundleLayout(model_dir)
+    if layout.filter_summary.is_file():
+        return json.loads(layout.filter_summary.read_text())
+    if layout.calibration.is_file():
+        return public_summary(json.loads(layout.calibration.read_text()))
+    return None
+
+
 @dataclass(frozen=True)
 class ServedModel:
     id: str
     path: Path
     card: ModelCard
-    calibration: dict | None
+    filter_summary: dict | None
 
     def public(self) -> dict:
         info = {"id": self.id, **self.card.public(PUBLIC_CARD_FIELDS)}
@@ -62,7 +75,7 @@ class ServedModel:
         info["private"] = self.card.dp
         if not info["private"]:
             info["warning"] = "NOT PRIVATE: trained without differential privacy"
-        info["memorization_filter"] = public_summary(self.calibration) if self.calibration else None
+        info["memorization_filter"] = self.filter_summary
         return info
 
 
@@ -85,9 +98,7 @@ class ModelRegistry:
                 continue
             if not card.dp and not allow_not_private:
                 continue
-            calibration_file = BundleLayout(path).calibration
-            calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
-            self.models[path.name] = ServedModel(path.name, path, card, calibration)
+            self.models[path.name] = ServedModel(path.name, path, card, read_filter_summary(path))
 
     def get(self, model_id: str) -> ServedModel:
         model = self.models.get(model_id)

@@ -2,16 +2,24 @@
 :func:`build_cohort`; only the front door (HTTP, CLI, Ray) differs.
 
 The work is cut into deterministic shards of ``(label, sample index range)``. Sample ``i`` of a label first
-uses seed ``sample_seed(key, seed, label, i, 0)``; if the memorization filter rejects it, attempt ``a`` uses
-``sample_seed(key, seed, label, i, a)``, an HMAC keyed with the model's private seed key. Seeds depend only
-on the request and the key, never on scheduling, so any worker count or backend produces the same dataset
+uses seed ``sample_seed(key, seed, label, i, 0)``; if the memorization filter rejects it, its ``a``-th spare
+draw uses ``sample_seed(key, seed, label, i, a)``, an HMAC keyed with the model's private seed key. Seeds depend
+only on the request and the key, never on scheduling, so any worker count or backend produces the same dataset
 and a resumed export redoes exactly the shards that had not finished. The operator (who holds the key) can
 reproduce a cohort; nobody else can tell from a recorded seed whether an earlier draw was rejected.
 
-The filter's decisions are outside ε, so a released dataset carries nothing beyond "passed the filter": no
-score, distance, attempt number or rejection count. Those totals reach only the caller's ``progress``
-callback (the operator's terminal, admins, the internal audit). Everything happens in ``.<name>.partial``
-next to the output; the final directory appears (by rename) only when every shard is done.
+The filter's decisions are outside ε, so nothing a researcher can observe follows them:
+- a released dataset carries nothing beyond "passed the filter": no score, distance, attempt number or rejection
+  count; those totals reach only the caller's ``progress`` callback (the operator's terminal, admins, the audit);
+- every shard does the same work whatever the filter decides: its first draws, then a fixed number of spare
+  rounds of a fixed size (:func:`draw_rounds`; spares nobody needs are generated, filtered and dropped), and its
+  files are written in index order once every sample is decided, all stamped with one time
+  (``request.released_at``: file times, DICOM dates) — so neither time nor order shows which sample was redrawn;
+- a shard the filter fails releases nothing, and the export still runs every other shard before it reports the
+  finding, so when it fails does not say where.
+
+Everything happens in ``.<name>.partial`` next to the output; the final directory appears (by rename) only when
+every shard is done.
 """
 
 from __future__ import annotations
@@ -19,9 +27,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -38,18 +48,31 @@ from privacy_filters import MemorizationFilter
 MAX_SAMPLES = 1_000_000
 SHARD_SIZE = 64
 SHARDS_DIR = ".shards"
+REQUEST_FILE = "request.json"
+SPARE_ROUNDS = 2  # rounds of spare draws after a shard's first draws
+SPARE_FRACTION = 0.25  # spare draws per round, as a share of the shard's samples ...
+MIN_SPARES = 4  # ... and at least this many
+
+
+PLAIN_FAILURE = "the job could not be completed; the operator has been told"
+MEMORIZATION_MESSAGE = (
+    "the model appears to memorize: too many of its samples were closer to a training image than unseen patients "
+    "are, so nothing was released. This is a finding about the model, not a crash: the operator should audit it "
+    "(`synthcohort audit`) and retrain with a smaller epsilon."
+)
 
 
 class MemorizationSuspected(PrivacyPolicy):
     """Too many generated samples sit closer to training images than unseen patients do: a finding.
 
-    ``str(error)`` says so without numbers; ``detail`` has the counts, for the operator and admins only.
+    ``str(error)`` says so without numbers (the operator's terminal); ``detail`` has the counts, for the operator and
+    admins only; ``public_message`` is what a researcher reads: a plain failure, which says nothing about the filter.
     """
 
     def __init__(self, message: str, detail: str = "") -> None:
         super().__init__(message, detail)  # both in args, so the error survives pickling (process pools, Ray)
         self.detail = detail
-        self.public_message = message  # written for researchers: no numbers, no paths
+        self.public_message = PLAIN_FAILURE  # researchers read a plain failure: not why, not where
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -67,9 +90,11 @@ class CohortRequest:
     steps: int | None = None
     guidance: float | None = None
     shard_size: int = SHARD_SIZE
-    max_attempts: int = 5
+    spare_rounds: int = SPARE_ROUNDS
+    spare_fraction: float = SPARE_FRACTION
     max_rejection_rate: float = 0.5
     allow_not_private: bool = False
+    released_at: str | None = None  # ISO time every released file carries (None: when the export starts)
 
     def as_dict(self) -> dict:
         data = asdict(self)
@@ -95,6 +120,8 @@ class ShardResult:
     samples: list[dict]
     generated: int
     rejected: int
+    size: int = 0  # samples the shard was asked for (its share of the progress)
+    finding: str = ""  # why the filter failed the shard (operator detail; the shard then released nothing)
 
 
 @dataclass
@@ -102,6 +129,7 @@ class CohortProgress:
     """Running totals reported after every shard."""
 
     total: int
+    done: int = 0  # samples of finished shards: what a researcher may see (it moves the same whatever is rejected)
     accepted: int = 0
     generated: int = 0
     rejected: int = 0
@@ -119,6 +147,13 @@ def load_seed_key(model_dir: Path) -> bytes:
     if not path.is_file():
         raise NotFound(f"{model_dir} has no seed key; run `synthcohort calibrate STORE {model_dir}` first")
     return path.read_bytes()
+
+
+def draw_rounds(n: int, spare_fraction: float = SPARE_FRACTION, spare_rounds: int = SPARE_ROUNDS) -> list[int]:
+    """Draws per generation round of a shard of ``n`` samples: ``n`` first draws, then ``spare_rounds`` rounds of
+    ``max(MIN_SPARES, ⌈n · spare_fraction⌉)`` spares. The plan depends on ``n`` alone, never on the filter."""
+    spares = max(MIN_SPARES, math.ceil(n * spare_fraction))
+    return [n, *[spares] * spare_rounds]
 
 
 def plan_shards(counts: dict[str, int], shard_size: int) -> list[Shard]:
@@ -146,8 +181,10 @@ def validate_request(model: Generator, request: CohortRequest) -> None:
         raise InvalidInput(f"unknown format(s) {bad}; choose from {list(FORMATS)}")
     if "nifti" not in request.formats:
         raise InvalidInput("the nifti format is required (manifests point at the NIfTI files)")
-    if not 1 <= request.shard_size <= 4096 or not 1 <= request.max_attempts <= 100:
-        raise InvalidInput("shard_size must be in 1..4096 and max_attempts in 1..100")
+    if not 1 <= request.shard_size <= 4096 or not 0 <= request.spare_rounds <= 10:
+        raise InvalidInput("shard_size must be in 1..4096 and spare_rounds in 0..10")
+    if not 0.0 <= request.spare_fraction <= 4.0:
+        raise InvalidInput("spare_fraction must be in 0..4")
     if not 0.0 < request.max_rejection_rate <= 1.0:
         raise InvalidInput("max_rejection_rate must be in (0, 1]")
     check_covariates(parse_covariates(request.covariates), request.counts, model.card.covariates)
@@ -197,64 +234,105 @@ class CohortWorker:
         return self._drawn[key]
 
     def run_shard(self, shard: Shard, request: CohortRequest, root: Path) -> ShardResult:
-        """Generate, filter and write one shard into ``root``; returns its manifest rows."""
-        spacing = self.card.voxel_spacing_mm
-        options = self.model.sampling_options(steps=request.steps or None, guidance=request.guidance)
-        pending = list(range(shard.start, shard.stop))
-        rows: dict[int, dict] = {}
-        arrays: dict[int, np.ndarray] = {}
-        generated = rejected = 0
-        drawn, span = self._conditions(request, shard.label), range(shard.start, shard.stop)
+        """Generate and filter one shard in its fixed rounds, then write its samples in index order.
+
+        The work is the same whatever the filter decides (:func:`draw_rounds`), so a shard's duration carries no
+        rejection count. A shard the filter fails still writes as many files (a sample without an accepted draw,
+        its last one) and returns a ``finding`` (operator detail) and no manifest rows: the export then fails and
+        its partial directory, files included, is deleted (:func:`build_cohort`).
+        """
+        span = range(shard.start, shard.stop)
+        drawn = self._conditions(request, shard.label)
         conditions = None if drawn is None else dict(zip(span, rows_of(drawn, span), strict=True))
-        for attempt in range(request.max_attempts):
-            if not pending:
-                break
-            seeds = [sample_seed(self.seed_key, request.seed, shard.label, i, attempt) for i in pending]
-            asked = None if conditions is None else [conditions[i] for i in pending]
-            out = self.model.generate(
-                labels=[shard.label] * len(pending), seed=0, seeds=seeds, conditions=asked, **options
-            )
-            decisions = self.filter.check(out.images.numpy())
-            generated += len(pending)
-            still = []
-            for i, seed, image, decision in zip(pending, seeds, out.images.numpy(), decisions, strict=True):
-                if not decision.accepted:
-                    rejected += 1
-                    still.append(i)
+        accepted: dict[int, tuple[int, np.ndarray]] = {}  # index → (seed, image [1, ...])
+        last: dict[int, tuple[int, np.ndarray]] = {}  # index → its latest draw (what a failed shard writes)
+        attempts = dict.fromkeys(span, 0)
+        generated = rejected = 0
+        for size in draw_rounds(len(span), request.spare_fraction, request.spare_rounds):
+            owners, seeds = self._assign_draws(shard, request, [i for i in span if i not in accepted], attempts, size)
+            asked = None if conditions is None else [conditions[shard.start if i is None else i] for i in owners]
+            images = self._generate_and_check(shard.label, seeds, asked, request)
+            for owner, seed, (image, ok) in zip(owners, seeds, images, strict=True):
+                if owner is None or owner in accepted:  # an idle draw, or a spare its sample no longer needs
                     continue
-                covariates = {} if conditions is None else conditions[i]
-                rows[i] = {  # nothing about the filter's decision beyond "accepted"
-                    **write_sample(root, image, shard.label, i, request.formats, spacing, covariates),
-                    "label": shard.label,
-                    "index": i,
-                    "seed": int(seed),
-                    "model_id": self.model_id,
-                    **covariates,
-                }
-                arrays[i] = image
-            pending = still
-            if _too_many_rejections(generated, rejected, request):
-                break
-        if pending or _too_many_rejections(generated, rejected, request):
-            raise MemorizationSuspected(
-                "the model appears to memorize: too many of its samples were closer to a training image than "
-                "unseen patients are, so nothing was released. This is a finding about the model, not a crash: "
-                "the operator should audit it (`synthcohort audit`) and retrain with a smaller epsilon.",
-                detail=f"{rejected} of {generated} samples of label {shard.label!r} rejected (limit "
-                f"{request.max_rejection_rate:.0%}, {request.max_attempts} attempts per sample)",
+                generated += 1
+                last[owner] = (seed, image)
+                if ok:
+                    accepted[owner] = (seed, image)
+                else:
+                    rejected += 1
+        samples = self._write_samples(shard, request, root, {**last, **accepted}, conditions)
+        missing = len(span) - len(accepted)
+        if missing or _too_many_rejections(generated, rejected, request):
+            finding = (
+                f"{rejected} of {generated} draws of label {shard.label!r} rejected in shard {shard.name}, "
+                f"{missing} sample(s) without an accepted draw (limit {request.max_rejection_rate:.0%})"
             )
-        samples = [rows[i] for i in sorted(rows)]
-        if "npz" in request.formats:
-            order = sorted(arrays)
-            np.savez(
-                root / SHARDS_DIR / f"{shard.name}.npz",
-                images=np.stack([arrays[i] for i in order]),
-                labels=np.array([shard.label] * len(order)),
-                seeds=np.array([rows[i]["seed"] for i in order]),
-            )
-        result = ShardResult(shard=shard.name, samples=samples, generated=generated, rejected=rejected)
+            result = ShardResult(shard.name, [], generated, rejected, size=len(span), finding=finding)
+        else:
+            result = ShardResult(shard.name, samples, generated, rejected, size=len(span))
         write_json(root / SHARDS_DIR / f"{shard.name}.json", asdict(result))  # written last: the shard is done
         return result
+
+    def _assign_draws(
+        self, shard: Shard, request: CohortRequest, pending: list[int], attempts: dict[int, int], size: int
+    ) -> tuple[list[int | None], list[int]]:
+        """One round's ``size`` draws, dealt in turn to the samples still pending; with none pending, idle draws
+        (generated and filtered like the others, then dropped) keep the round's work the same."""
+        owners: list[int | None] = [pending[j % len(pending)] for j in range(size)] if pending else [None] * size
+        seeds = []
+        for j, owner in enumerate(owners):
+            if owner is None:
+                seeds.append(sample_seed(self.seed_key, request.seed, shard.label, shard.start, -1 - j))
+            else:
+                seeds.append(sample_seed(self.seed_key, request.seed, shard.label, owner, attempts[owner]))
+                attempts[owner] += 1
+        return owners, seeds
+
+    def _generate_and_check(
+        self, label: str, seeds: list[int], conditions: list[dict] | None, request: CohortRequest
+    ) -> list[tuple[np.ndarray, bool]]:
+        """Every draw, generated in one batch and checked by the filter: ``(image [1, ...], accepted)``."""
+        options = self.model.sampling_options(steps=request.steps or None, guidance=request.guidance)
+        out = self.model.generate(labels=[label] * len(seeds), seed=0, seeds=seeds, conditions=conditions, **options)
+        images = out.images.numpy()
+        return [(image, decision.accepted) for image, decision in zip(images, self.filter.check(images), strict=True)]
+
+    def _write_samples(
+        self,
+        shard: Shard,
+        request: CohortRequest,
+        root: Path,
+        decided: dict[int, tuple[int, np.ndarray]],
+        conditions: dict[int, dict] | None,
+    ) -> list[dict]:
+        """Write the shard's samples in index order, once all of them are decided; returns their manifest rows
+        (nothing about the filter's decisions beyond "accepted")."""
+        rows = []
+        for i in sorted(decided):
+            seed, image = decided[i]
+            covariates = {} if conditions is None else conditions[i]
+            files = write_sample(
+                root,
+                image,
+                shard.label,
+                i,
+                request.formats,
+                self.card.voxel_spacing_mm,
+                covariates,
+                request.released_at,
+            )
+            rows.append({**files, "label": shard.label, "index": i, "seed": int(seed), "model_id": self.model_id})
+            rows[-1].update(covariates)
+        if "npz" in request.formats:
+            order = sorted(decided)
+            np.savez(
+                root / SHARDS_DIR / f"{shard.name}.npz",
+                images=np.stack([decided[i][1] for i in order]),
+                labels=np.array([shard.label] * len(order)),
+                seeds=np.array([decided[i][0] for i in order]),
+            )
+        return rows
 
 
 def _too_many_rejections(generated: int, rejected: int, request: CohortRequest) -> bool:
@@ -321,36 +399,21 @@ def build_cohort(
 
     Raises:
         Conflict: ``out_dir`` exists, or a partial export with a different request exists (without resume).
-        MemorizationSuspected: the rejection rate exceeded ``request.max_rejection_rate``.
+        MemorizationSuspected: in some shard a sample found no accepted draw, or the share of rejected draws
+            exceeded ``request.max_rejection_rate`` (raised once every shard has run).
     """
     model_dir, out = Path(model_dir), Path(out_dir)
-    # 1. check inputs (loading the worker checks model, filter and privacy flags)
+    # 1. check inputs (loading the worker checks model, filter and privacy flags); open the partial directory
     worker = CohortWorker(model_dir, device, request.allow_not_private)
     validate_request(worker.model, request)
     if out.exists():
         raise Conflict(f"{out} already exists; choose a new output directory")
     tmp = partial_dir(out)
-    request_file = tmp / "request.json"
-    identity = {"request": request.as_dict(), "model_id": worker.model_id}
-    if tmp.exists():
-        previous = json.loads(request_file.read_text()) if request_file.is_file() else None
-        if not resume:
-            raise Conflict(f"an unfinished export exists at {tmp}; pass --resume to continue it (or delete it)")
-        if previous != identity:
-            raise Conflict(
-                "the unfinished export was started with a different request or model; delete it to start over"
-            )
-    (tmp / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    write_json(request_file, identity)
+    request = _open_partial(tmp, request, worker.model_id, resume)
 
-    # 2. shards: skip the finished ones (a shard's manifest is written last)
+    # 2. shards: skip the finished ones (a shard's record is written last)
     shards = plan_shards(request.counts, request.shard_size)
-    results: dict[str, ShardResult] = {}
-    for shard in shards:
-        done = tmp / SHARDS_DIR / f"{shard.name}.json"
-        if done.is_file():
-            results[shard.name] = ShardResult(**json.loads(done.read_text()))
-    todo = [s for s in shards if s.name not in results]
+    results = _finished_shards(tmp, shards)
     state = CohortProgress(total=sum(request.counts.values()))
     for result in results.values():
         _tally(state, result)
@@ -359,7 +422,7 @@ def build_cohort(
 
     # 3. generate → filter → write, shard by shard (a runner's workers load their own model copies)
     _clear_temporaries(tmp)
-    card, calibration, model_id = worker.card, worker.calibration, worker.model_id
+    todo = [s for s in shards if s.name not in results]
     results_iter = _run_with_worker(worker, todo, request, tmp) if runner is None else runner(todo, request, tmp)
     for result in results_iter:
         results[result.shard] = result
@@ -369,7 +432,14 @@ def build_cohort(
         if cancelled and cancelled():
             raise Conflict("the export was cancelled; rerun with --resume to continue")
 
-    # 4. documents (released counts only: how many were rejected stays here), then the atomic rename
+    # 4. a finding fails the export only now, after every shard ran (its timing does not say where it was); nothing
+    #    of it is kept, not even on the operator's disk (a resume would only find it again)
+    findings = [results[s.name].finding for s in shards if results[s.name].finding]
+    if findings:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise MemorizationSuspected(MEMORIZATION_MESSAGE, detail="; ".join(findings))
+
+    # 5. documents (released counts only: how many were rejected stays here), then one time stamp and the rename
     samples = [row for shard in shards for row in results[shard.name].samples]
     counts = {"samples": len(samples), "per_label": {label: n for label, n in request.counts.items()}}
     if "npz" in request.formats:
@@ -377,16 +447,50 @@ def build_cohort(
     manifest = write_documents(
         tmp,
         samples=samples,
-        card=card,
-        calibration=calibration,
+        card=worker.card,
+        calibration=worker.calibration,
         counts=counts,
         request=request.as_dict(),
-        model_id=model_id,
+        model_id=worker.model_id,
     )
     shutil.rmtree(tmp / SHARDS_DIR)
-    request_file.unlink()
-    publish_directory(tmp, out)
+    (tmp / REQUEST_FILE).unlink()
+    publish_directory(tmp, out, mtime=release_time(request).timestamp())
     return manifest
+
+
+def release_time(request: CohortRequest) -> datetime:
+    """The one time every file of the request's dataset carries (UTC)."""
+    assert request.released_at is not None, "build_cohort fixes the release time before any shard runs"
+    return datetime.fromisoformat(request.released_at)
+
+
+def _open_partial(tmp: Path, request: CohortRequest, model_id: str, resume: bool) -> CohortRequest:
+    """Create or reopen the partial export at ``tmp`` for ``request``; returns the request with its release time
+    fixed (a resumed export keeps the time it started with, so every file carries one time)."""
+    identity = {"request": {**request.as_dict(), "released_at": None}, "model_id": model_id}
+    released_at = request.released_at or datetime.now(UTC).isoformat(timespec="seconds")
+    if tmp.exists():
+        if not resume:
+            raise Conflict(f"an unfinished export exists at {tmp}; pass --resume to continue it (or delete it)")
+        previous = json.loads((tmp / REQUEST_FILE).read_text()) if (tmp / REQUEST_FILE).is_file() else {}
+        if {k: previous.get(k) for k in identity} != identity:
+            raise Conflict(
+                "the unfinished export was started with a different request or model; delete it to start over"
+            )
+        released_at = previous.get("released_at") or released_at
+    (tmp / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(tmp / REQUEST_FILE, {**identity, "released_at": released_at})
+    return replace(request, released_at=released_at)
+
+
+def _finished_shards(tmp: Path, shards: list[Shard]) -> dict[str, ShardResult]:
+    results = {}
+    for shard in shards:
+        record = tmp / SHARDS_DIR / f"{shard.name}.json"
+        if record.is_file():
+            results[shard.name] = ShardResult(**json.loads(record.read_text()))
+    return results
 
 
 def _run_with_worker(
@@ -403,6 +507,7 @@ def _clear_temporaries(root: Path) -> None:
 
 
 def _tally(state: CohortProgress, result: ShardResult) -> None:
+    state.done += result.size
     state.generated += result.generated
     state.rejected += result.rejected
     state.accepted += len(result.samples)

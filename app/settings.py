@@ -37,6 +37,14 @@ class Settings(BaseSettings):
     )
     max_samples_per_request: int = Field(10_000, ge=1, description="Largest cohort one REST request may ask for.")
     ui_session_hours: float = Field(8.0, gt=0.0, le=24.0 * 30, description="A web sign-in lasts this long.")
+    environment: Literal["production", "development"] = Field(
+        "production", description="development: web session cookies without Secure (plain http off this machine)."
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description="Proxies (IPs or networks, comma-separated) whose X-Forwarded-For/-Proto the service trusts: "
+        "the real client address (sign-in limits) and scheme (HSTS) behind a TLS proxy.",
+    )
     default_daily_quota: int = Field(
         10_000, ge=1, description="Samples per 24 h for keys created without their own quota (every job counts)."
     )

@@ -40,7 +40,13 @@ def main() -> None:
             root / "raw",
             root / "store",
             labels_path=root / "raw" / "labels.csv",
-            options=IngestOptions(size=args.size, slices=args.slices, workers=args.workers),
+            options=IngestOptions(
+                size=args.size,
+                slices=args.slices,
+                workers=args.workers,
+                labels=("healthy", "lesion"),
+                min_label_patients=1,
+            ),
         )
         ingest_s = time.perf_counter() - start
     finally:

@@ -34,9 +34,18 @@ def write_json_atomic(path: Path, data: Mapping) -> None:
     write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
-def publish_directory(work: Path, out: Path) -> None:
+def publish_directory(work: Path, out: Path, *, mtime: float | None = None) -> None:
     """Put the finished directory ``work`` at ``out``: a rename when ``out`` does not exist, else the old one is
-    moved aside, the new one renamed in, and the old one deleted (readers see the old or the new, never a mix)."""
+    moved aside, the new one renamed in, and the old one deleted (readers see the old or the new, never a mix).
+
+    ``mtime`` (seconds since the epoch): first give every file and folder of ``work`` this one access and
+    modification time, so a released directory shows no order in which its files were written.
+    """
+    if mtime is not None:
+        for folder, _, files in os.walk(work, topdown=False):
+            for name in files:
+                os.utime(os.path.join(folder, name), (mtime, mtime), follow_symlinks=False)
+            os.utime(folder, (mtime, mtime))
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         os.rename(work, out)

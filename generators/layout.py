@@ -4,11 +4,12 @@ A bundle is a directory with a public part and a private part::
 
     MODEL_DIR/model_card.json       the public card (written last: a directory without it is not a bundle)
     MODEL_DIR/...                   the generator's weights and configuration (its class decides)
-    MODEL_DIR/samples_<label>.png   sample grids written at the end of training
-    MODEL_DIR/private/              0700, never served: training record, checkpoint, filter, calibration, seed key
+    MODEL_DIR/filter_summary.json   the memorization filter's public summary (written by calibrate)
+    MODEL_DIR/private/              0700, never served: training record, checkpoint, filter, calibration, seed key,
+                                    and the unfiltered sample grids written at the end of training
 
-Only the card, the weights and the sample grids may leave the server; ``private/`` holds what was computed
-from training data.
+Only the card, the weights and the filter summary may leave the server (an API process needs nothing else:
+:func:`public_parts`); ``private/`` holds what was computed from training data or was never filtered.
 """
 
 from __future__ import annotations
@@ -54,8 +55,17 @@ class BundleLayout:
     def seed_key(self) -> Path:
         return self.private / "seed.key"
 
+    @property
+    def filter_summary(self) -> Path:
+        return self.root / "filter_summary.json"
+
     def sample_grid(self, label: str) -> Path:
-        return self.root / f"samples_{label}.png"
+        """Unfiltered samples of ``label`` drawn at the end of training, for the operator's eyes only."""
+        return self.private / f"unfiltered_samples_{label}.png"
+
+    def public_parts(self) -> list[Path]:
+        """Everything in the bundle but ``private/``: what an API process (or a public copy) may hold."""
+        return sorted(p for p in self.root.iterdir() if p.name != PRIVATE_DIR)
 
     def make_private(self) -> Path:
         """Create ``private/`` (0700) and return it."""

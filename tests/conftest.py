@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +19,14 @@ from generators.card import ModelCard
 from train.demo_cohort import DemoPatient, make_demo_cohort
 from train.ingest import IngestOptions, IngestResult, ingest
 from train.store import CohortStore
+
+DEMO_LABELS = ("healthy", "lesion")
+
+
+def ingest_options(labels: tuple[str, ...] = DEMO_LABELS, **fields) -> IngestOptions:
+    """Ingest options for the tests' small cohorts: ``labels`` declared, and any number of patients per label
+    accepted (the default minimum of 20 is tested on its own)."""
+    return IngestOptions(labels=tuple(labels), **{"min_label_patients": 1, **fields})
 
 
 def tiny_card(*, image_size: int = 16, labels: tuple[str, ...] = ("healthy", "lesion"), **fields) -> ModelCard:
@@ -139,19 +150,57 @@ def demo_store(demo_raw, tmp_path_factory: pytest.TempPathFactory) -> IngestResu
     budget large enough for all of them."""
     raw, _ = demo_raw
     out = tmp_path_factory.mktemp("store") / "store"
-    options = IngestOptions(size=32, slices=4, holdout=0.25, store_budget=1e6)
+    options = ingest_options(size=32, slices=4, holdout=0.25, store_budget=1e6)
     result = ingest(raw, out, labels_path=raw / "labels.csv", options=options)
     pin_patient_estimate(out, 12)
     return IngestResult(store=CohortStore.open(out), report=result.report, skipped=result.skipped)
 
 
+# ------------------------------------------------------------------ built once per version of the code
+# The canary store and the tiny model take minutes to build; they are kept in pytest's cache under a key made of
+# the source they depend on (every module of generators/, train/, privacy_filters/ and app/, and this file), and
+# each test session works on its own copy. A change to any of that code rebuilds them; a clean clone builds once.
+SOURCES = ("generators", "train", "privacy_filters", "app")
+
+
+@functools.cache
+def code_version() -> str:
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256(Path(__file__).read_bytes())
+    for package in SOURCES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cached_build(config: pytest.Config, name: str, build: Callable[[Path], None], tmp: Path) -> Path:
+    """``build(dir)`` once per code version (kept in pytest's cache); returns this session's copy of ``dir``."""
+    cache = config.cache.mkdir(f"synthcohort-{name}") if config.cache is not None else tmp / "nocache"
+    kept = cache / code_version()
+    if not kept.is_dir():
+        for old in cache.iterdir() if cache.is_dir() else []:  # other versions' builds
+            shutil.rmtree(old, ignore_errors=True)
+        work = Path(tempfile.mkdtemp(dir=cache.parent if config.cache is not None else tmp))
+        build(work)
+        os.replace(work, kept)
+    copy = tmp / name
+    shutil.copytree(kept, copy)
+    return copy
+
+
 @pytest.fixture(scope="session")
-def canary_store(tmp_path_factory: pytest.TempPathFactory) -> IngestResult:
-    """A larger demo store (200 patients, 64 px, 4 slices each, 30 % held out) for filter calibration."""
-    root = tmp_path_factory.mktemp("canary")
-    make_demo_cohort(root / "raw", patients=200, seed=7, workers=2, dicom_fraction=0.0)
-    options = IngestOptions(size=64, slices=4, holdout=0.3, seed=7, workers=2)
-    return ingest(root / "raw", root / "store", labels_path=root / "raw" / "labels.csv", options=options)
+def canary_store(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> IngestResult:
+    """A larger demo store (200 patients, 64 px, 4 slices each, 30 % held out) for filter calibration; its raw
+    cohort lies beside it (``store.path.parent / "raw"``)."""
+
+    def build(root: Path) -> None:
+        make_demo_cohort(root / "raw", patients=200, seed=7, workers=2, dicom_fraction=0.0)
+        options = ingest_options(size=64, slices=4, holdout=0.3, workers=2)
+        ingest(root / "raw", root / "store", labels_path=root / "raw" / "labels.csv", options=options)
+
+    root = cached_build(request.config, "canary", build, tmp_path_factory.mktemp("canary"))
+    store = CohortStore.open(root / "store")
+    return IngestResult(store=store, report=store.report, skipped=[])
 
 
 @pytest.fixture(scope="session")
@@ -159,12 +208,12 @@ def unseen_store(tmp_path_factory: pytest.TempPathFactory) -> IngestResult:
     """60 new patients from another seed: real patients no filter or model has ever seen."""
     root = tmp_path_factory.mktemp("unseen")
     make_demo_cohort(root / "raw", patients=60, seed=8, workers=2, dicom_fraction=0.0)
-    options = IngestOptions(size=64, slices=4, holdout=0.0, workers=2)
+    options = ingest_options(size=64, slices=4, holdout=0.0, workers=2)
     return ingest(root / "raw", root / "store", labels_path=root / "raw" / "labels.csv", options=options)
 
 
 @pytest.fixture(scope="session")
-def tiny_model(canary_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_model(canary_store, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny real DP model (16 px, a few steps) trained on the canary store (60 held-out patients, enough to
     calibrate a filter), with its calibrated filter."""
     from app.calibrate import calibrate
@@ -172,7 +221,6 @@ def tiny_model(canary_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from train.dp_training import TrainConfig, train_model
     from train.presets import get_preset
 
-    out = tmp_path_factory.mktemp("models") / "tiny"
     preset = get_preset(
         "cpu-small",
         image_size=16,
@@ -183,6 +231,13 @@ def tiny_model(canary_store, tmp_path_factory: pytest.TempPathFactory) -> Path:
         public_pretrain_steps=20,
         public_batch_size=16,
     )
-    train_model(TrainConfig(store=canary_store.store.path, out=out, preset=preset, epsilon=8.0, samples_per_label=2))
-    calibrate(canary_store.store.path, out)
-    return out
+
+    def build(root: Path) -> None:
+        out = root / "tiny"
+        train_model(
+            TrainConfig(store=canary_store.store.path, out=out, preset=preset, epsilon=8.0, samples_per_label=2)
+        )
+        calibrate(canary_store.store.path, root / "tiny")
+
+    key = f"tiny-{canary_store.store.store_id[:12]}"  # the model belongs to this very store
+    return cached_build(request.config, key, build, tmp_path_factory.mktemp("models")) / "tiny"

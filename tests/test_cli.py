@@ -42,16 +42,19 @@ def test_help_is_fast_and_lists_commands() -> None:
 def test_ingest_cli_end_to_end_and_errors(demo_raw, tmp_path: Path) -> None:
     raw, plan = demo_raw
     out = tmp_path / "store"
-    ok = run_cli(
-        "ingest", str(raw), "--labels", str(raw / "labels.csv"), "--out", str(out), "--size", "16", "--slices", "2"
-    )
+    args = ("ingest", str(raw), "--labels", str(raw / "labels.csv"), "--out", str(out), "--size", "16", "--slices", "2")
+    undeclared = run_cli(*args)
+    assert undeclared.returncode == 2 and "--declare-labels healthy,lesion" in undeclared.stderr
+    rare = run_cli(*args, "--declare-labels", "healthy,lesion")  # 8 patients a label: under the default 20
+    assert rare.returncode == 2 and "fewer than 20 patients" in rare.stderr and not out.exists()
+    ok = run_cli(*args, "--declare-labels", "healthy,lesion", "--min-label-patients", "5")
     assert ok.returncode == 0, ok.stderr
     assert "train" in ok.stdout and "holdout" in ok.stdout
     for p in plan:  # nothing identifying is printed
         assert p.patient_id not in ok.stdout + ok.stderr
         assert p.name.split("^")[0] not in ok.stdout + ok.stderr
 
-    again = run_cli("ingest", str(raw), "--labels", str(raw / "labels.csv"), "--out", str(out))
+    again = run_cli(*args, "--declare-labels", "healthy,lesion")
     assert again.returncode == exit_code_for(Conflict("x")) == 4
     assert "already exists" in again.stderr and "--force" in again.stderr
 
@@ -60,18 +63,11 @@ def test_ingest_cli_end_to_end_and_errors(demo_raw, tmp_path: Path) -> None:
 
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "MRN1234567.nii").write_bytes(b"junk")
-    bad = run_cli("ingest", str(tmp_path / "junk"), "--labels", str(raw / "labels.csv"), "--out", str(tmp_path / "s2"))
+    junk = ("ingest", str(tmp_path / "junk"), "--labels", str(raw / "labels.csv"), "--declare-labels", "healthy,lesion")
+    bad = run_cli(*junk, "--out", str(tmp_path / "s2"))
     assert bad.returncode == 2 and "nothing usable" in bad.stderr
     assert "MRN1234567" not in bad.stderr  # paths are shown only with --show-paths
-    shown = run_cli(
-        "ingest",
-        str(tmp_path / "junk"),
-        "--labels",
-        str(raw / "labels.csv"),
-        "--out",
-        str(tmp_path / "s2"),
-        "--show-paths",
-    )
+    shown = run_cli(*junk, "--out", str(tmp_path / "s2"), "--show-paths")
     assert shown.returncode == 2 and "MRN1234567.nii: unreadable NIfTI" in shown.stderr
 
     flag = run_cli(

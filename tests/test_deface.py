@@ -7,11 +7,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import ingest_options
 from scipy.ndimage import affine_transform, binary_erosion
 
 from generators.errors import InvalidInput
 from train.deface import MIN_FIT, deface
-from train.ingest import IngestOptions, ingest
+from train.ingest import ingest
 from train.scan_io import Scan, read_nifti
 
 SHAPE = (112, 160, 160)  # 1.5 mm voxels: the whole head of the template
@@ -55,6 +56,23 @@ def test_the_face_is_removed_and_the_rest_of_the_head_is_kept() -> None:
     assert result.scan.affine.tolist() == scan.affine.tolist()
 
 
+def test_voxels_outside_the_template_field_of_view_are_removed() -> None:
+    """A scan with a field of view larger than the template's (padded by 60 mm on every side, with tissue-like
+    values there): whatever lies outside the registered template is removed, as pydeface does, not kept."""
+    scan, _ = synthetic_head(nod_degrees=0.0, shift_mm=(0.0, 0.0, 0.0), seed=3)
+    pad = 40  # voxels of 1.5 mm
+    data = np.pad(scan.data, pad, constant_values=0.0)
+    rng = np.random.default_rng(4)
+    outside = np.ones(data.shape, bool)
+    outside[pad:-pad, pad:-pad, pad:-pad] = False
+    data[outside] = rng.uniform(200, 400, int(outside.sum()))  # bright "tissue" beyond the template's reach
+    affine = scan.affine.copy()
+    affine[:3, 3] -= 1.5 * pad
+    result = deface(Scan(data.astype(np.float32), affine))
+    beyond = result.scan.data[outside]
+    assert (beyond == result.scan.data.min()).mean() >= 0.9, "voxels outside the template's field of view were kept"
+
+
 def test_a_brain_extracted_volume_is_refused_not_stored_with_a_guess(demo_raw) -> None:
     raw, _ = demo_raw
     brain = read_nifti(sorted((raw / "nifti").glob("*.nii*"))[0])
@@ -75,8 +93,10 @@ def test_ingest_deface_stores_defaced_volumes_and_reports_them(demo_raw, tmp_pat
     (raw / "labels.csv").write_text("patient_id,label\nhead0,a\nhead1,b\nbrain,a\n")
 
     with pytest.raises(InvalidInput, match="contradict"):
-        ingest(raw, tmp_path / "x", labels_path=raw / "labels.csv", options=IngestOptions(deface=True, keep_faces=True))
-    options = IngestOptions(dims=3, size=24, deface=True, holdout=0.0)
+        ingest(
+            raw, tmp_path / "x", labels_path=raw / "labels.csv", options=ingest_options(deface=True, keep_faces=True)
+        )
+    options = ingest_options(("a", "b"), dims=3, size=24, deface=True, holdout=0.0)
     result = ingest(raw, tmp_path / "store", labels_path=raw / "labels.csv", options=options)
     assert result.report["defaced_scans"] == 2 and "--deface" in result.report["settings"]["faces"]
     assert [s["reason"][:15] for s in result.report["skipped"]] == ["defacing failed"]

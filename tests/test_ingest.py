@@ -4,10 +4,12 @@ import json
 import os
 import shutil
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ingest_options
 
 from generators.errors import Conflict, InvalidInput, NotFound
 from train.demo_cohort import make_demo_cohort, write_dicom_series
@@ -89,14 +91,40 @@ def test_labels_follow_the_patient(demo_raw, demo_store) -> None:
     assert np.abs(lesion - healthy.mean(0)).max() > np.abs(healthy - healthy.mean(0)).max() * 0.8
 
 
-def test_pseudonyms_are_keyed_per_store(demo_raw, tmp_path: Path) -> None:
+def test_pseudonyms_and_the_split_are_keyed_per_store(demo_raw, tmp_path: Path) -> None:
+    """Two stores of the same data share no pseudonym, and their secrets, not a public seed, pick who is held out
+    (the held-out patients calibrate the filter and are not protected by ε: nobody may predict them)."""
     raw, _ = demo_raw
-    a = ingest(raw / "nifti", tmp_path / "a", labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1))
-    b = ingest(raw / "nifti", tmp_path / "b", labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1))
+    options = ingest_options(size=16, slices=1, holdout=0.5)
+    a = ingest(raw / "nifti", tmp_path / "a", labels_path=raw / "labels.csv", options=options)
+    b = ingest(raw / "nifti", tmp_path / "b", labels_path=raw / "labels.csv", options=options)
     assert set(a.store.read("train").patients).isdisjoint(set(b.store.read("train").patients))
-    # the seed, not the secret, decides the split: the same slices land in train (in pseudonym order)
-    assert train_set(a) == train_set(b)
-    assert a.store.fingerprint != b.store.fingerprint  # pseudonyms differ
+    # 8 patients per label, 4 held out: the same split twice by chance has probability 1 / 70² (1 in 4 900)
+    assert train_set(a) != train_set(b)
+    assert a.store.fingerprint != b.store.fingerprint
+    assert "seed" not in a.report["settings"]
+
+
+def test_one_patient_more_or_less_moves_at_most_one_other() -> None:
+    """The split ranks patients by a keyed hash, so neighbouring cohorts differ by one patient, not hundreds."""
+    from train.deidentify import Pseudonymizer, new_secret
+    from train.split import split_patients
+
+    rank = Pseudonymizer(new_secret()).split_rank
+    cohort = {f"MRN{i:07d}": ("lesion" if i % 3 else "healthy") for i in range(1000)}
+    before = split_patients(cohort, holdout=0.2, rank=rank)
+    assert sum(v == "holdout" for v in before.values()) == 200
+    for extra in (f"MRN{1000 + i:07d}" for i in range(20)):
+        for label in ("healthy", "lesion"):
+            after = split_patients({**cohort, extra: label}, holdout=0.2, rank=rank)
+            moved = [p for p in cohort if after[p] != before[p]]
+            assert len(moved) <= 1, moved
+    for gone in list(cohort)[:20]:
+        after = split_patients({p: lab for p, lab in cohort.items() if p != gone}, holdout=0.2, rank=rank)
+        assert sum(after[p] != before[p] for p in after) <= 1
+    # another secret, another split: the holdout cannot be predicted without the store's secret
+    other = split_patients(cohort, holdout=0.2, rank=Pseudonymizer(new_secret()).split_rank)
+    assert {p for p, s in other.items() if s == "holdout"} != {p for p, s in before.items() if s == "holdout"}
 
 
 def test_bad_inputs_are_skipped_with_pseudonymous_reasons(demo_raw, tmp_path: Path) -> None:
@@ -111,7 +139,7 @@ def test_bad_inputs_are_skipped_with_pseudonymous_reasons(demo_raw, tmp_path: Pa
     (tmp_path / "labels.csv").write_text(labels)
 
     result = ingest(
-        inputs, tmp_path / "store", labels_path=tmp_path / "labels.csv", options=IngestOptions(size=16, slices=2)
+        inputs, tmp_path / "store", labels_path=tmp_path / "labels.csv", options=ingest_options(size=16, slices=2)
     )
     reasons = [s["reason"] for s in result.report["skipped"]]
     assert any("unreadable NIfTI" in r for r in reasons)
@@ -135,7 +163,10 @@ def test_mixed_shapes_and_medmnist(tmp_path: Path) -> None:
         val_labels=np.array([[0], [1], [0], [1]]),
     )
     result = ingest(
-        tmp_path / "pneumoniamnist.npz", tmp_path / "s", labels_path=None, options=IngestOptions(size=32, slices=3)
+        tmp_path / "pneumoniamnist.npz",
+        tmp_path / "s",
+        labels_path=None,
+        options=ingest_options(("0", "1"), size=32, slices=3),
     )
     store = result.store
     assert store.n_slices == 10 and store.label_names == ["0", "1"]
@@ -159,7 +190,7 @@ def test_a_scan_column_maps_archive_images_to_patients(tmp_path: Path) -> None:
         tmp_path / "organmnist.npz",
         tmp_path / "s",
         labels_path=tmp_path / "labels.csv",
-        options=IngestOptions(size=16, slices=1, holdout=0.0),
+        options=ingest_options(("0", "1"), size=16, slices=1, holdout=0.0),
     )
     assert result.store.privacy_unit == "patient"
     assert len(set(result.store.read("train").patients)) == 2 and result.store.n_slices == 6
@@ -179,7 +210,7 @@ def test_patient_ids_are_normalised(demo_raw, tmp_path: Path) -> None:
         messy.append(f"  {patient.lower().replace('mrn', 'mrn00')} ,{rest}")  # other case, padding, spaces
     (tmp_path / "labels.csv").write_text("\n".join(messy) + "\n")
     result = ingest(
-        raw / "nifti", tmp_path / "s", labels_path=tmp_path / "labels.csv", options=IngestOptions(size=16, slices=1)
+        raw / "nifti", tmp_path / "s", labels_path=tmp_path / "labels.csv", options=ingest_options(size=16, slices=1)
     )
     assert not result.skipped
     assert sum(sum(v.values()) for v in result.report["patients"].values()) == len(plan)
@@ -194,7 +225,7 @@ def test_the_store_publishes_a_dp_count_and_starts_its_ledger(demo_store) -> Non
     )
     assert len(store.store_id) == 32 and store.store_id not in store.fingerprint
     first = store.ledger().entries()[0]
-    assert first["release"] == "patient-count" and first["history"] == [[10.0, 1.0, 1]]
+    assert first["release"] == f"patient-count:{store.store_id}" and first["history"] == [[10.0, 1.0, 1]]
     assert stat.S_IMODE((store.path / "privacy_ledger.jsonl").stat().st_mode) == 0o600
 
 
@@ -202,15 +233,15 @@ def test_nothing_usable_is_an_error_and_leaves_no_store(demo_raw, tmp_path: Path
     raw, _ = demo_raw
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInput, match="no NIfTI"):
-        ingest(tmp_path / "empty", tmp_path / "s", labels_path=raw / "labels.csv", options=IngestOptions())
+        ingest(tmp_path / "empty", tmp_path / "s", labels_path=raw / "labels.csv", options=ingest_options())
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.nii").write_bytes(b"junk")
     with pytest.raises(InvalidInput, match="nothing usable"):
-        ingest(tmp_path / "junk", tmp_path / "s", labels_path=raw / "labels.csv", options=IngestOptions())
+        ingest(tmp_path / "junk", tmp_path / "s", labels_path=raw / "labels.csv", options=ingest_options())
     assert not (tmp_path / "s").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # temp dirs cleaned up
     with pytest.raises(InvalidInput, match="--labels"):
-        ingest(raw / "nifti", tmp_path / "s", labels_path=None, options=IngestOptions())
+        ingest(raw / "nifti", tmp_path / "s", labels_path=None, options=ingest_options())
 
 
 def test_existing_store_is_never_half_overwritten(demo_raw, demo_store, tmp_path: Path) -> None:
@@ -219,16 +250,79 @@ def test_existing_store_is_never_half_overwritten(demo_raw, demo_store, tmp_path
     shutil.copytree(demo_store.store.path, target)
     before = all_bytes(target)
     with pytest.raises(Conflict):
-        ingest(raw / "nifti", target, labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1))
+        ingest(raw / "nifti", target, labels_path=raw / "labels.csv", options=ingest_options(size=16, slices=1))
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.nii").write_bytes(b"junk")
     with pytest.raises(InvalidInput):  # even with --force, a failed ingestion leaves the old store intact
-        ingest(tmp_path / "junk", target, labels_path=raw / "labels.csv", options=IngestOptions(overwrite=True))
+        ingest(tmp_path / "junk", target, labels_path=raw / "labels.csv", options=ingest_options(overwrite=True))
     assert all_bytes(target) == before
     replaced = ingest(
-        raw / "nifti", target, labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1, overwrite=True)
+        raw / "nifti", target, labels_path=raw / "labels.csv", options=ingest_options(size=16, slices=1, overwrite=True)
     )
     assert replaced.store.image_size == 16
+
+
+def test_a_replacing_ingest_keeps_the_patients_ledger_unless_reset(demo_raw, tmp_path: Path) -> None:
+    """`ingest --force` over a store its patients have spent from: the spend follows them into the new store (and
+    a second DP count is composed with the first); only an explicit --reset-budget starts afresh, and says so."""
+    raw, _ = demo_raw
+    target = tmp_path / "store"
+    options = ingest_options(size=16, slices=1)
+    first = ingest(raw / "nifti", target, labels_path=raw / "labels.csv", options=options).store
+    first.ledger().record("run-1", [(1.0, 0.5, 400)], status="finished", model="m")  # a released DP model
+    spent = first.ledger().budget().spent
+    holdout = {row.tobytes() for row in np.asarray(first.read("holdout").images)}
+
+    again = ingest(raw / "nifti", target, labels_path=raw / "labels.csv", options=replace(options, overwrite=True))
+    entries = again.store.ledger().entries()
+    assert [e["release"] for e in entries[:3]] == [f"patient-count:{first.store_id}", "run-1", entries[2]["release"]]
+    assert all(e["carried_from"] == first.store_id for e in entries[:2])
+    assert again.store.ledger().budget().spent > spent  # the old spend plus a second count release
+    # the same secret: the same patients keep their pseudonyms and their side of the split
+    assert set(again.store.read("train").patients) == set(first.read("train").patients)
+    assert {row.tobytes() for row in np.asarray(again.store.read("holdout").images)} == holdout
+
+    reset = replace(options, overwrite=True, reset_budget=True)
+    fresh = ingest(raw / "nifti", target, labels_path=raw / "labels.csv", options=reset).store
+    entries = fresh.ledger().entries()
+    assert entries[0]["status"] == "reset" and entries[0]["replaced_spent_epsilon"] >= spent
+    assert [e["status"] for e in entries] == ["reset", "released"]
+    assert fresh.ledger().budget().spent < spent
+    with pytest.raises(InvalidInput, match="--force"):
+        ingest(
+            raw / "nifti", tmp_path / "new", labels_path=raw / "labels.csv", options=replace(options, reset_budget=True)
+        )
+
+
+def test_labels_are_declared_and_rare_labels_refused(demo_raw, tmp_path: Path) -> None:
+    """The published label set is the operator's declaration; a label few patients hold is refused (it would name
+    them), and patients with an undeclared label are skipped, not published."""
+    raw, plan = demo_raw
+    lines = (raw / "labels.csv").read_text().splitlines()
+    rare = plan[0].patient_id
+    lines = [
+        line if not line.startswith(rare + ",") else line.replace(f",{plan[0].label},", ",glioma-x,") for line in lines
+    ]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InvalidInput, match="declare the labels"):
+        ingest(raw / "nifti", tmp_path / "s0", labels_path=tmp_path / "labels.csv", options=IngestOptions(size=16))
+    declared = ingest_options(("healthy", "lesion", "glioma-x"), size=16, slices=1, min_label_patients=2)
+    with pytest.raises(InvalidInput, match=r"\['glioma-x'\].*fewer than 2 patients") as refused:
+        ingest(raw / "nifti", tmp_path / "s1", labels_path=tmp_path / "labels.csv", options=declared)
+    assert "--declare-labels" in str(refused.value) and not (tmp_path / "s1").exists()
+    with pytest.raises(InvalidInput, match="fewer than 20 patients"):  # the default k
+        ingest(
+            raw / "nifti",
+            tmp_path / "s2",
+            labels_path=raw / "labels.csv",
+            options=IngestOptions(labels=("healthy", "lesion")),
+        )
+    result = ingest(
+        raw / "nifti", tmp_path / "s3", labels_path=tmp_path / "labels.csv", options=ingest_options(size=16, slices=1)
+    )
+    assert result.store.label_names == ["healthy", "lesion"]  # glioma-x's patient skipped, the label unpublished
+    assert [s.reason for s in result.skipped] == ["label not declared (--declare-labels)"]
+    assert "glioma-x" not in json.dumps(result.report)
 
 
 def test_burned_in_series_skipped_with_reason(tmp_path: Path) -> None:
@@ -244,7 +338,7 @@ def test_burned_in_series_skipped_with_reason(tmp_path: Path) -> None:
         tmp_path / "raw" / "dicom",
         tmp_path / "s",
         labels_path=tmp_path / "raw" / "labels.csv",
-        options=IngestOptions(size=16, slices=1, holdout=0.0),
+        options=ingest_options((plan[1].label,), size=16, slices=1, holdout=0.0),
     )
     assert [s["reason"].split(":")[0] for s in result.report["skipped"]] == ["BurnedInAnnotation=YES"]
     assert result.store.n_slices == 1
@@ -257,19 +351,23 @@ def test_symlinks_are_not_followed(demo_raw, tmp_path: Path) -> None:
     shutil.copy(raw / "nifti" / f"{plan[0].patient_id}.nii.gz", inputs)
     shutil.copy(raw / "nifti" / f"{plan[1].patient_id}.nii.gz", inputs)
     (inputs / "escape").symlink_to(raw / "nifti", target_is_directory=True)
-    result = ingest(
-        inputs, tmp_path / "s", labels_path=raw / "labels.csv", options=IngestOptions(size=16, slices=1, holdout=0.0)
-    )
+    options = ingest_options(tuple({plan[0].label, plan[1].label}), size=16, slices=1, holdout=0.0)
+    result = ingest(inputs, tmp_path / "s", labels_path=raw / "labels.csv", options=options)
     assert result.store.n_slices == 2
 
 
 def test_parallel_workers_give_the_same_store(demo_raw, tmp_path: Path) -> None:
     raw, _ = demo_raw
     opts = {"size": 16, "slices": 2}
-    one = ingest(raw, tmp_path / "one", labels_path=raw / "labels.csv", options=IngestOptions(**opts, workers=1))
-    two = ingest(raw, tmp_path / "two", labels_path=raw / "labels.csv", options=IngestOptions(**opts, workers=2))
-    assert train_set(one) == train_set(two)
-    assert one.report["patients"] == two.report["patients"]
+    one = ingest(raw, tmp_path / "one", labels_path=raw / "labels.csv", options=ingest_options(**opts, workers=1))
+    two = ingest(raw, tmp_path / "two", labels_path=raw / "labels.csv", options=ingest_options(**opts, workers=2))
+    every = [
+        {row.tobytes() for row in np.asarray(r.store.read("train").images)}
+        | {row.tobytes() for row in np.asarray(r.store.read("holdout").images)}
+        for r in (one, two)
+    ]
+    assert every[0] == every[1]  # the same slices (each store's own secret splits them)
+    assert one.report["patients"] == two.report["patients"]  # and the same counts per split and label
 
 
 def test_open_errors(tmp_path: Path) -> None:
@@ -290,9 +388,9 @@ def test_labels_file_errors(demo_raw, tmp_path: Path) -> None:
     raw, _ = demo_raw
     (tmp_path / "l.csv").write_text("id,diagnosis\nA,b\n")
     with pytest.raises(InvalidInput, match="patient_id,label"):
-        ingest(raw / "nifti", tmp_path / "s", labels_path=tmp_path / "l.csv", options=IngestOptions())
+        ingest(raw / "nifti", tmp_path / "s", labels_path=tmp_path / "l.csv", options=ingest_options())
     with pytest.raises(InvalidInput, match="does not exist"):
-        ingest(raw / "nifti", tmp_path / "s", labels_path=tmp_path / "missing.csv", options=IngestOptions())
+        ingest(raw / "nifti", tmp_path / "s", labels_path=tmp_path / "missing.csv", options=ingest_options())
 
 
 def test_dicom_multi_series_folder_rejected(tmp_path: Path) -> None:
@@ -313,10 +411,10 @@ def test_volumes_need_keep_faces_and_are_stored_whole(demo_raw, tmp_path: Path) 
     raw, plan = demo_raw
     out = tmp_path / "store3d"
     with pytest.raises(InvalidInput, match="--keep-faces"):
-        ingest(raw, out, labels_path=raw / "labels.csv", options=IngestOptions(dims=3, size=16))
+        ingest(raw, out, labels_path=raw / "labels.csv", options=ingest_options(dims=3, size=16))
     assert not out.exists()
 
-    result = ingest(raw, out, labels_path=raw / "labels.csv", options=IngestOptions(dims=3, size=16, keep_faces=True))
+    result = ingest(raw, out, labels_path=raw / "labels.csv", options=ingest_options(dims=3, size=16, keep_faces=True))
     store = result.store
     assert store.spatial_dims == 3 and CohortStore.open(out).spatial_dims == 3
     train = store.read("train")
@@ -343,7 +441,7 @@ def test_archives_of_2d_images_are_skipped_for_volumes(tmp_path: Path) -> None:
             tmp_path / "tiny.npz",
             tmp_path / "store",
             labels_path=None,
-            options=IngestOptions(dims=3, size=16, keep_faces=True),
+            options=ingest_options(("0", "1"), dims=3, size=16, keep_faces=True),
         )
 
 
@@ -375,7 +473,9 @@ def test_every_file_is_accounted_for_and_labels_link_by_folder_name(tmp_path: Pa
     raw = _public_dicom_folder(tmp_path / "raw")
     labels = tmp_path / "labels.csv"
     labels.write_text("patient_id,label\nmr-a,a\nmr-b,b\nseg,a\n")
-    result = ingest(raw, tmp_path / "store", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+    result = ingest(
+        raw, tmp_path / "store", labels_path=labels, options=ingest_options(("a", "b"), size=16, holdout=0.0)
+    )
     assert result.report["inputs"] == {"found": 5, "skipped": 3}
     reasons = sorted(s.reason for s in result.skipped)
     assert reasons[:2] == ["not a readable NIfTI, DICOM or .npz file"] * 2  # the text file and the corrupt one
@@ -386,14 +486,14 @@ def test_every_file_is_accounted_for_and_labels_link_by_folder_name(tmp_path: Pa
 
     # PatientID names one labels row, the folder another: ambiguous, skipped with the fix; --link-by decides
     labels.write_text("patient_id,label\nmr-a,a\n4MR1,b\n")
-    result = ingest(raw, tmp_path / "s2", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+    result = ingest(raw, tmp_path / "s2", labels_path=labels, options=ingest_options(("b",), size=16, holdout=0.0))
     assert any("--link-by patient-id or --link-by folder" in s.reason for s in result.skipped)
     assert result.report["patients"]["train"] == {"b": 1}
-    chosen = IngestOptions(size=16, holdout=0.0, link_by="patient-id")
+    chosen = ingest_options(("b",), size=16, holdout=0.0, link_by="patient-id")
     result = ingest(raw, tmp_path / "s3", labels_path=labels, options=chosen)
     assert result.report["patients"]["train"] == {"b": 1} and result.store.n_slices == 2  # both scans are 4MR1
     with pytest.raises(InvalidInput, match="--link-by"):
-        ingest(raw, tmp_path / "s4", labels_path=labels, options=IngestOptions(link_by="guess"))
+        ingest(raw, tmp_path / "s4", labels_path=labels, options=ingest_options(("a", "b"), link_by="guess"))
 
 
 def test_projection_images_are_2d_with_their_spacing_and_modalities_do_not_mix(tmp_path: Path) -> None:
@@ -406,12 +506,22 @@ def test_projection_images_are_2d_with_their_spacing_and_modalities_do_not_mix(t
     cr.save_as(raw / "p1" / "cr.dcm")
     labels = tmp_path / "labels.csv"
     labels.write_text("patient_id,label\np1,a\n")
-    store = ingest(raw, tmp_path / "s", labels_path=labels, options=IngestOptions(size=16, holdout=0.0)).store
+    store = ingest(
+        raw,
+        tmp_path / "s",
+        labels_path=labels,
+        options=ingest_options(("a",), size=16, holdout=0.0, allow_burned_in=True),
+    ).store
     image = store.read("train").images[0, 0]
     assert store.n_slices == 1 and store.spacing()[:2] == (4.0, 4.0)  # 64 mm tall → 16 px of 4 mm
     assert (image[:, :4] == -1).all() and (image[:, -4:] == -1).all()  # 32 mm wide: centred, padded
     with pytest.raises(InvalidInput, match="2-D"):
-        ingest(raw, tmp_path / "s3d", labels_path=labels, options=IngestOptions(dims=3, size=16, keep_faces=True))
+        ingest(
+            raw,
+            tmp_path / "s3d",
+            labels_path=labels,
+            options=ingest_options(("a",), dims=3, size=16, keep_faces=True, allow_burned_in=True),
+        )
 
     us = _public_dicom("CT_small.dcm")
     for name in ("ImageOrientationPatient", "ImagePositionPatient"):
@@ -420,12 +530,18 @@ def test_projection_images_are_2d_with_their_spacing_and_modalities_do_not_mix(t
     (raw / "p2").mkdir()
     us.save_as(raw / "p2" / "us.dcm")
     labels.write_text("patient_id,label\np1,a\np2,b\n")
-    result = ingest(raw, tmp_path / "s2", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+    checked = ingest_options(("a",), size=16, holdout=0.0, allow_burned_in=True)
+    result = ingest(raw, tmp_path / "s2", labels_path=labels, options=checked)
     assert [s.reason for s in result.skipped] == [
         "a US image has no patient geometry; read it as a 2-D image with --allow-2d"
     ]
     with pytest.raises(InvalidInput, match="mixes DICOM modalities"):
-        ingest(raw, tmp_path / "s4", labels_path=labels, options=IngestOptions(size=16, holdout=0.0, allow_2d=True))
+        ingest(
+            raw,
+            tmp_path / "s4",
+            labels_path=labels,
+            options=ingest_options(("a", "b"), size=16, holdout=0.0, allow_2d=True, allow_burned_in=True),
+        )
 
 
 def test_legacy_multiframe_is_stacked_by_frame_order_or_skipped_with_what_is_missing(tmp_path: Path) -> None:
@@ -472,7 +588,12 @@ def test_real_third_party_exports_are_ingested_or_skipped_with_their_reason(tmp_
         shutil.copy(_pydicom_data(name), cr / folder / name)
     labels = tmp_path / "labels.csv"
     labels.write_text("patient_id,label\nrg1,a\nrg3,b\nus,a\nmr2,a\nemri,b\nseg,a\n")
-    result = ingest(cr, tmp_path / "s-cr", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+    unknown = ingest_options(("a", "b"), size=16, holdout=0.0)
+    with pytest.raises(NothingUsable) as refused:  # radiographs that do not say "no burned-in text": unknown
+        ingest(cr, tmp_path / "s-cr0", labels_path=labels, options=unknown)
+    assert [s.reason.split(":")[0] for s in refused.value.skipped] == ["BurnedInAnnotation unknown"] * 2
+    checked = replace(unknown, allow_burned_in=True)  # the operator looked at the pixels
+    result = ingest(cr, tmp_path / "s-cr", labels_path=labels, options=checked)
     assert result.report["modality"] == "CR" and result.report["images_without_pixel_spacing"] == 2
     side_mm = np.median([1955, 1760]) / 16  # 1 mm per pixel: the longer side over 16 px, median of the two
     assert result.store.n_slices == 2 and result.store.spacing()[:2] == pytest.approx((side_mm, side_mm), abs=0.06)
@@ -482,7 +603,10 @@ def test_real_third_party_exports_are_ingested_or_skipped_with_their_reason(tmp_
     (us / "us").mkdir(parents=True)
     shutil.copy(_pydicom_data("US1_UNCR.dcm"), us / "us" / "us.dcm")
     result = ingest(
-        us, tmp_path / "s-us", labels_path=labels, options=IngestOptions(size=16, holdout=0.0, allow_2d=True)
+        us,
+        tmp_path / "s-us",
+        labels_path=labels,
+        options=ingest_options(("a",), size=16, holdout=0.0, allow_2d=True, allow_burned_in=True),
     )
     assert result.report["modality"] == "US" and result.store.n_slices == 1
     assert result.report["images_without_pixel_spacing"] == 1
@@ -494,7 +618,7 @@ def test_real_third_party_exports_are_ingested_or_skipped_with_their_reason(tmp_
     (mr / "notes").mkdir()
     (mr / "notes" / "broken.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\1" * 64)
     with pytest.raises(NothingUsable) as refused:  # nothing usable: the error still accounts for every file
-        ingest(mr, tmp_path / "s-mr", labels_path=labels, options=IngestOptions(size=16, holdout=0.0))
+        ingest(mr, tmp_path / "s-mr", labels_path=labels, options=ingest_options(("a", "b"), size=16, holdout=0.0))
     reasons = sorted(s.reason for s in refused.value.skipped)
     assert len(reasons) == 4
     assert reasons[0] == "a DICOM file with neither pixels nor a Modality (corrupt, or not an image)"

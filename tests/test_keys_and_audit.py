@@ -161,10 +161,11 @@ def test_upgrading_an_old_database_keeps_its_keys_jobs_and_log(backend: str, tmp
             assert session.get(Job, "j1").seed == 2**62
             assert [e.action for e in audit_events(session)] == ["x"]
             assert session.scalars(select(UiSession)).all() == []  # 0005: web sessions start empty
-        assert head_revision() == "0005" and upgrade(url) == ("0005", "0005")
+            assert session.scalars(select(ApiKey.last_request_at)).all() == [None]  # 0006: no request charged yet
+        assert head_revision() == "0006" and upgrade(url) == ("0006", "0006")
         current = subprocess.run(
             [sys.executable, "-m", "app.cli", "db", "current"], capture_output=True, text=True, env=env
         )
-        assert current.stdout.startswith("0005")
+        assert current.stdout.startswith("0006")
         engine.dispose()
         engine_for.cache_clear()

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +17,7 @@ from app.pipeline import (
     CohortRequest,
     MemorizationSuspected,
     build_cohort,
+    draw_rounds,
     load_seed_key,
     local_runner,
     sample_seed,
@@ -207,7 +209,7 @@ def test_memorizing_model_stops_with_a_finding(tiny_model: Path, tmp_path: Path)
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(MemorizationSuspected, match="appears to memorize"):
         build_cohort(strict, CohortRequest(counts={"healthy": 30}, shard_size=30), tmp_path / "out", device="cpu")
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()  # nothing kept at all
 
 
 def test_cli_n_per_label_with_worker_processes(tiny_model: Path, tmp_path: Path) -> None:
@@ -228,37 +230,45 @@ def _published_numbers(dataset: Path) -> dict[str, list]:
     return numbers
 
 
-def test_a_released_dataset_is_no_membership_oracle(tiny_model: Path, tmp_path: Path) -> None:
-    """The review's attack, on a real export whose filter rejects about a third of first draws.
-
-    The attack: with the public embedding, a per-sample `filter_score = d(sample, nearest training) / threshold`
-    gives the threshold (d / score, the same for every sample), and then each score says how close some
-    training slice sits to the sample: a candidate's slice at exactly that distance is a member. It needs a
-    per-sample number computed from training data (a score, distance or attempt count) or seeds that show which
-    draws were rejected. The released dataset must offer neither.
-    """
-    import hashlib
-
+def _with_threshold(tiny_model: Path, out: Path, threshold: Callable[[np.ndarray], float]) -> Path:
+    """A copy of the tiny model whose filter threshold is ``threshold(distances of 40 first draws of healthy)``."""
     from privacy_filters import MemorizationFilter
 
-    strict = tmp_path / "strict"
-    shutil.copytree(tiny_model, strict)
-    filt = MemorizationFilter.load(strict / "private" / "filter")
-    model = DiffusionModel.load(strict, device="cpu")
-    key = load_seed_key(strict)
+    shutil.copytree(tiny_model, out)
+    filt = MemorizationFilter.load(out / "private" / "filter")
+    model = DiffusionModel.load(out, device="cpu")
+    key = load_seed_key(out)
     first = model.generate(
         labels=["healthy"] * 40, seed=0, seeds=[sample_seed(key, 5, "healthy", i, 0) for i in range(40)]
     )
-    meta_path = strict / "private" / "filter" / "filter.json"
+    meta_path = out / "private" / "filter" / "filter.json"
     meta = json.loads(meta_path.read_text())
-    meta["threshold"] = float(np.quantile(filt.distances(first.images), 0.25))  # about a quarter rejected
+    meta["threshold"] = float(threshold(filt.distances(first.images)))
     meta_path.write_text(json.dumps(meta))
+    return out
 
+
+def test_a_released_dataset_is_no_membership_oracle(tiny_model: Path, tmp_path: Path) -> None:
+    """The review's attacks, on a real export whose filter rejects about a quarter of first draws.
+
+    The first attack: with the public embedding, a per-sample `filter_score = d(sample, nearest training) /
+    threshold` gives the threshold (d / score, the same for every sample), and then each score says how close some
+    training slice sits to the sample: a candidate's slice at exactly that distance is a member. It needs a
+    per-sample number computed from training data (a score, distance or attempt count) or seeds that show which
+    draws were rejected. The second reads the regenerated samples off the files themselves: a sample redrawn after
+    a rejection used to be written one generation round later (its mtime, its DICOM times, its place in the
+    write order). The released dataset must offer none of these.
+    """
+    import hashlib
+
+    strict = _with_threshold(tiny_model, tmp_path / "strict", lambda d: np.quantile(d, 0.25))  # a quarter rejected
     totals: dict = {}
     out = tmp_path / "released"
     build_cohort(
         strict,
-        CohortRequest(counts={"healthy": 40}, seed=5, shard_size=8, max_attempts=20, max_rejection_rate=0.9),
+        CohortRequest(
+            counts={"healthy": 40}, seed=5, shard_size=8, spare_fraction=1.0, formats=("nifti", "png", "dicom")
+        ),
         out,
         device="cpu",
         progress=lambda state: totals.update(generated=state.generated, rejected=state.rejected),
@@ -277,6 +287,7 @@ def test_a_released_dataset_is_no_membership_oracle(tiny_model: Path, tmp_path: 
         for a in range(5)
     }
     assert not public_guess & {s["seed"] for s in samples}
+    key = load_seed_key(strict)
     regenerated = [s for s in samples if s["seed"] != sample_seed(key, 5, "healthy", s["index"], 0)]
     assert len(regenerated) >= 4  # the operator, holding the key, can tell them apart; the public cannot
     assert all(set(s) == set(samples[0]) for s in regenerated)
@@ -286,6 +297,79 @@ def test_a_released_dataset_is_no_membership_oracle(tiny_model: Path, tmp_path: 
         fields |= _keys(json.loads((out / name).read_text()))
     for word in ("rejected", "generated", "attempt", "score", "distance", "threshold", "n_train", "n_holdout"):
         assert not [f for f in fields if word in f.lower() and not f.startswith("max_")], word  # max_*: the request
+
+    # nothing in time or order either: one mtime for every file and folder, the manifest in index order, and no
+    # header, tag or chunk of a regenerated sample's files differs from a first-try sample's, but its pixels
+    assert {p.stat().st_mtime for p in [out, *out.rglob("*")]} == {release_time_of(out)}
+    assert [s["index"] for s in samples] == list(range(40))
+    assert len({_file_headers(out, s) for s in samples}) == 1
+
+
+def release_time_of(dataset: Path) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(read_manifest(dataset)["dataset"]["request"]["released_at"]).timestamp()
+
+
+def _file_headers(dataset: Path, sample: dict) -> str:
+    """Everything in a sample's NIfTI, PNG and DICOM files but its pixels, its own name and its random UIDs."""
+    import gzip
+
+    import pydicom
+
+    nifti = dataset / sample["file"]
+    raw = nifti.read_bytes()
+    parts = [raw[:10].hex(), nib.load(nifti).header.binaryblock.hex(), gzip.decompress(raw)[348:352].hex()]
+    png = (dataset / sample["file"].replace("images/", "previews/").replace(".nii.gz", ".png")).read_bytes()
+    offset, chunks = 8, []
+    while offset < len(png):  # every chunk but the pixels (IDAT), so a tIME chunk or text would show
+        length, kind = int.from_bytes(png[offset : offset + 4], "big"), png[offset + 4 : offset + 8]
+        chunks.append(kind.decode() + ("" if kind == b"IDAT" else png[offset + 8 : offset + 8 + length].hex()))
+        offset += 12 + length
+    parts.append(",".join(sorted(set(chunks))))
+    for path in sorted((dataset / sample["dicom"]).iterdir()):
+        ds = pydicom.dcmread(path)
+        name = sample["file"].rsplit("/", 1)[1].removesuffix(".nii.gz")
+        random_uid = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID"}
+        random_uid |= {"MediaStorageSOPInstanceUID", "FileMetaInformationGroupLength"}  # follows the UIDs' lengths
+        for element in [*ds.file_meta.iterall(), *ds.iterall()]:
+            if element.keyword == "PixelData" or element.keyword in random_uid:
+                continue
+            parts.append(f"{element.keyword}={str(element.value).replace(name, '<name>')}")
+    return "\n".join(parts)
+
+
+def test_a_shard_does_the_same_work_whatever_the_filter_decides(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """How long a job takes must not say how many draws were rejected: every shard generates and filters the same
+    batches (first draws, then its fixed spare rounds) whether the filter accepts everything, rejects a quarter,
+    or rejects everything — and a failing export still runs every shard before it reports the finding."""
+    calls: list[int] = []
+    real_generate = DiffusionModel.generate
+
+    def counted(self, *args, **kwargs):  # the real sampler, counted
+        calls.append(len(kwargs["seeds"]))
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModel, "generate", counted)
+    request = CohortRequest(counts={"healthy": 10, "lesion": 3}, seed=5, shard_size=6)
+    work = {}
+    for name, threshold in (("open", lambda d: 1e-12), ("quarter", lambda d: np.quantile(d, 0.25))):
+        model = _with_threshold(tiny_model, tmp_path / name, threshold)
+        calls.clear()
+        build_cohort(model, request, tmp_path / f"{name}-out", device="cpu")
+        work[name] = list(calls)
+    closed = _with_threshold(tiny_model, tmp_path / "closed", lambda d: 1e9)
+    calls.clear()
+    with pytest.raises(MemorizationSuspected) as finding:
+        build_cohort(closed, request, tmp_path / "closed-out", device="cpu")
+    work["closed"] = list(calls)
+    plan = [size for n in (6, 4, 3) for size in draw_rounds(n)]  # healthy 6 + 4, lesion 3
+    assert work["open"] == work["quarter"] == work["closed"] == plan == [6, 4, 4, 4, 4, 4, 3, 4, 4]
+    assert "healthy-00000" in finding.value.detail and "lesion-00000" in finding.value.detail  # every shard ran
+    assert finding.value.public_message == "the job could not be completed; the operator has been told"
+    assert not (tmp_path / "closed-out").exists()
 
 
 def _keys(value: object) -> set[str]:

@@ -514,7 +514,10 @@ def test_training_writes_a_complete_bundle(demo_store, tmp_path: Path) -> None:
     assert record["n_train_patients"] == 12 and record["store_fingerprint"] == demo_store.store.fingerprint
     names = {p.name for p in out.iterdir()}
     assert {"config.json", "diffusion_pytorch_model.safetensors", "model_card.json", "scheduler", "private"} <= names
-    assert {"samples_healthy.png", "samples_lesion.png"} <= names
+    assert not any(name.endswith(".png") for name in names)  # the unfiltered grids are internal, in private/
+    assert {"unfiltered_samples_healthy.png", "unfiltered_samples_lesion.png"} <= {
+        p.name for p in (out / "private").iterdir()
+    }
     assert json.loads((out / "model_card.json").read_text()) == card
 
     # the card's ε is what the accountant fed by the optimiser's step hook recorded, composed with the count
@@ -654,6 +657,31 @@ def test_the_store_ledger_composes_runs_and_refuses_past_the_budget(demo_store, 
     assert math.isinf(ledger.budget().spent)  # a non-private model leaves its patients no guarantee
     with pytest.raises(PrivacyPolicy, match="WITHOUT differential privacy was trained from this store"):
         train_model(config("d", 1.0))
+
+
+def test_runs_starting_together_cannot_both_pass_a_budget_only_one_fits(demo_store, tmp_path: Path) -> None:
+    """The budget check and the reservation are one step under the store's lock: eight runs that start at the same
+    moment, each fitting the budget alone and no two together, admit exactly one."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    ledger = CohortStore.open(_store_copy(demo_store, tmp_path, budget=10.0)).ledger()
+    release = [(6.0, 0.5, 300)]  # ε ≈ 7 alone: one fits, two (≈ 10.4, with the count) do not
+    assert ledger.projected("x", release) < 10 < ledger.projected("x", release * 2)
+    start = Barrier(8)
+
+    def reserve(run: int) -> bool:
+        start.wait(timeout=60)
+        try:
+            ledger.reserve(f"run-{run}", release, accountant="prv", allow_over_budget=False, status="reserved")
+        except PrivacyPolicy:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        admitted = list(pool.map(reserve, range(8)))
+    assert sum(admitted) == 1
+    assert [e["status"] for e in ledger.entries()] == ["released", "reserved"]
 
 
 def test_noise_multiplicity_and_no_dp_card(demo_store, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import pin_patient_estimate
+from conftest import ingest_options, pin_patient_estimate
 from test_api import free_port, new_key, start_server, wait_for
 
 from app.audit import AuditSettings, run_audit
@@ -28,7 +28,7 @@ from privacy_filters import MemorizationFilter
 from privacy_filters.canaries import KINDS_3D
 from train.accounting import epsilon_of
 from train.dp_training import TrainConfig, read_training_record, train_model
-from train.ingest import IngestOptions, ingest
+from train.ingest import ingest
 from train.presets import get_preset
 from train.store import CohortStore
 
@@ -41,7 +41,7 @@ def volume_store(canary_store, tmp_path_factory: pytest.TempPathFactory) -> Coho
     to the 140 training patients."""
     raw = canary_store.store.path.parent / "raw"
     out = tmp_path_factory.mktemp("volumes") / "store"
-    options = IngestOptions(dims=3, size=24, keep_faces=True, holdout=0.3, seed=7, workers=2, store_budget=1e6)
+    options = ingest_options(dims=3, size=24, keep_faces=True, holdout=0.3, workers=2, store_budget=1e6)
     ingest(raw, out, labels_path=raw / "labels.csv", options=options)
     pin_patient_estimate(out, 140)
     return CohortStore.open(out)
@@ -88,8 +88,9 @@ def test_a_3d_model_trains_with_patient_level_dp_and_loads_back(volume_store, mo
     assert history[1] == (card["noise_multiplier"], card["sample_rate"], card["steps"])
     assert card["epsilon"] == pytest.approx(epsilon_of(history, delta=card["delta"])) and card["epsilon"] <= 8.08
     assert read_training_record(out)["n_train_patients"] == 140
-    assert {"unet3d_config.json", "unet3d.safetensors", "samples_healthy.png", "samples_lesion.png"} <= {
-        p.name for p in out.iterdir()
+    assert {"unet3d_config.json", "unet3d.safetensors"} <= {p.name for p in out.iterdir()}
+    assert {"unfiltered_samples_healthy.png", "unfiltered_samples_lesion.png"} <= {
+        p.name for p in (out / "private").iterdir()
     }
     assert "n_train" not in json.dumps(card)
 

@@ -32,7 +32,8 @@ def site(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     root = tmp_path_factory.mktemp("site")
     models = make_models(tiny_model, root)
     with fresh_database("sqlite", root) as url:
-        env = service_env(root, url, SYNTHCOHORT_MAX_SAMPLES_PER_REQUEST="500")
+        # development: cookies without Secure, so this plain-http test client sends them back (production below)
+        env = service_env(root, url, SYNTHCOHORT_MAX_SAMPLES_PER_REQUEST="500", SYNTHCOHORT_ENVIRONMENT="development")
         keys = {name: new_key(env, "--role", role) for name, role in (("admin", "admin"), ("alice", "researcher"))}
         keys["bob"] = new_key(env, "--role", "researcher")
         with running_server(models, env) as base:
@@ -99,6 +100,81 @@ def test_sign_in_gives_a_strict_http_only_cookie_and_the_key_never_comes_back(si
     token = csrf_of(guesser.get("/ui/sign-in"))
     guesses = [guesser.post("/ui/sign-in", data={"csrf": token, "api_key": "sck_x_y"}).status_code for _ in range(25)]
     assert guesses[0] == 401 and guesses[-1] == 429  # bounded per client address (each attempt is logged)
+
+
+def test_behind_a_tls_proxy_cookies_are_secure_hsts_is_sent_and_sign_in_limits_follow_the_real_client(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """In production (the default) the session cookies are Secure; a trusted proxy's X-Forwarded-Proto: https
+    brings HSTS, and its X-Forwarded-For is the address the sign-in limiter counts, so one guesser behind the proxy
+    does not lock everyone else out (this test client stands in for the proxy: 127.0.0.1, the default trust)."""
+    models = make_models(tiny_model, tmp_path)
+    with fresh_database("sqlite", tmp_path) as url, running_server(models, service_env(tmp_path, url)) as base:
+        client = httpx.Client(base_url=base, timeout=60)
+        plain = client.get("/ui/sign-in")
+        assert "strict-transport-security" not in plain.headers  # plain http: no HSTS
+        tls = client.get("/ui/sign-in", headers={"X-Forwarded-Proto": "https"})
+        assert tls.headers["strict-transport-security"].startswith("max-age=")
+        cookie = tls.headers["set-cookie"]
+        assert cookie.startswith("synthcohort_sign_in=") and "secure" in cookie.lower()
+        token = csrf_of(tls)
+
+        def fail_from(address: str) -> int:
+            headers = {"X-Forwarded-For": address, "Cookie": f"synthcohort_sign_in={token}"}
+            return client.post("/ui/sign-in", data={"csrf": token, "api_key": "sck_x_y"}, headers=headers).status_code
+
+        guesses = [fail_from("203.0.113.5") for _ in range(25)]
+        assert guesses[0] == 401 and guesses[-1] == 429
+        assert fail_from("198.51.100.7") == 401  # another client behind the same proxy is not limited
+
+
+def test_an_api_process_needs_only_public_copies_and_workers_make_the_previews(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """`serve --no-worker` on public copies of the bundles (no private/ at all) serves cards and queues jobs; a
+    worker holding the whole bundles runs them and makes the model previews; until then the page says "no preview
+    yet" and names no path."""
+    import subprocess
+    import sys
+
+    from test_workers import start_worker
+
+    full = make_models(tiny_model, tmp_path)
+    public = tmp_path / "public"
+    copied = subprocess.run(
+        [sys.executable, "-m", "app.cli", "public-copy", str(full / "demo"), "--out", str(public / "demo")],
+        capture_output=True,
+        text=True,
+    )
+    assert copied.returncode == 0, copied.stderr
+    assert not (public / "demo" / "private").exists() and (public / "demo" / "filter_summary.json").is_file()
+    with fresh_database("sqlite", tmp_path) as url:
+        env = service_env(tmp_path, url, SYNTHCOHORT_ENVIRONMENT="development")
+        key = new_key(env, "--role", "researcher")
+        with running_server(public, env, "--no-worker") as base:
+            page = sign_in(base, key)
+            models = page.get("/ui/models")
+            assert "No preview yet" in models.text and str(tmp_path) not in models.text
+            missing = page.get("/ui/models/demo/preview/healthy.png")
+            assert missing.status_code == 404 and str(tmp_path) not in missing.text
+            card = httpx.get(f"{base}/v1/models/demo", headers={"Authorization": f"Bearer {key}"}).json()
+            assert card["memorization_filter"]["canary_rejection_rate"] is not None
+            job = page.get("/ui/models/demo/request")
+            worker = start_worker(full, env)
+            try:
+                done = page.post(
+                    "/ui/models/demo/request", data={"csrf": csrf_of(job), "count-0": "2", "format-nifti": "on"}
+                )
+                job_id = done.headers["location"].rsplit("/", 1)[1]
+                assert wait_finished(page, job_id)["status"] == "succeeded"
+                deadline = time.time() + 300
+                while time.time() < deadline and "No preview yet" in page.get("/ui/models").text:
+                    time.sleep(0.5)
+                grid = page.get("/ui/models/demo/preview/healthy.png")
+                assert grid.status_code == 200 and grid.content[:8] == b"\x89PNG\r\n\x1a\n"
+            finally:
+                worker.terminate()
+                worker.wait(timeout=60)
 
 
 def test_posts_without_the_sessions_csrf_token_are_refused(site) -> None:

@@ -4,7 +4,8 @@ The method is pydeface's: register a whole-head template to the scan and zero th
 mask covers. The template (``mean_reg2mean``, an average of heads with their faces) and the face mask come from
 the ``pydeface`` package's data (installed from PyPI, nothing is downloaded at run time); the registration, which
 pydeface delegates to FSL's FLIRT, is SimpleITK's here: similarity then affine, Mattes mutual information on a
-regular voxel grid (no random sampling), two resolution levels.
+regular voxel grid (no random sampling), two resolution levels. As pydeface does, voxels outside the registered
+template's field of view are removed too: the template cannot tell whether they hold part of a face.
 
 A registration that does not fit the head (the warped template correlates poorly with the scan: a brain-extracted
 volume, a non-head scan, a failed optimisation) is refused, never stored with its face. The face mask covers the
@@ -38,7 +39,8 @@ class Defaced:
 
 
 def deface(scan: Scan) -> Defaced:
-    """The scan with its face voxels set to the scan's minimum.
+    """The scan with its face voxels, and every voxel outside the registered template's field of view (where
+    nothing says there is no face), set to the scan's minimum.
 
     Raises:
         InvalidInput: the head template does not fit the scan (not a head with its face, or registration failed).
@@ -55,7 +57,7 @@ def deface(scan: Scan) -> Defaced:
             f"defacing failed: the head template does not fit this scan (correlation {fit:.2f} < {MIN_FIT}); "
             "is it a head scan with its face? brain-extracted volumes need --keep-faces, not --deface"
         )
-    keep = sitk.Resample(face_mask, subject, transform, sitk.sitkNearestNeighbor, 1, sitk.sitkUInt8)
+    keep = sitk.Resample(face_mask, subject, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)  # outside: 0
     keep_xyz = sitk.GetArrayFromImage(keep).transpose(2, 1, 0).astype(bool)
     data = np.where(keep_xyz, scan.data, scan.data.min()).astype(np.float32)
     return Defaced(scan=Scan(data, scan.affine.copy()), fit=float(fit))

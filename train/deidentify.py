@@ -52,6 +52,11 @@ class Pseudonymizer:
         """Pseudonym for a patient id (after :func:`normalise_patient_id`), e.g. ``p-3fa85f6457174562``."""
         return "p-" + self._digest("patient", normalise_patient_id(real_id))[:16]
 
+    def split_rank(self, real_id: str) -> str:
+        """The patient's place in the train/holdout ranking (:func:`train.split.split_patients`): a keyed hash of
+        the normalised id, so the split follows the store's secret, not a public seed."""
+        return self._digest("split", normalise_patient_id(real_id))
+
     def reference(self, text: str) -> str:
         """Pseudonym for anything else that may carry identifiers (file paths, CSV rows)."""
         return "ref-" + self._digest("reference", text)[:12]

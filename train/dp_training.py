@@ -246,6 +246,7 @@ class _Run:
     sample_rate: float
     planned_steps: int
     total_steps: int
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # its ledger release (a resume keeps its own)
 
     @property
     def checkpoint_path(self) -> Path:
@@ -336,8 +337,9 @@ def _train(
     if reused is not None:
         return TrainResult(card=reused, reused=True)
     run = _plan_run(config, store)
+    _check_output(config)
     if not config.resume:  # a resumed run was admitted (and recorded) when it started
-        _check_budget(run)
+        _reserve_budget(run)
     _prepare_output(config)
     if on_plan:
         on_plan(run.plan, run.total_steps)
@@ -348,7 +350,6 @@ def _train(
         state.restore(run)
     else:
         torch.manual_seed(secrets.randbits(63))  # no later draw may follow from the public seed
-    _record_in_ledger(run, state)
 
     # 3. the DP-SGD loop
     interrupted = _run_steps(run, state, stop, progress)
@@ -371,13 +372,18 @@ def _reusable_card(config: TrainConfig, store: CohortStore) -> dict | None:
     return None
 
 
-def _prepare_output(config: TrainConfig) -> None:
-    """Make ``out`` ready for a (resumed) run; a bundle is incomplete until its card is written again."""
+def _check_output(config: TrainConfig) -> None:
+    """Refuse an output this run cannot use, before anything is reserved or written."""
     out, layout = Path(config.out), BundleLayout(config.out)
     if config.resume and not layout.checkpoint.is_file():
         raise InvalidInput(f"nothing to resume: no checkpoint at {layout.checkpoint}")
     if out.exists() and not config.resume and not config.force and any(out.iterdir()):
         raise Conflict(f"{out} exists and is not empty; use a new --out, --resume or --force")
+
+
+def _prepare_output(config: TrainConfig) -> None:
+    """Make ``out`` ready for a (resumed) run; a bundle is incomplete until its card is written again."""
+    layout = BundleLayout(config.out)
     layout.make_private()
     if not config.resume:
         layout.card.unlink(missing_ok=True)
@@ -443,7 +449,7 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
     base_optimizer = torch.optim.Adam(trainable.values(), lr=preset.learning_rate)
     accountant = create_accountant(mechanism=config.accountant) if config.dp else None
     state = _State(
-        run_id=uuid.uuid4().hex,
+        run_id=run.run_id,
         model=model,
         ema={name: p.detach().clone() for name, p in model.named_parameters()},
         base_optimizer=base_optimizer,
@@ -578,24 +584,21 @@ def _planned_release(run: _Run) -> list[tuple[float, float, int]]:
     return [(run.plan.noise_multiplier, run.sample_rate, run.total_steps)]
 
 
-def _check_budget(run: _Run) -> None:
-    """Refuse, before anything is written, a run that would take the store past its privacy budget."""
-    if run.plan is None:  # --no-dp needs its own explicit consent; the ledger then records ε = ∞ for the store
-        return
-    run.store.ledger().check(
-        _planned_release(run), accountant=run.config.accountant, allow_over_budget=run.config.allow_over_budget
-    )
-
-
-def _record_in_ledger(run: _Run, state: _State) -> None:
-    """Reserve the planned steps in the store's ledger before the first step (the final entry replaces it)."""
+def _reserve_budget(run: _Run) -> None:
+    """Check the store's budget and reserve the planned steps in its ledger under one lock, before anything else
+    is written (the run's final entry replaces the reservation). Refuses a run the budget cannot take."""
     ledger = run.store.ledger()
-    if run.plan is None:
-        ledger.record(state.run_id, [], status="not-private", not_private=True, model=run.out.name)
-    else:
-        ledger.record(
-            state.run_id, _planned_release(run), status="reserved", accountant=run.config.accountant, model=run.out.name
-        )
+    if run.plan is None:  # --no-dp needs its own explicit consent; the ledger then records ε = ∞ for the store
+        ledger.record(run.run_id, [], status="not-private", not_private=True, model=run.out.name)
+        return
+    ledger.reserve(
+        run.run_id,
+        _planned_release(run),
+        accountant=run.config.accountant,
+        allow_over_budget=run.config.allow_over_budget,
+        status="reserved",
+        model=run.out.name,
+    )
 
 
 def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[dict], None] | None) -> bool:

@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from generators.errors import InvalidInput, SynthCohortError
+from generators.errors import Conflict, InvalidInput, SynthCohortError
 from train.deface import METHOD as DEFACE_METHOD
 from train.deface import deface as remove_face
 from train.deidentify import Pseudonymizer, clean_age, clean_sex, new_secret, normalise_patient_id
@@ -50,7 +50,7 @@ from train.scan_io import (
     scan_from_display,
 )
 from train.split import split_patients
-from train.store import DEFAULT_STORE_BUDGET, CohortStore, SliceRecord, StoreWriter
+from train.store import DEFAULT_STORE_BUDGET, CohortStore, SliceRecord, StoreWriter, previous_secret
 
 FACES_KEPT = "kept: --keep-faces (the operator confirmed the volumes carry no face)"
 MAX_VOLUME_SIZE = 128  # --dims 3: 128³ float32 is 8 MiB a volume
@@ -58,6 +58,8 @@ LINK_MODES = ("auto", "patient-id", "folder", "stem")  # auto: DICOM PatientID, 
 NOT_AN_IMAGE = "not a readable NIfTI, DICOM or .npz file"
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 LABEL_RULE = "label names must be 1-64 letters, digits, '_', '.', '+' or '-' and start with a letter or digit"
+MIN_LABEL_PATIENTS = 20
+NOT_DECLARED = "label not declared (--declare-labels)"
 
 
 @dataclass(frozen=True)
@@ -72,10 +74,12 @@ class IngestOptions:
     link_by: str = "auto"  # how a scan finds its labels-file row (LINK_MODES)
     allow_2d: bool = False  # also read single-frame US / SC / OT images without geometry as 2-D images
     holdout: float = 0.2
-    seed: int = 0
+    labels: tuple[str, ...] = ()  # the label set the operator declares (models publish exactly these)
+    min_label_patients: int = MIN_LABEL_PATIENTS  # a declared label held by fewer patients is refused
     allow_burned_in: bool = False
     workers: int = 1
     overwrite: bool = False
+    reset_budget: bool = False  # --force: start the replaced store's privacy ledger afresh (recorded in it)
     store_budget: float = DEFAULT_STORE_BUDGET
 
 
@@ -301,7 +305,9 @@ def ingest(
     """Read every scan under ``input_path``, de-identify, split by patient and write the store at ``out``."""
     # 1. check inputs, read the labels file, find the scans
     _check_options(options)
-    secret = new_secret()
+    if out.exists() and not options.overwrite:  # before minutes of reading, not after
+        raise Conflict(f"{out} already exists; choose a new --out or pass --force to replace it")
+    secret = (previous_secret(out) if options.overwrite and not options.reset_budget else None) or new_secret()
     pseudo = Pseudonymizer(secret)
     labels, skipped = Labels(), []
     if labels_path is not None:
@@ -318,7 +324,7 @@ def ingest(
         on_total(len(items))
 
     # 2. load every scan (in worker processes) and attach it to its patient
-    cohort = _Cohort(labels, pseudo, skipped)
+    cohort = _Cohort(labels, pseudo, skipped, set(options.labels))
     previous = None
     for item, result in _load_all(items, input_path, options, pseudo):
         if isinstance(result, str):
@@ -335,6 +341,7 @@ def ingest(
             skipped,
         )
 
+    _check_label_counts(cohort, options)
     if len(cohort.modalities) > 1:
         raise InvalidInput(
             f"the input mixes DICOM modalities {sorted(cohort.modalities)}: one store holds one modality; "
@@ -355,16 +362,29 @@ def ingest(
             skipped=skipped,
         )
         store = writer.commit(
-            label_names=sorted({i.label for i in cohort.info.values()}),
+            label_names=sorted(options.labels),  # declared, not read off the data
             report=report,
             secret=secret,
             privacy_unit=cohort.privacy_unit,
             budget_epsilon=options.store_budget,
+            reset_budget=options.reset_budget,
         )
     return IngestResult(store=store, report=report, skipped=skipped)
 
 
 def _check_options(options: IngestOptions) -> None:
+    if not options.labels:
+        raise InvalidInput(
+            "declare the labels a model trained from this store may publish, e.g. --declare-labels healthy,lesion: "
+            "the label set is the operator's declaration, never read off the patients"
+        )
+    bad = [label for label in options.labels if not LABEL_PATTERN.fullmatch(label)]
+    if bad or len(set(options.labels)) != len(options.labels):
+        raise InvalidInput(f"declared labels {list(options.labels)} must be distinct; {LABEL_RULE}")
+    if options.min_label_patients < 1:
+        raise InvalidInput(f"--min-label-patients must be at least 1, got {options.min_label_patients}")
+    if options.reset_budget and not options.overwrite:
+        raise InvalidInput("--reset-budget only applies when --force replaces an existing store")
     if options.size < 8 or options.size > 1024:
         raise InvalidInput(f"--size must be between 8 and 1024, got {options.size}")
     if options.dims not in (2, 3):
@@ -386,6 +406,20 @@ def _check_options(options: IngestOptions) -> None:
         raise InvalidInput(f"--holdout must be in [0, 1), got {options.holdout}")
     if not options.store_budget > 0:
         raise InvalidInput(f"--store-budget must be a positive ε, got {options.store_budget}")
+
+
+def _check_label_counts(cohort: _Cohort, options: IngestOptions) -> None:
+    """Refuse a declared label held by fewer than ``min_label_patients`` patients: a published label held by a
+    handful of patients would say that they are in the cohort, and their diagnosis, outside ε."""
+    counts = Counter(info.label for info in cohort.info.values())
+    thin = [label for label in options.labels if counts[label] < options.min_label_patients]
+    if thin:
+        raise InvalidInput(
+            f"declared label(s) {thin} are held by fewer than {options.min_label_patients} patients each: a model "
+            "would publish that so few patients carry them. Leave them out of --declare-labels (their patients are "
+            "then skipped), merge them into a broader label in the labels file, or lower --min-label-patients once "
+            "the privacy officer has agreed"
+        )
 
 
 def _reference(pseudo: Pseudonymizer, item: InputItem, root: Path) -> str:
@@ -427,10 +461,10 @@ def _load_all(
 class _Cohort:
     """The accepted scans grouped by patient pseudonym (real ids live only in memory, here)."""
 
-    def __init__(self, labels: Labels, pseudo: Pseudonymizer, skipped: list[Skipped]) -> None:
-        self.labels, self.pseudo, self.skipped = labels, pseudo, skipped
+    def __init__(self, labels: Labels, pseudo: Pseudonymizer, skipped: list[Skipped], declared: set[str]) -> None:
+        self.labels, self.pseudo, self.skipped, self.declared = labels, pseudo, skipped, declared
         self.info: dict[str, PatientLabel] = {}
-        self.real_of: dict[str, str] = {}  # pseudonym → normalised id: lets the seed, not the secret, split
+        self.real_of: dict[str, str] = {}  # pseudonym → normalised id (the split ranks the keyed id)
         self.scans_of: Counter[str] = Counter()
         self.slices_of: Counter[str] = Counter()
         self.seen_ids: set[str] = set()
@@ -450,6 +484,10 @@ class _Cohort:
         if info is None:
             ref = self.pseudo.reference(loaded.scan_key or item.path.name)
             self.skipped.append(Skipped(ref, item.kind, "no label for this patient in the labels file", str(item.path)))
+            return
+        if info.label not in self.declared:
+            ref = self.pseudo.reference(loaded.scan_key or item.path.name)
+            self.skipped.append(Skipped(ref, item.kind, NOT_DECLARED, str(item.path)))
             return
         if item.kind == "npz" and owner is None:
             self.privacy_unit = "image"  # nothing says which images share a person
@@ -488,10 +526,9 @@ class _Cohort:
         return known[0] if known else (ids[0] if ids else normalise_patient_id(item.path.name))
 
     def split(self, options: IngestOptions) -> dict[str, str]:
-        by_id = split_patients(
-            {self.real_of[p]: i.label for p, i in self.info.items()}, holdout=options.holdout, seed=options.seed
-        )
-        return {p: by_id[self.real_of[p]] for p in self.info}
+        """Train/holdout by the keyed rank of each patient's normalised id (the store's secret, no public seed)."""
+        label_of = {p: i.label for p, i in self.info.items()}
+        return split_patients(label_of, holdout=options.holdout, rank=lambda p: self.pseudo.split_rank(self.real_of[p]))
 
     def records(self, pseudonym: str, scan_no: int, slab: Slab, split: str) -> list[SliceRecord]:
         info = self.info[pseudonym]
@@ -545,7 +582,9 @@ def _report(
             "axis": "axial" if options.dims == 2 else "volume (isotropic grid, RAS)",
             "faces": _faces(options),
             "holdout": options.holdout,
-            "seed": options.seed,
+            "split": "lowest keyed rank per label (HMAC of the store's secret and the normalised id)",
+            "declared_labels": list(options.labels),
+            "min_label_patients": options.min_label_patients,
             "allow_burned_in": options.allow_burned_in,
             "store_budget_epsilon": options.store_budget,
         },

@@ -93,16 +93,45 @@ class PrivacyLedger:
     # -------------------------------------------------------------------------------------- write
     def record(self, release: str, history: list[Mechanism], **details: object) -> None:
         """Append one entry (atomically: the whole file is rewritten to a temp file and renamed)."""
-        entry = {
+        with self._locked():
+            self._append([self._entry(release, history, details)])
+
+    def reserve(
+        self,
+        release: str,
+        history: list[Mechanism],
+        *,
+        accountant: str,
+        allow_over_budget: bool,
+        **details: object,
+    ) -> float:
+        """:meth:`check` and :meth:`record` under one lock, so two runs starting together cannot both pass a check
+        that only one of them fits; returns the ε the store has then spent."""
+        with self._locked():
+            projected = self.check(history, accountant=accountant, allow_over_budget=allow_over_budget, release=release)
+            self._append([self._entry(release, history, {**details, "accountant": accountant})])
+        return projected
+
+    def carry_over(self, entries: list[dict], **details: object) -> None:
+        """Copy another ledger's entries in, marked with ``details`` (a replaced store's ledger follows its
+        patients into the new store: re-ingesting them does not reset what they have spent)."""
+        with self._locked():
+            self._append([{**entry, **details} for entry in entries])
+
+    @staticmethod
+    def _entry(release: str, history: list[Mechanism], details: dict) -> dict:
+        return {
             "release": release,
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
             "history": [[float(s), float(q), int(t)] for s, q, t in history],
             **details,
         }
-        with self._locked():
-            old = self.path.read_bytes() if self.path.is_file() else b""
-            line = (json.dumps(entry) + "\n").encode()
-            write_atomic(self.path, lambda tmp: Path(tmp).write_bytes(old + line), durable=True)
+
+    def _append(self, entries: list[dict]) -> None:
+        """Add lines (the caller holds the lock): the old file plus the new lines go to a temp file, renamed."""
+        old = self.path.read_bytes() if self.path.is_file() else b""
+        lines = "".join(json.dumps(entry) + "\n" for entry in entries).encode()
+        write_atomic(self.path, lambda tmp: Path(tmp).write_bytes(old + lines), durable=True)
 
     def check(
         self, history: list[Mechanism], *, accountant: str, allow_over_budget: bool, release: str | None = None

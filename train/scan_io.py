@@ -121,6 +121,9 @@ class DicomSeries:
 PROJECTIONS = frozenset({"CR", "DX", "MG", "RG", "IO", "PX"})  # radiographs: 2-D by nature
 PROJECTIONS_OPT_IN = frozenset({"US", "SC", "XC", "OT"})  # single frames of these only with allow_2d
 NOT_IMAGES = frozenset({"SEG", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "SR", "PR", "KO", "REG", "DOC"})
+# Modalities whose pixels often carry burned-in text (names, dates, markers): without BurnedInAnnotation = NO they
+# are refused, since a missing tag means "unknown", not "no"
+BURN_PRONE = frozenset({"CR", "DX", "MG", "RG", "IO", "PX", "XA", "RF", "US", "SC", "XC", "OT", "ES"})
 
 
 def read_dicom_series(folder: Path, *, allow_burned_in: bool = False, allow_2d: bool = False) -> DicomSeries:
@@ -143,8 +146,7 @@ def read_dicom_series(folder: Path, *, allow_burned_in: bool = False, allow_2d: 
             raise InvalidInput("a DICOM file with neither pixels nor a Modality (corrupt, or not an image)")
         if modality in NOT_IMAGES or "PixelData" not in ds:
             raise InvalidInput(f"not an image series (Modality {modality or 'missing'}: a label map or a document)")
-        if str(ds.get("BurnedInAnnotation", "")).upper() == "YES" and not allow_burned_in:
-            raise InvalidInput("BurnedInAnnotation=YES: text may be burned into the pixels (use --allow-burned-in)")
+        _check_burned_in(ds, modality, allow_burned_in)
     patient_ids = {str(ds.get("PatientID", "")) for ds in datasets}
     if len(patient_ids) != 1:
         raise InvalidInput("files of one series folder belong to different patients")
@@ -176,6 +178,20 @@ def read_dicom_series(folder: Path, *, allow_burned_in: bool = False, allow_2d: 
         projection=projection,
         uncalibrated=uncalibrated,
     )
+
+
+def _check_burned_in(ds: object, modality: str, allow_burned_in: bool) -> None:
+    """Refuse pixels that may carry burned-in text: marked YES, or unmarked in a modality where it is common."""
+    if allow_burned_in:
+        return
+    marked = str(getattr(ds, "BurnedInAnnotation", "") or "").upper()
+    if marked == "YES":
+        raise InvalidInput("BurnedInAnnotation=YES: text may be burned into the pixels (use --allow-burned-in)")
+    if marked != "NO" and modality in BURN_PRONE:
+        raise InvalidInput(
+            f"BurnedInAnnotation unknown: {modality} images often carry burned-in text (names, dates) and this one "
+            "does not say it has none; check the pixels, then use --allow-burned-in"
+        )
 
 
 def _projection_to_scan(ds: object) -> tuple[Scan, bool]:

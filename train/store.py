@@ -154,8 +154,13 @@ class StoreWriter:
         secret: bytes,
         privacy_unit: str = "patient",
         budget_epsilon: float = DEFAULT_STORE_BUDGET,
+        reset_budget: bool = False,
     ) -> CohortStore:
-        """Reorder slices by split, write every file, release the DP patient count, and rename into place."""
+        """Reorder slices by split, write every file, release the DP patient count, and rename into place.
+
+        A store this one replaces (``overwrite``) hands over its privacy ledger: its patients keep what they have
+        spent, unless ``reset_budget`` (the operator's explicit choice, recorded in the new ledger).
+        """
         if privacy_unit not in PRIVACY_UNITS:
             raise InvalidInput(f"unknown privacy unit {privacy_unit!r}")
         if not budget_epsilon > 0:
@@ -197,9 +202,10 @@ class StoreWriter:
         n_train = len({r.patient for r in records if r.split == "train"})
         estimate = noisy_count(n_train) if n_train else 0  # OS entropy: the noise must be unpredictable
         delta = public_default_delta(max(estimate, 1))
+        store_id = uuid.uuid4().hex  # random, so naming the store reveals nothing about its data
         meta = {
             "format": STORE_FORMAT,
-            "store_id": uuid.uuid4().hex,  # random, so naming the store reveals nothing about its data
+            "store_id": store_id,
             "spatial_dims": self.spatial_dims,
             "image_size": self.size,
             "n_slices": n,
@@ -215,8 +221,13 @@ class StoreWriter:
             "budget": {"epsilon": budget_epsilon, "delta": delta},
         }
         _private_file(self._tmp / "store.json", json.dumps(meta, indent=2))
-        PrivacyLedger(self._tmp, budget_epsilon=budget_epsilon, budget_delta=delta).record(
-            "patient-count", [count_mechanism()], status="released", what="DP estimate of the training count"
+        ledger = PrivacyLedger(self._tmp, budget_epsilon=budget_epsilon, budget_delta=delta)
+        self._hand_over_ledger(ledger, store_id, reset_budget)
+        ledger.record(
+            f"patient-count:{store_id}",
+            [count_mechanism()],
+            status="released",
+            what="DP estimate of the training count",
         )
         _private_file(self._tmp / "ingest_report.json", json.dumps(report, indent=2))
         _private_file(self._tmp / "secret.key", secret)
@@ -229,6 +240,40 @@ class StoreWriter:
         publish_directory(self._tmp, self.path)
         self._committed = True
         return CohortStore.open(self.path)
+
+    def _hand_over_ledger(self, ledger: PrivacyLedger, store_id: str, reset_budget: bool) -> None:
+        """Carry the replaced store's ledger into ``ledger`` (or record that the operator reset it)."""
+        replaced = _replaced_store(self.path) if self._overwrite else None
+        if replaced is None or not replaced.ledger().entries():
+            return
+        old = replaced.ledger()
+        if reset_budget:
+            ledger.record(
+                f"budget-reset:{store_id}",
+                [],
+                status="reset",
+                what="--reset-budget: the replaced store's releases were not carried over",
+                replaced_store=replaced.store_id,
+                replaced_spent_epsilon=old.budget().spent,
+            )
+        else:
+            ledger.carry_over(old.entries(), carried_from=replaced.store_id)
+
+
+def _replaced_store(path: Path) -> CohortStore | None:
+    """The store at ``path`` that a new one is about to replace (``None``: nothing there that keeps a ledger)."""
+    try:
+        return CohortStore.open(path)
+    except (NotFound, InvalidInput):
+        return None
+
+
+def previous_secret(path: Path) -> bytes | None:
+    """The pseudonymisation secret of the store at ``path``, if one is there (a replacing ingest keeps it, so
+    the same patients keep their pseudonyms, their side of the split and their ledger)."""
+    store = _replaced_store(path)
+    key = path / "secret.key"
+    return key.read_bytes() if store is not None and key.is_file() else None
 
 
 class CohortStore:

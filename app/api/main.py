@@ -36,6 +36,7 @@ from generators.errors import SynthCohortError
 log = logging.getLogger("synthcohort.api")
 DATABASE_RETRY_SECONDS = 5
 SIGN_INS_PER_MINUTE = 20  # failed web sign-ins per client address
+HSTS = "max-age=31536000; includeSubDomains"
 
 
 async def domain_error(request: Request, exc: Exception) -> JSONResponse:
@@ -77,8 +78,8 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
 
 
 class RequestIdMiddleware(BaseHTTPMiddleware):
-    """Every response carries ``X-Request-ID``; an unexpected error becomes a generic 500 with that id, and
-    its full detail (paths, stack) goes to the server log only."""
+    """Every response carries ``X-Request-ID`` (and, over https, HSTS); an unexpected error becomes a generic 500
+    with that id, and its full detail (paths, stack) goes to the server log only."""
 
     async def dispatch(self, request: Request, call_next):
         request_id = uuid.uuid4().hex
@@ -92,6 +93,8 @@ class RequestIdMiddleware(BaseHTTPMiddleware):
                 status_code=500,
             )
         response.headers["X-Request-ID"] = request_id
+        if request.url.scheme == "https":  # as the client sees it (a trusted proxy's X-Forwarded-Proto)
+            response.headers["Strict-Transport-Security"] = HSTS
         return response
 
 

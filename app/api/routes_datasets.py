@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +41,16 @@ def safe_file(root: Path, name: str) -> Path:
 @router.get("/{dataset_id}/files/{name:path}", summary="One file of a dataset")
 def get_file(dataset_id: str, name: str, request: Request, session: SessionDep, key: CurrentKey) -> FileResponse:
     root = dataset_dir(session, key=key, runner=request.app.state.jobs, dataset_id=dataset_id)
-    return FileResponse(safe_file(root, name))
+    return file_response(safe_file(root, name))
+
+
+def file_response(path: Path, **options: object) -> FileResponse:
+    """A released file without ``Last-Modified`` or ``ETag``: nothing in a download says when, or in which order,
+    the file was written (every file of a dataset carries one time anyway)."""
+    response = FileResponse(path, stat_result=os.stat(path), **options)  # type: ignore[arg-type]
+    for header in ("last-modified", "etag"):
+        del response.headers[header]
+    return response
 
 
 class _Chunks:
@@ -72,8 +82,9 @@ def stream_zip(root: Path) -> Iterator[bytes]:
     sink = _Chunks()
     with zipfile.ZipFile(sink, mode="w", compression=zipfile.ZIP_STORED) as archive:
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            entry_info = zipfile.ZipInfo.from_file(path, path.relative_to(root).as_posix())  # the dataset's one time
             with (
-                archive.open(path.relative_to(root).as_posix(), mode="w", force_zip64=True) as entry,
+                archive.open(entry_info, mode="w", force_zip64=True) as entry,
                 path.open("rb") as src,
             ):
                 while block := src.read(1 << 20):

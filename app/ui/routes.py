@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Resp
 from pydantic import ValidationError
 
 from app.api.deps import RegistryDep, SessionDep, SettingsDep
-from app.api.routes_datasets import archive_response, safe_file
+from app.api.routes_datasets import archive_response, file_response, safe_file
 from app.cohort_service import (
     cancel_job,
     dataset_dir,
@@ -30,6 +30,7 @@ from app.db import record_event
 from app.errors import InvalidField, Refused
 from app.jobs import job_status
 from app.keys import verify_key
+from app.previews import label_grid, nifti_preview_png, preview_ready
 from app.ui.deps import (
     SESSION_COOKIE,
     SIGN_IN_COOKIE,
@@ -40,7 +41,6 @@ from app.ui.deps import (
     see_other,
     viewed,
 )
-from app.ui.previews import label_grid, nifti_preview_png
 from app.ui.sessions import SignedIn, close_session, find_session, open_session, same_token
 from generators.errors import InvalidInput, NotFound
 
@@ -101,7 +101,7 @@ def _set_cookie(request: Request, response: Response, name: str, value: str, *, 
         path="/ui",
         httponly=True,
         samesite="strict",
-        secure=request.url.scheme == "https",
+        secure=request.url.scheme == "https" or request.app.state.settings.environment != "development",
     )
 
 
@@ -118,7 +118,8 @@ def sign_out(request: Request, session: SessionDep, user: Poster) -> RedirectRes
 @router.get("/models")
 def models_page(request: Request, session: SessionDep, registry: RegistryDep, user: User) -> Response:
     viewed(session, user, request)
-    models = [model.public() for model in registry.models.values()]
+    data_dir = request.app.state.settings.data_dir
+    models = [{**model.public(), "preview": preview_ready(model, data_dir)} for model in registry.models.values()]
     return render(request, "models.html", user, models=models)
 
 
@@ -129,7 +130,9 @@ def model_preview(
     model = registry.get(model_id)
     if label not in model.card.labels:
         raise NotFound(f"model {model_id!r} has no label {label!r}")
-    grid = label_grid(model, label, settings.data_dir, allow_not_private=registry.allow_not_private)
+    grid = label_grid(model, label, settings.data_dir)
+    if grid is None:  # a worker makes it (it needs the model's filter, which an API process does not hold)
+        raise NotFound("no preview yet")
     return FileResponse(grid, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -300,7 +303,7 @@ def dataset_file(dataset_id: str, name: str, request: Request, session: SessionD
     record_event(
         session, action="dataset.download", outcome="ok", key_id=user.key.id, dataset_id=dataset_id, detail=name
     )
-    return FileResponse(path, filename=path.name)
+    return file_response(path, filename=path.name)
 
 
 @router.get("/datasets/{dataset_id}/archive")

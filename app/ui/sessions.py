@@ -9,12 +9,12 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, timedelta
+from datetime import timedelta
 
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from app.db import ApiKey, UiSession, utcnow
+from app.db import ApiKey, UiSession, as_utc, utcnow
 from app.keys import is_expired
 
 
@@ -53,7 +53,7 @@ def find_session(session: Session, token: str | None) -> SignedIn | None:
     row = session.get(UiSession, _digest(token))
     if row is None:
         return None
-    expires = row.expires_at if row.expires_at.tzinfo else row.expires_at.replace(tzinfo=UTC)  # SQLite: naive UTC
+    expires = as_utc(row.expires_at)
     key = session.get(ApiKey, row.key_id)
     if expires <= utcnow() or key is None or key.revoked or is_expired(key):
         return None
