@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 DEMO_PATIENTS ?= 1000
 
-.PHONY: install demo audit test lint bench clean
+.PHONY: install demo audit test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,10 @@ lint: $(BIN)/.installed
 test: lint
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
+
+# Everything that needs no trained model, server, browser or PostgreSQL (tests/conftest.py: lanes), in about 2 minutes.
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not slow and not browser and not postgres" -q
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_ingest.py --patients $(DEMO_PATIENTS) --workers 2

@@ -125,6 +125,22 @@ RECIPES: dict[str, dict] = {
     "lora4-lr2e-3": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4, "learning_rate": 2e-3},
     # volumes (store from ingest --dims 3 --size 32): cpu-3d as shipped, and cpu-3d with 4× the steps at the same
     # epochs and ε (q = 0.04, ≈ 200 steps, σ 0.72) and focused timesteps
+    # the denoiser's own learning per step (issue: utility per unit of compute), on the best non-private recipe at
+    # cpu-small's compute (batch128-logit-normal): min-SNR-5 loss weighting, and left-right flips of half the slices
+    "batch128-min-snr": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "batch_size": 128,
+        "physical_batch_size": 160,
+        "loss_weighting": "min-snr",
+    },
+    "batch128-flip": {
+        "preset": "cpu-small",
+        "timestep_sampling": "logit-normal",
+        "batch_size": 128,
+        "physical_batch_size": 160,
+        "flip": True,
+    },
     "3d-baseline": {"preset": "cpu-3d"},
     "3d-logit-normal-batch32": {"preset": "cpu-3d", "timestep_sampling": "logit-normal", "batch_size": 32},
 }

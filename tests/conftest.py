@@ -20,6 +20,31 @@ from train.demo_cohort import DemoPatient, make_demo_cohort
 from train.ingest import IngestOptions, IngestResult, ingest
 from train.store import CohortStore
 
+# ------------------------------------------------------------------------------------------------ test lanes
+# `make test-fast` runs what needs no trained model, server, browser or PostgreSQL: `-m "not slow"`. Lanes come from
+# what a test uses, so a new test lands in the right one without anyone remembering to mark it: a fixture below
+# makes it slow, the PostgreSQL half of a service test is also `postgres`, a Chromium test is also `browser`.
+# Tests that train or start servers without such a fixture carry `@pytest.mark.slow` themselves.
+SLOW_FIXTURES = frozenset(
+    {"canary_store", "unseen_store", "tiny_model", "covariate_model", "volume_store", "split_holdout", "db_url"}
+)
+SLOW_MODULES = frozenset(
+    {"test_api", "test_workers", "test_web_ui", "test_pipeline", "test_audit", "test_volumes", "test_deface"}
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & SLOW_FIXTURES or item.module.__name__ in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+        callspec = getattr(item, "callspec", None)
+        if (callspec is not None and callspec.params.get("backend") == "postgresql") or "postgres" in item.name:
+            item.add_marker(pytest.mark.postgres)
+        if "chromium" in item.name:
+            item.add_marker(pytest.mark.browser)
+
+
 DEMO_LABELS = ("healthy", "lesion")
 
 

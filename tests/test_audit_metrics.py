@@ -167,6 +167,7 @@ def test_classifier_learns_a_visible_label() -> None:
     assert untrained.auc == 0.5
 
 
+@pytest.mark.slow
 def test_slice_classifier_finds_a_small_lesion_anywhere_in_a_shared_anatomy() -> None:
     """Slices: a faint 5-pixel blob at a random place in 32² slices that share their anatomy. Global max pooling
     finds it in 200 steps; the average pooling it replaced scored 0.47 and 0.55 on these two cohorts."""
@@ -187,6 +188,7 @@ def test_slice_classifier_finds_a_small_lesion_anywhere_in_a_shared_anatomy() ->
     assert np.mean(accuracies) > 0.85, accuracies
 
 
+@pytest.mark.slow
 def test_volume_classifier_finds_a_small_lesion_anywhere_in_a_shared_anatomy() -> None:
     """Volumes: a small blob at a random place in 16³ heads that share their anatomy (the demo's situation)."""
     rng = np.random.default_rng(6)

@@ -39,6 +39,7 @@ def test_help_is_fast_and_lists_commands() -> None:
     assert probe.stdout.strip() == "False False"
 
 
+@pytest.mark.slow
 def test_ingest_cli_end_to_end_and_errors(demo_raw, tmp_path: Path) -> None:
     raw, plan = demo_raw
     out = tmp_path / "store"
@@ -95,6 +96,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
         Settings()
 
 
+@pytest.mark.slow
 def test_train_rejects_a_timestep_mean_it_would_ignore(tmp_path: Path) -> None:
     out = tmp_path / "model"
     args = ("train", str(tmp_path / "store"), "--out", str(out), "--epsilon", "8", "--timestep-mean", "1")

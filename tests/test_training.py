@@ -74,9 +74,15 @@ def random_draws(b: int, k: int, size: int, n_classes: int, seed: int = 0):
     return images.contiguous(), labels, timesteps, noise
 
 
-@pytest.mark.parametrize(("prediction", "channels_last"), [("sample", True), ("v_prediction", False)])
-def test_per_patient_gradients_are_exact_on_the_shipped_architecture(prediction: str, channels_last: bool) -> None:
-    """torch.func per-patient gradients == one backward pass per patient, for the cpu-small UNet (with attention).
+@pytest.mark.parametrize(
+    ("prediction", "channels_last", "weighting"),
+    [("sample", True, "uniform"), ("v_prediction", False, "uniform"), ("sample", False, "min-snr")],
+)
+def test_per_patient_gradients_are_exact_on_the_shipped_architecture(
+    prediction: str, channels_last: bool, weighting: str
+) -> None:
+    """torch.func per-patient gradients == one backward pass per patient, for the cpu-small UNet (with attention),
+    for each loss weighting the presets may choose.
 
     Run at 16 px to keep the test fast: same blocks, layers and attention as the shipped 32 px model.
     """
@@ -88,9 +94,9 @@ def test_per_patient_gradients_are_exact_on_the_shipped_architecture(prediction:
         model = model.to(memory_format=torch.channels_last)
     alphas = noise_schedule(training_scheduler(prediction))
     images, labels, timesteps, noise = random_draws(3, 2, 16, 2)  # 3 patients, K = 2 draws
-    fn = make_per_patient_grad_fn(model, alphas, prediction)
+    fn = make_per_patient_grad_fn(model, alphas, prediction, weighting)
     grads, losses = fn({n: p.detach() for n, p in model.named_parameters()}, images, labels, timesteps, noise)
-    reference = brute_force_per_patient_grads(model, alphas, prediction, images, labels, timesteps, noise)
+    reference = brute_force_per_patient_grads(model, alphas, prediction, images, labels, timesteps, noise, weighting)
     assert losses.shape == (3,)
     for name, ref in reference.items():
         torch.testing.assert_close(grads[name], ref, rtol=2e-4, atol=2e-6, msg=name)
@@ -98,6 +104,48 @@ def test_per_patient_gradients_are_exact_on_the_shipped_architecture(prediction:
     ref_norms = torch.stack([g.flatten(1).norm(dim=1) for g in reference.values()], 1).norm(dim=1)
     torch.testing.assert_close(norms, ref_norms, rtol=1e-4, atol=1e-7)
     assert torch.all(ref_norms > 0)
+
+
+def test_flip_mirrors_about_half_of_the_drawn_slices_left_to_right(demo_store, tmp_path: Path) -> None:
+    """`flip`: the same private draws give the same slices, half of them mirrored (patient left ↔ right)."""
+    from train.dp_training import _plan_run, draw_terms
+
+    terms = {}
+    for flip in (False, True):
+        config = TrainConfig(store=demo_store.store.path, out=tmp_path / "m", preset=tiny_preset(flip=flip), epsilon=8)
+        run = _plan_run(config, CohortStore.open(demo_store.store.path))
+        gen = torch.Generator().manual_seed(3)
+        terms[flip] = draw_terms(run, torch.arange(12), gen, m=2, k=2, n_timesteps=1000)[0]
+    plain, drawn = terms[False].flatten(0, 1), terms[True].flatten(0, 1)  # 24 slices [1, 16, 16]
+    pairs = list(zip(drawn, plain, strict=True))
+    mirrored = torch.tensor([torch.equal(d, p.flip(-1)) and not torch.equal(d, p) for d, p in pairs])
+    same = torch.tensor([torch.equal(d, p) for d, p in pairs])
+    assert bool((mirrored | same).all()) and 4 <= int(mirrored.sum()) <= 20
+
+
+def test_min_snr_weights_are_the_epsilon_loss_capped_at_gamma_for_every_target() -> None:
+    """min-SNR-γ weights one draw's ε-error by min(SNR, γ)/SNR whatever the network predicts: for an x0, ε or v
+    target the weighted squared error of the same prediction is the same number."""
+    from generators.diffusion import loss_weights
+
+    abar = noise_schedule(training_scheduler("sample"))[torch.tensor([5, 300, 600, 950])]
+    snr = abar / (1 - abar)
+    torch.testing.assert_close(loss_weights(abar, "sample", "min-snr"), snr.clamp(max=5.0))
+    gen = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(4, 8, generator=gen), torch.randn(4, 8, generator=gen)
+    x0_hat = x0 + 0.1 * torch.randn(4, 8, generator=gen)  # one prediction, read as each target
+    a, s = abar.sqrt()[:, None], (1 - abar).sqrt()[:, None]
+    eps_hat = (a * x0 + s * eps - a * x0_hat) / s  # the ε that prediction implies for the noisy input
+    v, v_hat = a * eps - s * x0, a * eps_hat - s * x0_hat
+    per_target = {
+        "sample": ((x0_hat - x0) ** 2).mean(1),
+        "epsilon": ((eps_hat - eps) ** 2).mean(1),
+        "v_prediction": ((v_hat - v) ** 2).mean(1),
+    }
+    weighted = [loss_weights(abar, target, "min-snr") * error for target, error in per_target.items()]
+    torch.testing.assert_close(weighted[0], weighted[1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(weighted[0], weighted[2], rtol=1e-4, atol=1e-6)
+    assert torch.equal(loss_weights(abar, "sample", "uniform"), torch.ones_like(abar))
 
 
 @pytest.mark.parametrize("which", ["conditioning", "embeddings"])
@@ -182,6 +230,7 @@ def test_labels_start_at_the_null_class_so_conditional_equals_unconditional() ->
     assert same.abs().max() == 0
 
 
+@pytest.mark.slow
 def test_frozen_parameters_never_change_and_accounting_is_the_same(demo_store, tmp_path: Path) -> None:
     """A DP run that trains only the conditioning set leaves every other weight at its public initial value,
     moves the trainable ones, and spends exactly what full training spends (same q, σ and steps); so does a
@@ -463,6 +512,7 @@ def test_one_slice_per_sampled_patient_with_several_scans(demo_store) -> None:
     assert all(owner[r] == keys[i] for row, i in zip(several, ids[-50:].tolist(), strict=True) for r in row)
 
 
+@pytest.mark.slow
 def test_training_writes_a_complete_bundle(demo_store, tmp_path: Path) -> None:
     out = tmp_path / "model"
     seen: list[dict] = []
@@ -550,6 +600,7 @@ def test_training_writes_a_complete_bundle(demo_store, tmp_path: Path) -> None:
     assert again.reused  # unchanged inputs: the bundle is reused, not retrained (and no ε is spent again)
 
 
+@pytest.mark.slow
 def test_the_same_public_seed_gives_different_dp_weights(demo_store, tmp_path: Path) -> None:
     """The DP noise and sampling come from OS entropy: two runs of the same command differ."""
     weights = []
@@ -574,6 +625,7 @@ def _interrupt_at(step: int):
     return on_progress
 
 
+@pytest.mark.slow
 def test_resume_equals_an_uninterrupted_run(demo_store, tmp_path: Path) -> None:
     """From one checkpoint, continuing straight or with another interruption gives identical weights."""
 
@@ -602,6 +654,7 @@ def test_resume_equals_an_uninterrupted_run(demo_store, tmp_path: Path) -> None:
     assert straight.card["epsilon"] == twice.card["epsilon"] and straight.card["steps"] == twice.card["steps"] == 7
 
 
+@pytest.mark.slow
 def test_empty_poisson_batches_still_step_and_count(demo_store, tmp_path: Path) -> None:
     seen: list[dict] = []
     preset = tiny_preset(batch_size=1, epochs=3.0)  # q = 1/12: about a third of the steps sample nobody
@@ -630,6 +683,7 @@ def _store_copy(demo_store, tmp_path: Path, *, budget: float | None = None) -> P
     return path
 
 
+@pytest.mark.slow
 def test_the_store_ledger_composes_runs_and_refuses_past_the_budget(demo_store, tmp_path: Path) -> None:
     store_path = _store_copy(demo_store, tmp_path, budget=10.0)
 
@@ -684,6 +738,7 @@ def test_runs_starting_together_cannot_both_pass_a_budget_only_one_fits(demo_sto
     assert [e["status"] for e in ledger.entries()] == ["released", "reserved"]
 
 
+@pytest.mark.slow
 def test_noise_multiplicity_and_no_dp_card(demo_store, tmp_path: Path) -> None:
     card = train_model(
         TrainConfig(
@@ -722,6 +777,7 @@ def cli(*args: str, **kwargs) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_the_cli_leaves_a_private_checkpoint_and_resumes(demo_store, tmp_path: Path) -> None:
     """The CLI half of resuming (exactness is tested above): Ctrl-C → exit 130, a 0600 checkpoint, no card."""
     store = str(demo_store.store.path)
@@ -748,6 +804,7 @@ def test_ctrl_c_on_the_cli_leaves_a_private_checkpoint_and_resumes(demo_store, t
     assert card["max_grad_norm"] == 0.5  # the clipping norm given on the command line is the one trained with
 
 
+@pytest.mark.slow
 def test_cli_refuses_non_private_without_confirmation(demo_store, tmp_path: Path) -> None:
     store = str(demo_store.store.path)
     refused = cli("train", store, "--out", str(tmp_path / "x"), "--no-dp")

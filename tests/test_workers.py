@@ -16,6 +16,8 @@ from conftest import fresh_database
 from sqlalchemy import create_engine, text
 from test_api import free_port, make_models, new_key, running_server, service_env, start_server, wait_for
 
+pytestmark = pytest.mark.postgres  # every test here runs API and worker processes on one PostgreSQL
+
 
 def start_worker(models: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen(

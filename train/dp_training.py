@@ -606,7 +606,7 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
     config, preset, device = run.config, run.config.preset, run.device
     optimizer = _make_optimizer(run, state)
     alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)  # type: ignore[arg-type]
-    grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction)  # type: ignore[arg-type]
+    grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction, preset.loss_weighting)  # type: ignore[arg-type]
     params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
     m, k = preset.slices_per_patient, preset.slices_per_patient * preset.noise_multiplicity
     poisson = UniformWithReplacementSampler(
@@ -660,6 +660,7 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
                     noise.flatten(0, 1),
                     alphas,
                     preset.prediction,  # type: ignore[arg-type]
+                    weighting=preset.loss_weighting,
                 )
                 loss.backward()
                 optimizer.step()
@@ -694,8 +695,11 @@ def draw_terms(
     item = (1, *(size,) * run.config.preset.spatial_dims)  # one slice [1, H, W] or volume [1, D, H, W]
     rows = run.slices.pick(patient_ids, gen, m).reshape(-1)  # (b·m,)
     images = resize_images(run.train_images[rows.numpy()], size)  # (b·m, *item)
-    labels = _conditions(run, patient_ids, k, gen)
     preset = run.config.preset
+    if preset.flip:  # left-right (the last axis: patient left → right), half of the items, from the private draw
+        flipped = torch.rand(len(images), generator=gen) < 0.5
+        images[flipped] = images[flipped].flip(-1)
+    labels = _conditions(run, patient_ids, k, gen)
     timesteps = draw_timesteps((b, k), n_timesteps, gen, preset.timestep_sampling, preset.timestep_mean)
     noise = torch.randn(b, k, *item, generator=gen)
     # each of a patient's m slices (or volumes) under K draws: (b, m·K, *item)

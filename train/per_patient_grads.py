@@ -22,7 +22,7 @@ from generators.diffusion import Prediction, denoising_loss
 
 
 def make_per_patient_grad_fn(
-    model: UNet2DModel, alphas_cumprod: torch.Tensor, prediction: Prediction
+    model: UNet2DModel, alphas_cumprod: torch.Tensor, prediction: Prediction, weighting: str = "uniform"
 ) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """Return ``fn(params, images, labels, timesteps, noise) -> (grads, losses)`` for the trainable ``params``.
 
@@ -36,7 +36,9 @@ def make_per_patient_grad_fn(
         def denoiser(x, t, class_labels):
             return functional_call(model, (params, frozen, buffers), (x, t), {"class_labels": class_labels})
 
-        return denoising_loss(denoiser, images, labels, timesteps, noise, alphas_cumprod, prediction)
+        return denoising_loss(
+            denoiser, images, labels, timesteps, noise, alphas_cumprod, prediction, weighting=weighting
+        )
 
     return vmap(grad_and_value(patient_loss), in_dims=(None, 0, 0, 0, 0))
 
@@ -49,13 +51,16 @@ def brute_force_per_patient_grads(
     labels: torch.Tensor,
     timesteps: torch.Tensor,
     noise: torch.Tensor,
+    weighting: str = "uniform",
 ) -> dict[str, torch.Tensor]:
     """Reference implementation: one ordinary backward pass per patient (slow; for tests)."""
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     out: dict[str, list[torch.Tensor]] = {name: [] for name in trainable}
     for i in range(images.shape[0]):
         model.zero_grad(set_to_none=True)
-        loss = denoising_loss(model, images[i], labels[i], timesteps[i], noise[i], alphas_cumprod, prediction)
+        loss = denoising_loss(
+            model, images[i], labels[i], timesteps[i], noise[i], alphas_cumprod, prediction, weighting=weighting
+        )
         loss.backward()
         for name, p in trainable.items():
             out[name].append(p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))

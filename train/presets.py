@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from generators.diffusion import TIMESTEP_SAMPLING
+from generators.diffusion import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING
 from generators.errors import InvalidInput
 from generators.unet import UNet3DSize, UNetSize
 from train.trainable import TRAINABLE_SETS
@@ -32,6 +32,8 @@ class Preset:
     timestep_sampling: str = "uniform"  # of the DP draws; "logit-normal" favours mid noise (generators.diffusion)
     timestep_mean: float = 0.0  # logit-normal's focus: z ~ N(mean, 1); > 0 toward high noise, < 0 toward low
     prediction: str = "sample"  # x0-prediction: smooth samples at small training budgets (see BENCHMARKS.md)
+    loss_weighting: str = "uniform"  # of each draw's error by its noise level (generators.diffusion.loss_weights)
+    flip: bool = False  # left-right flip of half of the training slices (label-preserving, no ε cost)
     checkpoint_every: int = 50
     public_prior: str = "mni152"  # non-private pretraining on public data ("none" to skip)
     public_pretrain_steps: int = 400
@@ -182,6 +184,8 @@ def get_preset(name: str, **overrides: object) -> Preset:
         raise InvalidInput("--timestep-mean applies to logit-normal timestep sampling only")
     if not -3.0 <= preset.timestep_mean <= 3.0:
         raise InvalidInput("--timestep-mean must lie in [-3, 3] (beyond, almost every draw sits at one end)")
+    if preset.loss_weighting not in LOSS_WEIGHTINGS:
+        raise InvalidInput(f"unknown loss weighting {preset.loss_weighting!r}; choose one of {list(LOSS_WEIGHTINGS)}")
     if preset.trainable not in TRAINABLE_SETS:
         raise InvalidInput(f"unknown trainable set {preset.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}")
     if preset.lora_rank < 1:
