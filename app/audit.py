@@ -49,8 +49,8 @@ from train.store import CohortStore
 
 REPORT_FORMAT = 1
 FEATURE_EMBEDDING = "aligned-pyramid"  # the fixed 256-d feature space of Fréchet distances, DCR and the MC attack
-STAGES = 11  # progress callbacks per run (load, cohort, unfiltered, classifiers, fidelity, covariates, dcr, canaries,
-# 2 attacks, report)
+STAGES = 12  # progress callbacks per run (load, cohort, unfiltered, matched cohort, classifiers, fidelity, covariates,
+# dcr, canaries, 2 attacks, report)
 MAX_PER_LABEL = 20_000
 PRIVACY_CURVE_DELTAS = tuple(np.geomspace(1e-12, 0.5, 25).tolist())  # δ grid for the tightest TPR bound
 INTERNAL_NOTICE = (
@@ -64,6 +64,7 @@ class AuditSettings:
     """What the audit measures and with how much effort (defaults: ≤ 10 min on 2 CPU cores, demo cohort)."""
 
     n: int = 500  # synthetic samples of EVERY label
+    matched_tstr: bool = True  # TSTR also trains on as many synthetic items as TRTR has real ones (the fair protocol)
     seed: int = 0
     include_neighbours: bool = False
     classifier_steps: int = 600
@@ -162,9 +163,15 @@ def run_audit(
             cohort = _stand_in(raw, raw_scores, len(label_names), finding)
         lap("unfiltered_batch")
 
-        # 3. utility
+        # 3. utility: TSTR on a synthetic training set as large as the real one (same label shares), and on the n per
+        #    label of the cohort above for comparison; the classifier's budget is the same for every set
+        matched = None
+        if settings.matched_tstr:
+            step("generating a synthetic training set as large as the real one (release pipeline, filter on)")
+            matched = _matched_cohort(model_dir, label_names, real, settings, work, str(device))
+            lap("matched_cohort")
         step("training TRTR / TSTR classifiers")
-        utility, trtr_model = _utility(real, cohort, len(label_names), settings, device)
+        utility, trtr_model = _utility(real, cohort, len(label_names), settings, device, matched=matched)
         lap("classifiers")
 
         # 4. fidelity and diversity
@@ -315,6 +322,30 @@ def _filtered_cohort(
     return Synthetic(images, labels, extra), None
 
 
+def _matched_cohort(
+    model_dir: Path, label_names: list[str], real: RealData, s: AuditSettings, work: Path, device: str
+) -> Synthetic | None:
+    """As many released samples per label as the real training set has items of that label (a seed of its own, so
+    none repeats the cohort's), or ``None`` when the pipeline refuses the model (then TSTR has the small set only)."""
+    counts = {name: int((real.train_labels == i).sum()) for i, name in enumerate(label_names)}
+    request = CohortRequest(
+        counts={name: max(n, 2) for name, n in counts.items()},
+        seed=s.seed + 1,
+        formats=("nifti", "npz"),
+        steps=s.sampler_steps,
+        allow_not_private=True,
+    )
+    try:
+        build_cohort(model_dir, request, work / "matched", device=device)
+    except MemorizationSuspected:
+        return None
+    with np.load(work / "matched" / "cohort.npz") as data:
+        images, names = data["images"].astype(np.float32), data["labels"]
+    shutil.rmtree(work / "matched", ignore_errors=True)
+    ids = {name: i for i, name in enumerate(label_names)}
+    return Synthetic(images, np.array([ids[str(n)] for n in names], dtype=np.int64))
+
+
 def _stand_in(raw: Synthetic, scores: np.ndarray, n_labels: int, finding: str | None) -> Synthetic:
     """What to measure when the pipeline stopped: the samples the filter accepts, or all samples if too few."""
     keep = scores >= 1.0
@@ -422,17 +453,30 @@ def _classifier_design(spatial_dims: int) -> str:
 
 
 def _utility(
-    real: RealData, synthetic: Synthetic, n_classes: int, s: AuditSettings, device: torch.device
+    real: RealData,
+    synthetic: Synthetic,
+    n_classes: int,
+    s: AuditSettings,
+    device: torch.device,
+    *,
+    matched: Synthetic | None = None,
 ) -> tuple[dict, clf.SmallCNN]:
-    runs: dict[str, list[clf.ClassifierScores]] = {"trtr": [], "tstr": []}
+    """TRTR and TSTR on real held-out patients, with one fixed classifier budget (steps, batch, seeds) for all.
+
+    With ``matched`` (as many synthetic items as real training ones), ``tstr`` is that fair protocol and
+    ``tstr_small_n`` the cohort's n per label; without it, ``tstr`` is the n per label.
+    """
+    sets = {"trtr": (real.train, real.train_labels)}
+    if matched is not None:
+        sets |= {"tstr": (matched.images, matched.labels), "tstr_small_n": (synthetic.images, synthetic.labels)}
+    else:
+        sets["tstr"] = (synthetic.images, synthetic.labels)
+    runs: dict[str, list[clf.ClassifierScores]] = {name: [] for name in sets}
     first_trtr = None
     batch = 32 if real.train.ndim == 5 else 128  # volumes: a quarter of the batch, about the same compute
     for k in range(s.classifier_seeds):
         seed = s.seed * 1000 + k
-        for name, (x, y) in {
-            "trtr": (real.train, real.train_labels),
-            "tstr": (synthetic.images, synthetic.labels),
-        }.items():
+        for name, (x, y) in sets.items():
             model = clf.train_classifier(
                 x, y, n_classes, steps=s.classifier_steps, batch_size=batch, seed=seed, device=device
             )
@@ -453,20 +497,31 @@ def _utility(
         }
 
     trtr, tstr = summary(runs["trtr"]), summary(runs["tstr"])
+    protocol = (
+        f"TSTR trains on {len(sets['tstr'][0])} synthetic {_items(real)}, as many as TRTR's real ones with the same "
+        f"label shares (tstr); tstr_small_n on the released cohort's {len(synthetic.images)}, for comparison"
+        if matched is not None
+        else f"TSTR trains on the released cohort's {len(synthetic.images)} synthetic {_items(real)}"
+    )
     result = {
+        "protocol": protocol,
         "classifier": f"SmallCNN ({_classifier_design(real.train.ndim - 2)}), "
         f"AdamW one-cycle, {s.classifier_steps} steps of {batch} with flips and ±2 px shifts; mean over "
         f"{s.classifier_seeds} seeds",
         "test_set": f"real held-out patients ({len(real.holdout)} {_items(real)}), {_items(real)[:-1]} level",
         "trtr": trtr,
         "tstr": tstr,
-        "ratio": {
-            "accuracy": tstr["accuracy"] / trtr["accuracy"] if trtr["accuracy"] else float("nan"),
-            "auc": tstr["auc"] / trtr["auc"] if trtr["auc"] else float("nan"),
-        },
+        "ratio": _ratio(tstr, trtr),
     }
+    if matched is not None:
+        small = summary(runs["tstr_small_n"])
+        result |= {"tstr_small_n": small, "ratio_small_n": _ratio(small, trtr)}
     assert first_trtr is not None
     return result, first_trtr
+
+
+def _ratio(tstr: dict, trtr: dict) -> dict:
+    return {key: tstr[key] / trtr[key] if trtr[key] else float("nan") for key in ("accuracy", "auc")}
 
 
 # ----------------------------------------------------------------------------------------- fidelity

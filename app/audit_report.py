@@ -275,6 +275,17 @@ def _html(root: Path, r: dict, figures: list[str]) -> str:
                 f"{u['tstr']['accuracy']:.3f} / {u['trtr']['accuracy']:.3f}  (ratio {u['ratio']['accuracy']:.3f})",
             ),
             ("TSTR / TRTR AUC", f"{u['tstr']['auc']:.3f} / {u['trtr']['auc']:.3f}  (ratio {u['ratio']['auc']:.3f})"),
+            *(
+                [
+                    (
+                        "TSTR accuracy on the cohort's n per label only (the earlier, smaller protocol)",
+                        f"{u['tstr_small_n']['accuracy']:.3f}  (ratio {u['ratio_small_n']['accuracy']:.3f})",
+                    )
+                ]
+                if "tstr_small_n" in u
+                else []
+            ),
+            ("TSTR protocol", u["protocol"]),
             (
                 "Fréchet distance ratio (synthetic vs real baseline, classifier features)",
                 f["frechet"]["classifier_features"]["ratio"],

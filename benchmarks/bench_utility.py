@@ -7,17 +7,27 @@ Every recipe starts from the same store, public seed and public prior (cached un
 data only) and changes one lever of the preset (``RECIPES``). ``--quick`` replaces the full audit by its
 utility and fidelity stages (fewer samples, no filter, no attacks) to rank recipes; run the winner without it.
 ``--no-dp`` trains the same recipe with the same steps but without clipping or noise: the ceiling no DP lever
-can lift it above. Rows are appended to ``--out/results.jsonl`` and printed (JSON, one per line). Runs on a demo
-store spend its privacy budget many times over (``allow_over_budget``): this is a benchmark, not a release.
+can lift it above. ``--grid`` draws the map of cohort size × ε × compute for the recipes given::
+
+    .venv/bin/python benchmarks/bench_utility.py --grid --grid-store demo/store --grid-store demo10k/store \\
+        --grid-epsilon 1,4,8,inf --grid-compute 1,4 --recipe batch128-logit-normal --quick --n 300 \\
+        --out bench_runs/map --figure bench_runs/map/map.png
+
+(compute c: the epochs that show c × cpu-small's 80 000 patient-slices, so a larger cohort gets fewer epochs;
+ε = inf trains without DP) and prints the table; the quick audit's TSTR is the fair protocol's (a synthetic
+training set as large as the real one) unless ``--small-tstr-only``. Rows are appended to
+``--out/results.jsonl`` and printed (JSON, one per line). Runs on a demo store spend its privacy budget many times
+over (``allow_over_budget``): this is a benchmark, not a release.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
@@ -36,6 +46,7 @@ from train.store import CohortStore
 # fields whose cpu-small default changed since are pinned (PINNED, cpu-small recipes only) and a recipe names
 # only what it changes.
 PINNED = {"cpu-small": {"label_init": "random", "timestep_sampling": "uniform"}}
+CPU_SMALL_PATIENT_SLICES = 80_000  # cpu-small's compute: 100 epochs of ≈ 800 training patients, one slice each
 RECIPES: dict[str, dict] = {
     "baseline": {"preset": "cpu-small"},
     "conditioning": {"preset": "cpu-small", "trainable": "conditioning"},
@@ -157,6 +168,11 @@ def parse_args() -> argparse.Namespace:
         "--no-dp", action="store_true", help="train WITHOUT DP (same steps, no clipping or noise): the recipe's ceiling"
     )
     parser.add_argument("--quick", action="store_true", help="utility and fidelity only (ranking runs)")
+    parser.add_argument(
+        "--small-tstr-only",
+        action="store_true",
+        help="TSTR on the n samples per label only (the earlier protocol), not also on a set as large as the real one",
+    )
     parser.add_argument("--n", type=int, default=500, help="samples per label in the audit")
     parser.add_argument("--guidance", type=float, default=None, help="sampler guidance for --quick (default: card)")
     parser.add_argument("--threads", type=int, default=None)
@@ -167,10 +183,28 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=1, help="train each recipe N times (fresh DP noise and sampling each run)"
     )
+    parser.add_argument(
+        "--grid", action="store_true", help="the map: every recipe × --grid-store × --grid-epsilon × --grid-compute"
+    )
+    parser.add_argument("--grid-store", type=Path, action="append", default=[], help="a store of the map (repeat)")
+    parser.add_argument(
+        "--grid-epsilon", type=_epsilons, default=[1.0, 4.0, 8.0, math.inf], help="comma-separated, inf: no DP"
+    )
+    parser.add_argument(
+        "--grid-compute",
+        type=lambda text: [float(x) for x in text.split(",")],
+        default=[1.0, 4.0],
+        help="multiples of cpu-small's compute (patient-slices seen), comma-separated",
+    )
+    parser.add_argument("--figure", type=Path, default=None, help="--grid: write the map as a PNG here")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
+
+
+def _epsilons(text: str) -> list[float]:
+    return [math.inf if x.strip() in ("inf", "∞") else float(x) for x in text.split(",")]
 
 
 def preset_for(recipe: str, extra: list[str]):
@@ -183,22 +217,43 @@ def preset_for(recipe: str, extra: list[str]):
     return get_preset(name, **spec)
 
 
-def quick_audit(store: Path, model_dir: Path, n: int, guidance: float | None, sample_seed: int) -> dict:
-    """TSTR/TRTR and Fréchet ratios on ``n`` unfiltered samples per label (a ranking proxy for the audit)."""
+def quick_audit(
+    store: Path, model_dir: Path, n: int, guidance: float | None, sample_seed: int, matched: bool = True
+) -> dict:
+    """TSTR/TRTR and Fréchet ratios on ``n`` unfiltered samples per label (a ranking proxy for the audit); with
+    ``matched``, TSTR also trains on as many unfiltered samples as the real training set has (same label shares),
+    the audit's fair protocol, from seeds of their own."""
     model = load_generator(model_dir, device="cpu")
     real = _load_real(CohortStore.open(store), model)
     names = list(model.label_ids)
     settings = AuditSettings(n=n, classifier_seeds=2)
     kwargs = {"guidance": guidance} if guidance is not None else {}
-    labels = [name for name in names for _ in range(n)]
-    generated = model.generate(labels=labels, seed=sample_seed, **kwargs)
-    synthetic = Synthetic(generated.images.numpy(), np.array([model.label_ids[x] for x in labels]))
-    return score_samples(real, synthetic, names, settings, model.image_shape[-1], model.spatial_dims)
+
+    def draw(per_label: dict[str, int], seed: int) -> Synthetic:
+        labels = [name for name in names for _ in range(per_label[name])]
+        generated = model.generate(labels=labels, seed=seed, **kwargs)
+        return Synthetic(generated.images.numpy(), np.array([model.label_ids[x] for x in labels]))
+
+    synthetic = draw(dict.fromkeys(names, n), sample_seed)
+    larger = None
+    if matched:
+        counts = {name: int((real.train_labels == model.label_ids[name]).sum()) for name in names}
+        larger = draw(counts, sample_seed + 1_000_000)  # seeds no sample of the small set uses
+    return score_samples(real, synthetic, names, settings, model.image_shape[-1], model.spatial_dims, larger)
 
 
-def score_samples(real, synthetic: Synthetic, names: list[str], settings: AuditSettings, size: int, dims: int) -> dict:
-    """The quick audit of ``synthetic`` against the store's real images: TSTR/TRTR, Fréchet ratios, MS-SSIM."""
-    utility, trtr_model = _utility(real, synthetic, len(names), settings, torch.device("cpu"))
+def score_samples(
+    real,
+    synthetic: Synthetic,
+    names: list[str],
+    settings: AuditSettings,
+    size: int,
+    dims: int,
+    matched: Synthetic | None = None,
+) -> dict:
+    """The quick audit of ``synthetic`` against the store's real images: TSTR/TRTR (also on ``matched``, a
+    synthetic set as large as the real one), Fréchet ratios, MS-SSIM."""
+    utility, trtr_model = _utility(real, synthetic, len(names), settings, torch.device("cpu"), matched=matched)
     embedding = make_embedding(FEATURE_EMBEDDING, size, dims)
     fid = _fidelity(real, synthetic, names, trtr_model, embedding, settings)
     return {"utility": utility, "fidelity": fid, "quick": True}
@@ -207,7 +262,9 @@ def score_samples(real, synthetic: Synthetic, names: list[str], settings: AuditS
 def score_columns(report: dict) -> dict:
     """A report's utility and fidelity numbers as one results row's columns."""
     utility, fid = report["utility"], report["fidelity"]
+    small = {"tstr_small_n": utility["tstr_small_n"]["accuracy"], "ratio_small_n": utility["ratio_small_n"]["accuracy"]}
     return {
+        **(small if "tstr_small_n" in utility else {}),
         "tstr": utility["tstr"]["accuracy"],
         "tstr_per_seed": [round(r["accuracy"], 3) for r in utility["tstr"]["per_seed"]],
         "tstr_auc": utility["tstr"]["auc"],
@@ -245,22 +302,65 @@ def row(recipe: str, card: dict, record: dict, report: dict, audit_s: float, gui
     return out
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One run: a recipe trained on a store at an ε (``None``: without DP) and a compute multiple of cpu-small's."""
+
+    recipe: str
+    store: Path
+    epsilon: float | None
+    compute: float | None  # None: the recipe's own epochs
+    run: int
+
+    def name(self, grid: bool, repeats: int) -> str:
+        parts = [self.recipe]
+        if grid:
+            eps = "nodp" if self.epsilon is None else f"eps{self.epsilon:g}"
+            parts += [self.store.name, eps, f"{self.compute:g}x"]
+        return "/".join(parts) + (f"/run{self.run}" if repeats > 1 else "")
+
+
+def plan_cells(args: argparse.Namespace) -> list[Cell]:
+    """Every (recipe, run) — or, with ``--grid``, every recipe × store × ε × compute — run-major, so that partial
+    invocations still pair up."""
+    if not args.grid:
+        epsilon = None if args.no_dp else args.epsilon
+        return [Cell(r, args.store, epsilon, None, run) for run in range(args.repeats) for r in args.recipe]
+    stores = args.grid_store or [args.store]
+    return [
+        Cell(recipe, store, None if eps == math.inf else eps, compute, run)
+        for run in range(args.repeats)
+        for recipe in args.recipe
+        for store in stores
+        for compute in args.grid_compute
+        for eps in args.grid_epsilon
+    ]
+
+
+def epochs_for(compute: float, store: Path) -> float:
+    """Epochs that give ``compute`` × cpu-small's patient-slices seen (100 epochs of ≈ 800 training patients) on a
+    store of N̂ training patients: a larger cohort gets fewer epochs of the same compute."""
+    return compute * CPU_SMALL_PATIENT_SLICES / CohortStore.open(store).patients_estimate
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = [(recipe, run) for run in range(args.repeats) for recipe in args.recipe]  # run-major: partial runs pair up
     results: list[dict] = []
-    for recipe, run in runs:
+    for cell in plan_cells(args):
+        recipe, run = cell.recipe, cell.run
         preset = replace(preset_for(recipe, args.set), name=recipe)
-        model_dir = args.out / recipe / (f"run{run}" if args.repeats > 1 else "") / "model"
+        if cell.compute is not None:
+            preset = replace(preset, epochs=epochs_for(cell.compute, cell.store))
+        model_dir = args.out / cell.name(args.grid, args.repeats) / "model"
         config = TrainConfig(
-            store=args.store,
+            store=cell.store,
             out=model_dir,
             preset=preset,
-            epsilon=None if args.no_dp else args.epsilon,
-            dp=not args.no_dp,
+            epsilon=cell.epsilon,
+            dp=cell.epsilon is not None,
             prior_cache=args.out / "priors",
             allow_over_budget=True,
             force=not args.reuse,
@@ -270,13 +370,22 @@ def main() -> None:
         record = read_training_record(model_dir)
         started = time.perf_counter()
         if args.quick:
-            report = quick_audit(args.store, model_dir, args.n, args.guidance, args.sample_seed)
+            report = quick_audit(
+                cell.store, model_dir, args.n, args.guidance, args.sample_seed, matched=not args.small_tstr_only
+            )
         else:
-            calibrate(args.store, model_dir)
-            report = run_audit(args.store, model_dir, model_dir.parent / "audit", AuditSettings(n=args.n), force=True)
+            calibrate(cell.store, model_dir)
+            report = run_audit(cell.store, model_dir, model_dir.parent / "audit", AuditSettings(n=args.n), force=True)
         guidance = args.guidance if args.quick and args.guidance is not None else card["sampler"]["guidance"]
         result = row(recipe, card, record, report, time.perf_counter() - started, guidance)
         result["run"] = run
+        if args.grid:
+            result["cell"] = {
+                "patients_estimate": card.get("patients_estimate", {}).get("value")
+                or CohortStore.open(cell.store).patients_estimate,
+                "epsilon": "inf" if cell.epsilon is None else cell.epsilon,
+                "compute": cell.compute,
+            }
         if args.quick:
             result["sample_seed"] = args.sample_seed
         result.update(machine=f"{platform.machine()}, {torch.get_num_threads()} threads", date=date.today().isoformat())
@@ -286,6 +395,53 @@ def main() -> None:
         results.append(result)
     if args.repeats > 1:
         print_spread(results, args.recipe)
+    if args.grid:
+        print(grid_table(results))
+        if args.figure:
+            grid_figure(results, args.figure)
+
+
+def grid_table(rows: list[dict]) -> str:
+    """The map as a Markdown table: one row per (N̂, compute), one column per ε; each cell TSTR/TRTR (Fréchet)."""
+    epsilons = sorted({r["cell"]["epsilon"] for r in rows}, key=lambda e: math.inf if e == "inf" else e)
+    lines = [
+        "| training patients (DP count) | compute × cpu-small | " + " | ".join(f"ε = {e}" for e in epsilons) + " |",
+        "| --- | --- | " + " | ".join("---" for _ in epsilons) + " |",
+    ]
+    for n, compute in sorted({(r["cell"]["patients_estimate"], r["cell"]["compute"]) for r in rows}):
+        cells = []
+        for eps in epsilons:
+            mine = [r for r in rows if r["cell"] == {"patients_estimate": n, "epsilon": eps, "compute": compute}]
+            cells.append(" / ".join(f"{r['ratio']:.3f} ({r['fd_filter']:.1f})" for r in mine) if mine else "not run")
+        lines.append(f"| {n} | {compute:g}× | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def grid_figure(rows: list[dict], path: Path) -> None:
+    """TSTR/TRTR against ε, one line per (N̂, compute), written to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted({r["cell"]["epsilon"] for r in rows}, key=lambda e: math.inf if e == "inf" else e)
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for n, compute in sorted({(r["cell"]["patients_estimate"], r["cell"]["compute"]) for r in rows}):
+        points = [
+            (order.index(r["cell"]["epsilon"]), r["ratio"])
+            for r in rows
+            if (r["cell"]["patients_estimate"], r["cell"]["compute"]) == (n, compute)
+        ]
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"N ≈ {n}, {compute:g}× compute")
+    axes.set_xticks(range(len(order)), [f"ε = {e}" for e in order])
+    axes.set_ylabel("TSTR / TRTR accuracy")
+    axes.set_ylim(0.45, 1.0)
+    axes.axhline(0.5, color="grey", lw=0.5)
+    axes.legend(fontsize=8)
+    axes.set_title("Utility by cohort size, privacy and compute (demo cohort)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def print_spread(rows: list[dict], recipes: list[str]) -> None:

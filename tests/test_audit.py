@@ -43,12 +43,16 @@ def test_report_numbers_have_the_structure_their_definitions_force(audited, tiny
     assert on_disk["utility"] == report["utility"]
     u, store = on_disk["utility"], on_disk["store"]
     n_test = store["n_holdout_slices"]
-    for name in ("trtr", "tstr"):
+    for name in ("trtr", "tstr", "tstr_small_n"):
         runs = u[name]["per_seed"]
         assert len(runs) == 2 and all(_is_multiple(r["accuracy"], 1 / n_test) for r in runs)
         assert u[name]["accuracy"] == pytest.approx(np.mean([r["accuracy"] for r in runs]))
         assert u[name]["accuracy_sd"] == pytest.approx(np.std([r["accuracy"] for r in runs]))
     assert u["ratio"]["accuracy"] == pytest.approx(u["tstr"]["accuracy"] / u["trtr"]["accuracy"])
+    assert u["ratio_small_n"]["accuracy"] == pytest.approx(u["tstr_small_n"]["accuracy"] / u["trtr"]["accuracy"])
+    # the fair protocol: TSTR trains on as many synthetic slices as TRTR has real ones; the small set is kept beside
+    assert f"TSTR trains on {store['n_train_slices']} synthetic slices" in u["protocol"]
+    assert f"cohort's {2 * FAST['n']}" in u["protocol"]
     assert on_disk["covariates"] is None  # a model trained by label only has no covariate section
     fr = on_disk["fidelity"]["frechet"]
     for space in ("classifier_features", "filter_embedding"):
