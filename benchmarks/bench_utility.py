@@ -152,6 +152,8 @@ RECIPES: dict[str, dict] = {
         "physical_batch_size": 160,
         "flip": True,
     },
+    # cpu-small as shipped (logit-normal, 512 patients a step) with min-SNR-5 loss weighting: the DP confirmation
+    "min-snr": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "loss_weighting": "min-snr"},
     "3d-baseline": {"preset": "cpu-3d"},
     "3d-logit-normal-batch32": {"preset": "cpu-3d", "timestep_sampling": "logit-normal", "batch_size": 32},
 }
