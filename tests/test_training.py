@@ -388,8 +388,10 @@ def test_delta_rules_and_bad_plans() -> None:
         plan_privacy(target_epsilon=0, delta=1e-5, patients_estimate=800, batch_size=10, epochs=1)
     with pytest.raises(InvalidInput, match="already spent"):
         plan_privacy(target_epsilon=0.1, delta=1e-5, patients_estimate=800, batch_size=10, epochs=1, prior=[(1, 1, 1)])
-    capped = plan_privacy(target_epsilon=8, delta=1e-5, patients_estimate=80, batch_size=100, epochs=2)
-    assert capped.sample_rate == 1.0 and capped.expected_batch_size == 80  # q = min(1, B / N̂)
+    for too_large in (80, 1024):  # q = B / N̂ ≥ 1: sampling would amplify nothing; refused with the fix
+        with pytest.raises(InvalidInput, match=r"q = 1\).*below 80, e.g. 40"):
+            plan_privacy(target_epsilon=8, delta=1e-5, patients_estimate=80, batch_size=too_large, epochs=2)
+    assert plan_privacy(target_epsilon=8, delta=1e-5, patients_estimate=80, batch_size=79, epochs=2).sample_rate < 1
     with pytest.raises(InvalidInput, match="preset"):
         get_preset("tpu-huge")
     with pytest.raises(InvalidInput, match="trainable lora only"):

@@ -156,7 +156,8 @@ def plan_privacy(
 ) -> PrivacyPlan:
     """Solve σ so that ``prior`` plus the planned DP-SGD steps spend exactly ``target_epsilon``.
 
-    ``q = min(1, batch_size / patients_estimate)``; ``steps = round(epochs / q)`` when epochs are given.
+    ``q = batch_size / patients_estimate``, which must stay below 1; ``steps = round(epochs / q)`` when epochs are
+    given.
     """
     if target_epsilon <= 0 or not math.isfinite(target_epsilon):
         raise InvalidInput(f"epsilon must be a positive number, got {target_epsilon}")
@@ -166,7 +167,14 @@ def plan_privacy(
         raise InvalidInput(f"unknown accountant {accountant!r}; choose one of {list(ACCOUNTANTS)}")
     if patients_estimate < 1 or batch_size < 1:
         raise InvalidInput("the patient estimate and the batch size must be positive")
-    sample_rate = min(1.0, batch_size / patients_estimate)
+    if batch_size >= patients_estimate:
+        raise InvalidInput(
+            f"a batch of {batch_size} expected patients is not below the cohort's ≈{patients_estimate} training "
+            "patients (DP count): every step would take every patient (q = 1), giving up the privacy amplification "
+            f"of sampling and spending ε far faster; choose --batch-size below {patients_estimate}, e.g. "
+            f"{max(1, patients_estimate // 2)}"
+        )
+    sample_rate = batch_size / patients_estimate
     if steps is None:
         if epochs is None or epochs <= 0:
             raise InvalidInput("give a positive number of epochs or steps")
