@@ -20,7 +20,6 @@ import csv
 import shutil
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from generators.atomic import publish_directory
 from generators.errors import Conflict, InvalidInput
+from train.parallel import worker_pool
 from train.public_prior import load_template
 from train.scan_io import write_nifti
 
@@ -185,9 +185,6 @@ def _add_lesion(volume, rng: np.random.Generator):  # (X, Y, Z) torch tensor
 
 
 def _write_patient(args: tuple[DemoPatient, int, Path]) -> None:
-    import torch
-
-    torch.set_num_threads(1)
     patient, seed, root = args
     data, affine = synthesize_volume(patient, seed)
     stored, stored_affine = data, affine
@@ -225,7 +222,7 @@ def make_demo_cohort(
         (tmp / "dicom").mkdir()
         jobs = [(p, seed, tmp) for p in plan]
         if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with worker_pool(workers) as pool:
                 for _ in pool.map(_write_patient, jobs, chunksize=8):
                     if progress:
                         progress(1)

@@ -31,7 +31,6 @@ import os
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from generators.errors import Conflict, InvalidInput, SynthCohortError
 from train.deface import METHOD as DEFACE_METHOD
 from train.deface import deface as remove_face
 from train.deidentify import Pseudonymizer, clean_age, clean_sex, new_secret, normalise_patient_id
+from train.parallel import worker_pool
 from train.preprocess import Slab, axial_slices, isotropic_volume
 from train.scan_io import (
     is_dicom_file,
@@ -435,7 +435,7 @@ def _load_all(
     scan_items = [i for i in items if i.kind in ("nifti", "dicom")]
     jobs = [(i, options, scan_key(i, root)) for i in scan_items]
     if options.workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=options.workers) as pool:
+        with worker_pool(options.workers) as pool:
             yield from zip(scan_items, pool.map(_load_safely, jobs, chunksize=4), strict=True)
     else:
         for item, job in zip(scan_items, jobs, strict=True):
