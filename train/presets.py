@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
 
 from generators.diffusion import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING
 from generators.errors import InvalidInput
@@ -25,23 +26,78 @@ class Preset:
     noise_multiplicity: int
     ema_decay: float
     label_dropout: float = 0.1
-    trainable: str = "all"  # parameter set DP-SGD trains after the public prior (train.trainable)
+    trainable: str = "all"  # parameter set DP-SGD trains after the public prior (train.trainable.TRAINABLE_SETS)
     lora_rank: int = 4  # rank of the adapters when trainable == "lora"
     slices_per_patient: int = 1  # m: slices of each sampled patient averaged before clipping (no ε cost)
-    label_init: str = "random"  # "null": labels start with the null class's (public prior) embedding
-    timestep_sampling: str = "uniform"  # of the DP draws; "logit-normal" favours mid noise (generators.diffusion)
+    label_init: Literal["random", "null"] = "random"  # null: labels start at the null class's (prior's) embedding
+    timestep_sampling: Literal["uniform", "logit-normal"] = "uniform"  # of the DP draws (generators.diffusion)
     timestep_mean: float = 0.0  # logit-normal's focus: z ~ N(mean, 1); > 0 toward high noise, < 0 toward low
-    prediction: str = "sample"  # x0-prediction: smooth samples at small training budgets (see BENCHMARKS.md)
-    loss_weighting: str = "uniform"  # of each draw's error by its noise level (generators.diffusion.loss_weights)
+    prediction: Literal["sample", "v_prediction", "epsilon"] = "sample"  # x0: smooth samples at small budgets
+    loss_weighting: Literal["uniform", "min-snr"] = "uniform"  # by noise level (generators.diffusion.loss_weights)
     flip: bool = False  # left-right flip of half of the training slices (label-preserving, no ε cost)
     checkpoint_every: int = 50
-    public_prior: str = "mni152"  # non-private pretraining on public data ("none" to skip)
+    public_prior: Literal["mni152", "none"] = "mni152"  # non-private pretraining on public data
     public_pretrain_steps: int = 400
     public_batch_size: int = 64
     public_learning_rate: float = 2e-3
     public_anomaly_rate: float = 0.0  # share of prior slices with generic focal anomalies (train.public_prior; 2-D)
-    generator: str = "diffusion-2d"  # the generator kind trained: "diffusion-2d" (slices) or "diffusion-3d"
-    extra: dict = field(default_factory=dict)
+    generator: Literal["diffusion-2d", "diffusion-3d"] = "diffusion-2d"  # slices or volumes
+
+    def __post_init__(self) -> None:
+        """Refuse a preset no run could use (every construction, CLI overrides included), with the reason."""
+        checks = [
+            (
+                self.prediction in ("sample", "v_prediction", "epsilon"),
+                f"unknown prediction {self.prediction!r}; choose sample, v_prediction or epsilon",
+            ),
+            (
+                self.public_prior in ("mni152", "none"),
+                f"unknown public prior {self.public_prior!r}; choose 'mni152' or 'none'",
+            ),
+            (self.generator in ("diffusion-2d", "diffusion-3d"), f"unknown generator {self.generator!r}"),
+            (isinstance(self.unet, UNet3DSize) == (self.generator == "diffusion-3d"), "unet size of the wrong kind"),
+            (0.0 <= self.public_anomaly_rate <= 1.0, "public_anomaly_rate must lie in [0, 1]"),
+            (
+                not self.public_anomaly_rate or (self.spatial_dims == 2 and self.public_prior == "mni152"),
+                "public_anomaly_rate applies to the 2-D mni152 public prior only",
+            ),
+            (self.noise_multiplicity >= 1, "--noise-multiplicity must be at least 1"),
+            (self.slices_per_patient >= 1, "--slices-per-patient must be at least 1"),
+            (
+                self.label_init in ("random", "null"),
+                f"unknown label init {self.label_init!r}; choose 'random' or 'null'",
+            ),
+            (
+                self.timestep_sampling in TIMESTEP_SAMPLING,
+                f"unknown timestep sampling {self.timestep_sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLING)}",
+            ),
+            (
+                not self.timestep_mean or self.timestep_sampling == "logit-normal",
+                "--timestep-mean applies to logit-normal timestep sampling only",
+            ),
+            (
+                -3.0 <= self.timestep_mean <= 3.0,
+                "--timestep-mean must lie in [-3, 3] (beyond, almost every draw sits at one end)",
+            ),
+            (
+                self.loss_weighting in LOSS_WEIGHTINGS,
+                f"unknown loss weighting {self.loss_weighting!r}; choose one of {list(LOSS_WEIGHTINGS)}",
+            ),
+            (
+                self.trainable in TRAINABLE_SETS,
+                f"unknown trainable set {self.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}",
+            ),
+            (self.lora_rank >= 1, "--lora-rank must be at least 1"),
+            (self.batch_size >= 1 and self.physical_batch_size >= 1, "batch sizes must be positive"),
+            (self.epochs > 0, "--epochs must be positive"),
+            (
+                self.spatial_dims == 2 or self.trainable == "all",
+                "the 3-D model trains every parameter (--trainable all)",
+            ),
+        ]
+        for ok, reason in checks:
+            if not ok:
+                raise InvalidInput(reason)
 
     @property
     def patients_per_pass(self) -> int:
@@ -161,39 +217,7 @@ def get_preset(name: str, **overrides: object) -> Preset:
     if "unet" in changes and isinstance(changes["unet"], dict):
         size_class = UNet3DSize if base.generator == "diffusion-3d" else UNetSize
         changes["unet"] = size_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in changes["unet"].items()})
-    preset = replace(base, **changes)
-    if preset.prediction not in ("sample", "v_prediction", "epsilon"):
-        raise InvalidInput(f"unknown prediction {preset.prediction!r}; choose sample, v_prediction or epsilon")
-    if preset.public_prior not in ("mni152", "none"):
-        raise InvalidInput(f"unknown public prior {preset.public_prior!r}; choose 'mni152' or 'none'")
-    if not 0.0 <= preset.public_anomaly_rate <= 1.0:
-        raise InvalidInput("public_anomaly_rate must lie in [0, 1]")
-    if preset.public_anomaly_rate and (preset.spatial_dims != 2 or preset.public_prior != "mni152"):
-        raise InvalidInput("public_anomaly_rate applies to the 2-D mni152 public prior only")
-    if preset.noise_multiplicity < 1:
-        raise InvalidInput("--noise-multiplicity must be at least 1")
-    if preset.slices_per_patient < 1:
-        raise InvalidInput("--slices-per-patient must be at least 1")
-    if preset.label_init not in ("random", "null"):
-        raise InvalidInput(f"unknown label init {preset.label_init!r}; choose 'random' or 'null'")
-    if preset.timestep_sampling not in TIMESTEP_SAMPLING:
-        raise InvalidInput(
-            f"unknown timestep sampling {preset.timestep_sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLING)}"
-        )
-    if preset.timestep_mean and preset.timestep_sampling != "logit-normal":
-        raise InvalidInput("--timestep-mean applies to logit-normal timestep sampling only")
-    if not -3.0 <= preset.timestep_mean <= 3.0:
-        raise InvalidInput("--timestep-mean must lie in [-3, 3] (beyond, almost every draw sits at one end)")
-    if preset.loss_weighting not in LOSS_WEIGHTINGS:
-        raise InvalidInput(f"unknown loss weighting {preset.loss_weighting!r}; choose one of {list(LOSS_WEIGHTINGS)}")
-    if preset.trainable not in TRAINABLE_SETS:
-        raise InvalidInput(f"unknown trainable set {preset.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}")
-    if preset.lora_rank < 1:
-        raise InvalidInput("--lora-rank must be at least 1")
+    preset = replace(base, **changes)  # Preset.__post_init__ checks the result
     if "lora_rank" in changes and preset.trainable != "lora":
         raise InvalidInput("--lora-rank applies to --trainable lora only")
-    if preset.batch_size < 1 or preset.physical_batch_size < 1:
-        raise InvalidInput("batch sizes must be positive")
-    if preset.spatial_dims == 3 and preset.trainable != "all":
-        raise InvalidInput("the 3-D model trains every parameter (--trainable all)")
     return preset
