@@ -453,12 +453,14 @@ def train(
 
     with bar:
         result = train_model(config, progress=on_step, on_plan=on_plan)
-    card = result.card
+    if result.interrupted:
+        stopped = f"{result.stopped_at}/{result.total_steps}"
+        typer.echo(f"interrupted at step {stopped}; checkpoint saved — rerun with --resume")
+        raise typer.Exit(130)
+    assert result.card is not None
+    card = result.card.to_json()
     if result.reused:
         typer.echo(f"{out} is up to date (same store, preset and privacy settings): reusing it")
-    elif result.interrupted:
-        typer.echo(f"interrupted at step {card['step']}/{card['total_steps']}; checkpoint saved — rerun with --resume")
-        raise typer.Exit(130)
     if card.get("dp"):
         typer.echo(
             f"model: {out}  ε={card['epsilon']:.3f} δ={card['delta']:g} ({card['accountant']}, privacy unit: "

@@ -368,7 +368,7 @@ def main() -> None:
             force=not args.reuse,
             samples_per_label=16,
         )
-        card = train_model(config).card
+        card = train_model(config).card.to_json()
         record = read_training_record(model_dir)
         started = time.perf_counter()
         if args.quick:

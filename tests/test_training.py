@@ -247,7 +247,7 @@ def test_frozen_parameters_never_change_and_accounting_is_the_same(demo_store, t
             max_steps=3,
             samples_per_label=1,
         )
-        cards[which] = train_model(config).card
+        cards[which] = train_model(config).card.to_json()
         weights[which] = load_file(tmp_path / which / "model" / "diffusion_pytorch_model.safetensors")
     torch.manual_seed(0)  # the public seed: what training started from
     initial = build_unet(image_size=16, n_classes=2, size=TINY)
@@ -520,7 +520,8 @@ def test_training_writes_a_complete_bundle(demo_store, tmp_path: Path) -> None:
     seen: list[dict] = []
     config = TrainConfig(store=demo_store.store.path, out=out, preset=tiny_preset(), epsilon=8.0, samples_per_label=2)
     result = train_model(config, progress=seen.append)
-    card = result.card
+    assert isinstance(result.card, ModelCard) and not result.interrupted  # a typed card, not a dict
+    card = result.card.to_json()
     assert [s["step"] for s in seen if s["phase"] == "public prior"] == [1, 2]
     assert [s["step"] for s in seen if s["phase"] == "dp"] == list(range(1, card["steps"] + 1))
     assert card["public_pretraining"]["steps"] == 2 and "no ε" in card["public_pretraining"]["privacy"]
@@ -644,16 +645,16 @@ def test_resume_equals_an_uninterrupted_run(demo_store, tmp_path: Path) -> None:
         )
 
     first = train_model(config(tmp_path / "a"), progress=_interrupt_at(2))
-    assert first.interrupted and first.card["step"] == 2
+    assert first.interrupted and first.card is None and (first.stopped_at, first.total_steps) == (2, 7)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     straight = train_model(config(tmp_path / "a", resume=True))
     again = train_model(config(tmp_path / "b", resume=True), progress=_interrupt_at(5))
-    assert again.interrupted and again.card["step"] == 5
+    assert again.interrupted and again.stopped_at == 5
     twice = train_model(config(tmp_path / "b", resume=True))
     a = load_file(tmp_path / "a" / "diffusion_pytorch_model.safetensors")
     b = load_file(tmp_path / "b" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert straight.card["epsilon"] == twice.card["epsilon"] and straight.card["steps"] == twice.card["steps"] == 7
+    assert straight.card == twice.card and straight.card.steps == 7
 
 
 @pytest.mark.slow
@@ -663,7 +664,7 @@ def test_empty_poisson_batches_still_step_and_count(demo_store, tmp_path: Path) 
     config = TrainConfig(
         store=demo_store.store.path, out=tmp_path / "m", preset=preset, epsilon=50.0, samples_per_label=1
     )
-    card = train_model(config, progress=seen.append).card
+    card = train_model(config, progress=seen.append).card.to_json()
     seen = [s for s in seen if s["phase"] == "dp"]
     assert any(s["patients"] == 0 for s in seen)  # P(no empty batch in 36 steps) ≈ 2e-7
     assert card["steps"] == len(seen) == 36
@@ -696,13 +697,13 @@ def test_the_store_ledger_composes_runs_and_refuses_past_the_budget(demo_store, 
     ledger = CohortStore.open(store_path).ledger()
     count_only = ledger.budget().spent
     assert 0 < count_only < 0.5  # the DP patient count, released at ingestion
-    first = train_model(config("a", 8.0, samples_per_label=1)).card
+    first = train_model(config("a", 8.0, samples_per_label=1)).card.to_json()
     after_one = ledger.budget().spent
     assert after_one == pytest.approx(first["epsilon"], rel=0.02)
     with pytest.raises(PrivacyPolicy, match="budget 10"):
         train_model(config("b", 8.0))
     assert not (tmp_path / "b" / "model_card.json").exists()
-    second = train_model(config("b", 8.0, allow_over_budget=True, samples_per_label=1)).card
+    second = train_model(config("b", 8.0, allow_over_budget=True, samples_per_label=1)).card.to_json()
     both = ledger.budget().spent
     assert max(first["epsilon"], second["epsilon"]) < both < first["epsilon"] + second["epsilon"]  # not a naive sum
     assert [e["status"] for e in ledger.entries()] == ["released", "reserved", "finished", "reserved", "finished"]
@@ -751,7 +752,7 @@ def test_noise_multiplicity_and_no_dp_card(demo_store, tmp_path: Path) -> None:
             max_steps=2,
             samples_per_label=1,
         )
-    ).card
+    ).card.to_json()
     assert card["noise_multiplicity"] == 3 and card["steps"] == 2 and card["stopped_early"]
     assert card["preset"]["timestep_sampling"] == "logit-normal" and card["preset"]["timestep_mean"] == 0.5
     assert "logit-normal timesteps, focus z ~ N(0.5, 1)" in card["sampling"]
@@ -766,7 +767,7 @@ def test_noise_multiplicity_and_no_dp_card(demo_store, tmp_path: Path) -> None:
             max_steps=2,
             samples_per_label=1,
         )
-    ).card
+    ).card.to_json()
     assert plain["dp"] is False and plain["epsilon"] is None and "NOT PRIVATE" in plain["statement"]
     with pytest.raises(PrivacyPolicy):
         ensure_private_ok(ModelCard.parse(plain), allow_not_private=False)

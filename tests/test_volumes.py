@@ -55,7 +55,7 @@ def model_3d(volume_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pa
     config = TrainConfig(
         store=volume_store.path, out=out, preset=tiny_3d_preset(), epsilon=8.0, max_steps=3, samples_per_label=1
     )
-    return out, train_model(config, progress=seen.append).card, seen
+    return out, train_model(config, progress=seen.append).card.to_json(), seen
 
 
 def tiny_3d_preset(**overrides):

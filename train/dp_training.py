@@ -148,11 +148,18 @@ class TrainConfig:
         return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainResult:
-    card: dict
+    """A finished (or reused) bundle's card; or, for a run stopped by Ctrl-C, where its checkpoint resumes."""
+
+    card: ModelCard | None  # None only for an interrupted run
     reused: bool = False
-    interrupted: bool = False
+    stopped_at: int | None = None  # the last finished step of an interrupted run (its checkpoint's)
+    total_steps: int | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_at is not None
 
 
 class PatientSlices:
@@ -354,19 +361,19 @@ def _train(
     # 3. the DP-SGD loop
     interrupted = _run_steps(run, state, stop, progress)
     if interrupted:
-        return TrainResult(card={"step": state.step, "total_steps": run.total_steps}, interrupted=True)
+        return TrainResult(card=None, stopped_at=state.step, total_steps=run.total_steps)
 
     # 4. the bundle: EMA weights, public card (written last), private record, sample grids
     return TrainResult(card=_write_bundle(run, state))
 
 
-def _reusable_card(config: TrainConfig, store: CohortStore) -> dict | None:
+def _reusable_card(config: TrainConfig, store: CohortStore) -> ModelCard | None:
     """The card of a bundle at ``out`` trained on the same inputs (reuse it: no ε spent again), else ``None``."""
     if not card_exists(config.out) or config.resume:
         return None
     card = read_card(config.out)
     if card.training_inputs_digest == config.inputs_digest(store.store_id) and not config.force:
-        return card.to_json()
+        return card
     if not config.force:
         raise Conflict(f"{config.out} already holds a model trained on other inputs; use a new --out or --force")
     return None
@@ -770,7 +777,7 @@ def _history(run: _Run, state: _State) -> list[tuple[float, float, int]]:
     return [*run.plan.prior, *state.accountant.history]  # type: ignore[attr-defined]
 
 
-def _write_bundle(run: _Run, state: _State) -> dict:
+def _write_bundle(run: _Run, state: _State) -> ModelCard:
     """EMA weights, the card (written last), the private record, the ledger entry and sample grids; returns the
     card's JSON."""
     preset = run.config.preset
@@ -795,7 +802,7 @@ def _write_bundle(run: _Run, state: _State) -> dict:
     for label in run.store.label_names:
         generated = bundle.generate(labels={label: run.config.samples_per_label}, seed=run.config.seed)
         save_grid(generated.images, BundleLayout(run.out).sample_grid(label))
-    return card.to_json()
+    return card
 
 
 def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> ModelCard:
