@@ -43,7 +43,10 @@ def test_near_copies_rejected_and_unseen_patients_accepted(fitted, split_holdout
     assert np.mean(list(covered.values())) >= 0.99, rejected
     assert min(covered.values()) >= 0.97, rejected
     accepted = np.mean([d.accepted for d in fitted.check(unseen)])
-    assert accepted >= 0.90, f"only {accepted:.1%} of unseen real patients accepted"
+    # about 95 % expected; the threshold rests on the 60 patients the keyed split holds out, a different 60 each
+    # time the store is built, and its 5 % quantile moves with them: below 80 % for ≈ 0.2 % of splits (a Beta(3, 58)
+    # calibration error and 60 unseen patients), below 90 % for ≈ 8 %
+    assert accepted >= 0.80, f"only {accepted:.1%} of unseen real patients accepted"
     others = train[rng.choice(len(train), size=200, replace=False)]
     blends = np.mean([not d.accepted for d in fitted.check(make_blends(sources, others))])
     print(f"near-copy rejection {rejected}, unseen acceptance {accepted:.3f}, blend rejection {blends:.3f}")
