@@ -220,12 +220,18 @@ def preset_for(recipe: str, extra: list[str]):
 
 
 def quick_audit(
-    store: Path, model_dir: Path, n: int, guidance: float | None, sample_seed: int, matched: bool = True
+    store: Path,
+    model_dir: Path,
+    n: int,
+    guidance: float | None,
+    sample_seed: int,
+    matched: bool = True,
+    device: str = "cpu",
 ) -> dict:
     """TSTR/TRTR and Fréchet ratios on ``n`` unfiltered samples per label (a ranking proxy for the audit); with
     ``matched``, TSTR also trains on as many unfiltered samples as the real training set has (same label shares),
     the audit's fair protocol, from seeds of their own."""
-    model = load_generator(model_dir, device="cpu")
+    model = load_generator(model_dir, device=device)
     real = _load_real(CohortStore.open(store), model)
     names = list(model.label_ids)
     settings = AuditSettings(n=n, classifier_seeds=2)
@@ -241,7 +247,8 @@ def quick_audit(
     if matched:
         counts = {name: int((real.train_labels == model.label_ids[name]).sum()) for name in names}
         larger = draw(counts, sample_seed + 1_000_000)  # seeds no sample of the small set uses
-    return score_samples(real, synthetic, names, settings, model.image_shape[-1], model.spatial_dims, larger)
+    size, dims = model.image_shape[-1], model.spatial_dims
+    return score_samples(real, synthetic, names, settings, size, dims, larger, torch.device(device))
 
 
 def score_samples(
@@ -252,10 +259,11 @@ def score_samples(
     size: int,
     dims: int,
     matched: Synthetic | None = None,
+    device: torch.device = torch.device("cpu"),
 ) -> dict:
     """The quick audit of ``synthetic`` against the store's real images: TSTR/TRTR (also on ``matched``, a
     synthetic set as large as the real one), Fréchet ratios, MS-SSIM."""
-    utility, trtr_model = _utility(real, synthetic, len(names), settings, torch.device("cpu"), matched=matched)
+    utility, trtr_model = _utility(real, synthetic, len(names), settings, device, matched=matched)
     embedding = make_embedding(FEATURE_EMBEDDING, size, dims)
     fid = _fidelity(real, synthetic, names, trtr_model, embedding, settings)
     return {"utility": utility, "fidelity": fid, "quick": True}
@@ -264,9 +272,13 @@ def score_samples(
 def score_columns(report: dict) -> dict:
     """A report's utility and fidelity numbers as one results row's columns."""
     utility, fid = report["utility"], report["fidelity"]
-    small = {"tstr_small_n": utility["tstr_small_n"]["accuracy"], "ratio_small_n": utility["ratio_small_n"]["accuracy"]}
+    small = (
+        {"tstr_small_n": utility["tstr_small_n"]["accuracy"], "ratio_small_n": utility["ratio_small_n"]["accuracy"]}
+        if "tstr_small_n" in utility
+        else {}
+    )
     return {
-        **(small if "tstr_small_n" in utility else {}),
+        **small,
         "tstr": utility["tstr"]["accuracy"],
         "tstr_per_seed": [round(r["accuracy"], 3) for r in utility["tstr"]["per_seed"]],
         "tstr_auc": utility["tstr"]["auc"],

@@ -1,0 +1,208 @@
+"""The GPU benchmark: one command on a bare GPU machine with only the project's wheels; downloads nothing.
+
+    .venv/bin/python benchmarks/bench_gpu.py --device cuda --out bench_runs/gpu
+
+(install torch with CUDA first, see the README's GPU section). It prints one JSON line per measurement and, at the
+end, a Markdown table for BENCHMARKS.md:
+
+- the DP step the trainer ships (torch.func per-patient gradients, then Opacus' clipping, noise and Adam), for the
+  networks of cpu-small and gpu (2-D) and of cpu-3d and gpu-3d (3-D), timed on one physical batch and reported
+  per 512 expected patients;
+- the public-prior step (non-private, cpu-small's network, a batch of 64 slices);
+- end to end on a freshly built demo store (1 000 patients): demo-data, ingest, training cpu-small at ε = 8,
+  calibrate and a quick audit (TSTR/TRTR on the n per label), each timed;
+- on the model just trained: the sampler (slices/s at 32 px, DPM-Solver++ 20 steps, guidance 2) and the
+  memorization filter (queries/s, the default two views).
+
+``--device cpu --quick`` runs every stage at toy sizes: a smoke test of this script on a CPU (a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+
+import torch
+from bench_dp_step import shipped_dp_step  # scripts run from benchmarks/, which Python puts on the path
+from bench_utility import quick_audit, score_columns
+
+from app.calibrate import calibrate
+from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
+from generators.layout import BundleLayout
+from generators.registry import load_generator
+from generators.unet import UNet3DSize, UNetSize
+from privacy_filters import MemorizationFilter
+from train.demo_cohort import make_demo_cohort
+from train.dp_training import TrainConfig, build_network, read_training_record, train_model
+from train.ingest import IngestOptions, ingest
+from train.presets import Preset, get_preset
+
+EXPECTED_PATIENTS = 512  # the DP step's logical batch, as in the issue's table
+TOY_2D = UNetSize(block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4)
+TOY_3D = UNet3DSize(channels=(8, 16), attention_levels=(False, True), num_head_channels=8, norm_num_groups=4)
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Best of ``repeats`` wall-clock seconds of ``fn`` after one warm-up call, synchronising the device."""
+
+    def once() -> float:
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    once()
+    return min(once() for _ in range(repeats))
+
+
+def dp_step_seconds(preset: Preset, device: torch.device, quick: bool) -> dict:
+    """One physical batch of the shipped DP step, scaled to ``EXPECTED_PATIENTS`` patients."""
+    torch.manual_seed(0)
+    if quick:
+        preset = replace(preset, image_size=16, unet=TOY_3D if preset.spatial_dims == 3 else TOY_2D)
+    model = build_network(preset, n_classes=2).to(device)
+    params = {name: p for name, p in model.named_parameters()}
+    b = min(preset.patients_per_pass, EXPECTED_PATIENTS, 4 if quick else EXPECTED_PATIENTS)
+    k = preset.slices_per_patient * preset.noise_multiplicity
+    item = (1, *(preset.image_size,) * preset.spatial_dims)
+    alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)  # type: ignore[arg-type]
+    batch = (
+        torch.rand(b, k, *item, device=device) * 2 - 1,
+        torch.randint(0, 3, (b, k), device=device),
+        torch.randint(0, 1000, (b, k), device=device),
+        torch.randn(b, k, *item, device=device),
+    )
+    step, _ = shipped_dp_step(model, alphas, preset.prediction, params, EXPECTED_PATIENTS, *batch)
+    seconds = timed(step, device)
+    return {
+        "stage": f"dp_step_{preset.name}",
+        "patients_per_pass": b,
+        "draws_per_patient": k,
+        "item": list(item),
+        "pass_s": round(seconds, 4),
+        "per_512_patients_s": round(seconds * EXPECTED_PATIENTS / b, 4),
+    }
+
+
+def public_prior_step_seconds(device: torch.device, quick: bool) -> dict:
+    preset = get_preset("cpu-small", **({"image_size": 16, "unet": TOY_2D} if quick else {}))
+    torch.manual_seed(0)
+    model = build_network(preset, n_classes=2).to(device)
+    alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)  # type: ignore[arg-type]
+    adam = torch.optim.Adam(model.parameters(), lr=preset.public_learning_rate)
+    n, size = preset.public_batch_size, preset.image_size
+    images = torch.rand(n, 1, size, size, device=device) * 2 - 1
+    labels = torch.full((n,), 2, device=device)  # the null class: the prior is unconditional
+    timesteps = torch.randint(0, 1000, (n,), device=device)
+    noise = torch.randn(n, 1, size, size, device=device)
+
+    def step() -> None:
+        adam.zero_grad()
+        denoising_loss(model, images, labels, timesteps, noise, alphas, preset.prediction).backward()  # type: ignore[arg-type]
+        adam.step()
+
+    return {"stage": "public_prior_step", "batch": n, "step_s": round(timed(step, device), 4)}
+
+
+def end_to_end(root: Path, device: torch.device, quick: bool, workers: int) -> tuple[list[dict], Path, Path]:
+    """demo-data → ingest → train cpu-small at ε = 8 → calibrate → quick audit; one row per stage."""
+    rows = []
+
+    def stage(name: str, fn: Callable[[], object]) -> object:
+        started = time.perf_counter()
+        result = fn()
+        rows.append({"stage": name, "seconds": round(time.perf_counter() - started, 1)})
+        print(json.dumps(rows[-1]), flush=True)
+        return result
+
+    patients = 140 if quick else 1000
+    stage("demo_data", lambda: make_demo_cohort(root / "raw", patients=patients, seed=0, workers=workers))
+    options = IngestOptions(labels=("healthy", "lesion"), workers=workers, holdout=0.4 if quick else 0.2)
+    stage(
+        "ingest", lambda: ingest(root / "raw", root / "store", labels_path=root / "raw" / "labels.csv", options=options)
+    )
+    overrides = {"image_size": 16, "unet": TOY_2D, "batch_size": 16, "epochs": 1, "public_pretrain_steps": 10}
+    preset = get_preset("cpu-small", **(overrides if quick else {}))
+    config = TrainConfig(store=root / "store", out=root / "model", preset=preset, epsilon=8.0, device=str(device))
+    stage("train_cpu_small_eps8", lambda: train_model(config))
+    record = read_training_record(root / "model")
+    rows[-1].update(
+        dp_s=round(record["training_wall_time_s"], 1), prior_s=round(record["public_pretraining_wall_time_s"], 1)
+    )
+    stage("calibrate", lambda: calibrate(root / "store", root / "model"))
+    n = 20 if quick else 300
+    report = stage(
+        "quick_audit",
+        lambda: quick_audit(root / "store", root / "model", n, None, 10_000, matched=False, device=str(device)),
+    )
+    rows[-1].update(score_columns(report))  # type: ignore[arg-type]
+    return rows, root / "store", root / "model"
+
+
+def sampler_and_filter(model_dir: Path, device: torch.device, quick: bool) -> list[dict]:
+    model = load_generator(model_dir, device=str(device))
+    n = 64 if quick else 4096
+    labels = {name: n // 2 for name in model.label_ids}
+    generated = model.generate(labels=labels, seed=0, batch_size=n)  # warm-up and the filter's queries
+    started = time.perf_counter()
+    model.generate(labels=labels, seed=1, batch_size=n)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sample_s = time.perf_counter() - started
+    filt = MemorizationFilter.load(BundleLayout(model_dir).filter_dir)
+    images = generated.images.numpy()
+    started = time.perf_counter()
+    filt.check(images)
+    filter_s = time.perf_counter() - started
+    return [
+        {"stage": "sampler", "slices": 2 * (n // 2), "slices_per_s": round(2 * (n // 2) / sample_s, 1)},
+        {"stage": "filter", "queries": len(images), "queries_per_s": round(len(images) / filter_s, 1)},
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda", help="cuda or cpu")
+    parser.add_argument("--out", type=Path, required=True, help="work directory (its demo store and model)")
+    parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of the script")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device (is the CUDA build of torch installed?)")
+    shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True)
+    machine = {
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "date": date.today().isoformat(),
+    }
+    rows: list[dict] = []
+    for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d"):
+        rows.append(dp_step_seconds(get_preset(name), device, args.quick))
+        print(json.dumps(rows[-1]), flush=True)
+    rows.append(public_prior_step_seconds(device, args.quick))
+    print(json.dumps(rows[-1]), flush=True)
+    stages, _, model_dir = end_to_end(args.out, device, args.quick, args.workers)
+    rows += stages
+    for row in sampler_and_filter(model_dir, device, args.quick):
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{json.dumps(machine)}\n\n| stage | result |\n| --- | --- |")
+    for row in rows:
+        detail = {k: v for k, v in row.items() if k != "stage" and not isinstance(v, (list, dict))}
+        print(f"| {row['stage']} | {', '.join(f'{k} {v}' for k, v in detail.items())} |")
+
+
+if __name__ == "__main__":
+    main()
