@@ -48,6 +48,7 @@ audit: $(DEMO_DIR)/model/private/calibration.json
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
 
 # pytest exits 5 when no test was collected: report it and fail.

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
-def write_atomic(path: Path, write: Callable[[str], None], *, durable: bool = False, suffix: str = ".tmp") -> None:
+def write_atomic(path: Path, write: Callable[[str], object], *, durable: bool = False, suffix: str = ".tmp") -> None:
     """Call ``write(tmp)`` on a 0600 temp file beside ``path``, then rename it over ``path``. ``durable``: fsync
     the file first (for records that must survive a power cut, e.g. the privacy ledger). On failure the temp file
     is removed and ``path`` is untouched. ``suffix``: of the temp file (writers that pick a format by suffix)."""

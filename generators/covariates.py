@@ -59,15 +59,18 @@ def age_id(value: int | None) -> int:
 class ConditionEmbedding(nn.Module):
     """Condition id → embedding ``[..., dim]``: label row + sex row + age term (see the module docstring)."""
 
+    frequencies: torch.Tensor  # a buffer (registered in __init__)
+
     def __init__(self, n_classes: int, dim: int) -> None:
         super().__init__()
         self.n_classes = n_classes
         self.label = nn.Embedding(label_slots(n_classes), dim)
         self.sex = nn.Embedding(SEX_NULL + 1, dim)
         self.age_null = nn.Parameter(torch.zeros(dim))
-        self.age = nn.Sequential(nn.Linear(2 * AGE_FREQUENCIES, dim), nn.SiLU(), nn.Linear(dim, dim))
-        nn.init.zeros_(self.age[2].weight)
-        nn.init.zeros_(self.age[2].bias)
+        last = nn.Linear(dim, dim)
+        self.age = nn.Sequential(nn.Linear(2 * AGE_FREQUENCIES, dim), nn.SiLU(), last)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
         frequencies = math.pi * 2.0 ** (torch.arange(AGE_FREQUENCIES, dtype=torch.float32) - 3)  # π/8 … 16π
         self.register_buffer("frequencies", frequencies, persistent=False)
 

@@ -8,7 +8,7 @@ sampling share one schedule. ``denoising_loss`` is written for one patient's ``K
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
@@ -112,6 +112,6 @@ def denoising_loss(
     else:  # v = √ᾱ·ε − √(1−ᾱ)·x0
         target = abar.sqrt() * noise - (1.0 - abar).sqrt() * images
     output = model(noisy, timesteps, class_labels=labels)
-    predicted = output.sample if hasattr(output, "sample") else output
+    predicted = cast(torch.Tensor, output.sample if hasattr(output, "sample") else output)
     squared = (predicted - target) ** 2 * loss_weights(abar, prediction, weighting)  # (K, 1, H, W[, D])
     return squared.flatten(1).mean(1) if per_draw else squared.mean()

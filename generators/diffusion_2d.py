@@ -38,7 +38,7 @@ class DiffusionModel(ConditionalDiffusion):
 
     @property
     def unet(self) -> UNet2DModel:
-        return self.network  # type: ignore[return-value]
+        return self.network
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
         return self.network(x, t, class_labels=class_labels).sample
@@ -59,4 +59,4 @@ class DiffusionModel(ConditionalDiffusion):
         return cls(unet, cls.load_scheduler_config(model_dir), card, device)
 
     def save_network(self, model_dir: Path) -> None:
-        self.network.save_pretrained(str(model_dir), safe_serialization=True)
+        self.unet.save_pretrained(str(model_dir), safe_serialization=True)

@@ -17,7 +17,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from monai.networks.nets import DiffusionModelUNet
@@ -78,7 +78,8 @@ class Diffusion3DModel(ConditionalDiffusion):
         card = read_card(model_dir)
         try:
             config = json.loads((model_dir / CONFIG_FILE).read_text())
-            size = UNet3DSize(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["size"].items()})
+            fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config["size"].items()}
+            size = UNet3DSize(**fields)
             network = build_unet_3d(n_classes=int(config["n_classes"]), size=size)
             if card.covariates is not None:
                 attach_condition_embedding(network, int(config["n_classes"]))

@@ -34,6 +34,9 @@ class SmallCNN(nn.Module):
     :meth:`fit_standardisation`), 3-D convolutions.
     """
 
+    voxel_mean: torch.Tensor  # buffers (registered in __init__)
+    voxel_scale: torch.Tensor
+
     def __init__(self, n_classes: int, spatial_dims: int = 2) -> None:
         super().__init__()
         conv, pool, gap = (

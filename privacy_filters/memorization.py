@@ -37,6 +37,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -55,7 +56,7 @@ from privacy_filters.canaries import (
 )
 from privacy_filters.embeddings import Embedding, NearCopy, embed, make_embedding
 from privacy_filters.near_copy import AlignmentSearch, compared, near_copy_distance
-from privacy_filters.nearest_neighbour import NearestNeighbourIndex
+from privacy_filters.nearest_neighbour import IndexKind, NearestNeighbourIndex
 
 FILTER_FORMAT = 2
 DEFAULT_VIEWS = ("near-copy", "aligned-pyramid")
@@ -137,14 +138,14 @@ class View:
         return self.embedding.name
 
     @classmethod
-    def build(cls, name: str, train: np.ndarray, index: str, progress: Callable[[int], None] | None) -> View:
+    def build(cls, name: str, train: np.ndarray, index: IndexKind, progress: Callable[[int], None] | None) -> View:
         emb = make_embedding(name, train.shape[2], train.ndim - 2)
         vectors, canonical = _embed_training(emb, train, progress)
         return cls(
             emb,
             NearestNeighbourIndex(emb.dim, index).build(vectors),
             Reranker(canonical) if canonical is not None else None,
-        )  # type: ignore[arg-type]
+        )
 
     def search(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(distance to the nearest training image, its row id)`` in this view (image or mirror image)."""
@@ -207,7 +208,8 @@ class View:
         reranker = None
         if "rerank" in entry:
             rerank = {k: v for k, v in entry["rerank"].items() if k not in ("k", "file")}
-            search = AlignmentSearch(**{name: tuple(v) if isinstance(v, list) else v for name, v in rerank.items()})
+            fields: dict[str, Any] = {name: tuple(v) if isinstance(v, list) else v for name, v in rerank.items()}
+            search = AlignmentSearch(**fields)
             canonical = np.load(root / entry["rerank"]["file"], mmap_mode="r", allow_pickle=False)
             reranker = Reranker(canonical, search, int(entry["rerank"]["k"]))
         return cls(emb, index, reranker, float(entry["threshold"]))
@@ -249,7 +251,7 @@ class MemorizationFilter:
         *,
         holdout_groups: np.ndarray | None = None,
         embedding: str | Sequence[str] | None = None,
-        index: str = "flat",
+        index: IndexKind = "flat",
         self_test: bool = True,
         seed: int = 0,
         min_holdout_patients: int = calibration.MIN_HOLDOUT_PATIENTS,
@@ -409,6 +411,7 @@ def _embed_training(
     for start in range(0, len(train), step):
         chunk = np.array(train[start : start + step], dtype=np.float32)  # a writable copy of a memory map
         if canonical is not None:
+            assert isinstance(emb, NearCopy)
             with torch.no_grad():
                 c = emb.canonical(torch.from_numpy(chunk))
             canonical[start : start + len(chunk)] = compared(c).numpy()

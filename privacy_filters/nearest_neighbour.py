@@ -5,7 +5,7 @@ chunked NumPy brute-force fallback when FAISS is not installed. Distances are Eu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -14,6 +14,7 @@ from generators.errors import InvalidInput
 IndexKind = Literal["flat", "ivf", "hnsw", "numpy"]
 INDEX_KINDS = ("flat", "ivf", "hnsw", "numpy")
 
+faiss: Any
 try:  # optional: FAISS is a dependency, but the filter still works without it
     import faiss
 except ImportError:  # pragma: no cover - exercised only where faiss is absent
@@ -56,7 +57,7 @@ class NearestNeighbourIndex:
         if kind != "numpy" and faiss is None:
             kind = "numpy"  # documented fallback
         self.dim, self.kind, self.nprobe, self.ef_search = dim, kind, nprobe, ef_search
-        self._faiss = None
+        self._faiss: Any = None
         self._vectors: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -72,6 +73,7 @@ class NearestNeighbourIndex:
         if self.kind == "numpy":
             self._vectors = vectors
             return self
+        index: Any
         if self.kind == "flat":
             index = faiss.IndexFlatL2(self.dim)
         elif self.kind == "hnsw":
@@ -104,6 +106,7 @@ class NearestNeighbourIndex:
         if len(self) == 0:
             raise InvalidInput("the index is empty")
         if self._faiss is None:
+            assert self._vectors is not None  # len(self) > 0
             d, ids = brute_force_search(self._vectors, queries, k=k)
         else:
             d2, ids = self._faiss.search(queries, k)
@@ -114,8 +117,10 @@ class NearestNeighbourIndex:
     def save(self, path: Path) -> None:
         if self._faiss is not None:
             faiss.write_index(self._faiss, str(path))
-        else:
+        elif self._vectors is not None:
             np.save(path, self._vectors, allow_pickle=False)
+        else:
+            raise InvalidInput("the index is empty: build it before saving it")
 
     @classmethod
     def load(

@@ -40,6 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -268,7 +269,7 @@ class _State:
     model: torch.nn.Module
     ema: dict[str, torch.Tensor]
     base_optimizer: torch.optim.Optimizer
-    accountant: object | None
+    accountant: Any
     sampler_gen: torch.Generator
     draw_gen: torch.Generator
     noise_gen: torch.Generator
@@ -484,12 +485,12 @@ def build_network(preset: Preset, n_classes: int, covariates: dict | None = None
 
 def wrap_generator(preset: Preset, network: torch.nn.Module, card: ModelCard, device: str) -> ConditionalDiffusion:
     """The trained network as the generator its card names (what ``save`` writes and ``load`` reads back)."""
-    scheduler_config = training_scheduler(preset.prediction).config  # type: ignore[arg-type]
+    scheduler_config = training_scheduler(preset.prediction).config
     if preset.spatial_dims == 3:
         from generators.diffusion_3d import Diffusion3DModel
 
         return Diffusion3DModel(network, preset.unet, scheduler_config, card, device=device)  # type: ignore[arg-type]
-    return DiffusionModel(network, scheduler_config, card, device=device)  # type: ignore[arg-type]
+    return DiffusionModel(network, scheduler_config, card, device=device)
 
 
 def start_labels_at_null(model: torch.nn.Module, null: int) -> None:
@@ -499,8 +500,9 @@ def start_labels_at_null(model: torch.nn.Module, null: int) -> None:
         model.class_embedding.start_at_null()
         return
     with torch.no_grad():
-        table = model.class_embedding.weight  # type: ignore[union-attr]
-        table.copy_(table[null].expand_as(table))
+        embedding = model.class_embedding
+        assert isinstance(embedding, torch.nn.Embedding), "a label-conditioned network has a class table"
+        embedding.weight.copy_(embedding.weight[null].expand_as(embedding.weight))
 
 
 def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], None] | None) -> float:
@@ -524,8 +526,8 @@ def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], 
         steps=preset.public_pretrain_steps,
         batch_size=preset.public_batch_size,
         learning_rate=preset.public_learning_rate,
-        alphas_cumprod=noise_schedule(training_scheduler(preset.prediction)).to(device),  # type: ignore[arg-type]
-        prediction=preset.prediction,  # type: ignore[arg-type]
+        alphas_cumprod=noise_schedule(training_scheduler(preset.prediction)).to(device),
+        prediction=preset.prediction,
         null_label=_null_id(run),
         seed=config.seed + 4,
         device=device,
@@ -582,7 +584,7 @@ def _make_optimizer(run: _Run, state: _State) -> torch.optim.Optimizer:
     optimizer = make_dp_optimizer(
         state.base_optimizer, run.plan, max_grad_norm=run.config.preset.max_grad_norm, generator=state.noise_gen
     )
-    optimizer.attach_step_hook(state.accountant.get_optimizer_hook_fn(sample_rate=run.sample_rate))  # type: ignore[union-attr]
+    optimizer.attach_step_hook(state.accountant.get_optimizer_hook_fn(sample_rate=run.sample_rate))
     return optimizer
 
 
@@ -612,8 +614,8 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
     """Train until ``run.total_steps``; returns ``True`` when stopped by Ctrl-C (checkpoint written)."""
     config, preset, device = run.config, run.config.preset, run.device
     optimizer = _make_optimizer(run, state)
-    alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)  # type: ignore[arg-type]
-    grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction, preset.loss_weighting)  # type: ignore[arg-type]
+    alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)
+    grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction, preset.loss_weighting)
     params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
     m, k = preset.slices_per_patient, preset.slices_per_patient * preset.noise_multiplicity
     poisson = UniformWithReplacementSampler(
@@ -646,12 +648,12 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
             group["lr"] = cosine_lr(preset.learning_rate, state.step, run.total_steps)
         if config.dp:
             if len(ids) == 0:  # empty Poisson batch: still a (pure-noise) step
-                for p in params.values():
-                    p.grad_sample = torch.zeros(0, *p.shape, device=device)
+                for p in params.values():  # Opacus reads per-sample gradients from this attribute
+                    p.grad_sample = torch.zeros(0, *p.shape, device=device)  # type: ignore[attr-defined]
             else:
                 grads, patient_losses = grad_fn({n: p.detach() for n, p in params.items()}, *draws(ids))
                 for name, p in params.items():
-                    p.grad_sample = grads[name]
+                    p.grad_sample = grads[name]  # type: ignore[attr-defined]
                 step_loss.extend(patient_losses.tolist())
             optimizer.step()
             done = not optimizer._is_last_step_skipped  # type: ignore[attr-defined]  # False mid logical batch
@@ -666,7 +668,7 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
                     timesteps.flatten(),
                     noise.flatten(0, 1),
                     alphas,
-                    preset.prediction,  # type: ignore[arg-type]
+                    preset.prediction,
                     weighting=preset.loss_weighting,
                 )
                 loss.backward()
@@ -774,7 +776,7 @@ def _step_info(run: _Run, state: _State, patients: int) -> dict:
 def _history(run: _Run, state: _State) -> list[tuple[float, float, int]]:
     """The model's whole privacy history: the count release, then what the optimiser's hook recorded."""
     assert run.plan is not None and state.accountant is not None
-    return [*run.plan.prior, *state.accountant.history]  # type: ignore[attr-defined]
+    return [*run.plan.prior, *state.accountant.history]
 
 
 def _write_bundle(run: _Run, state: _State) -> ModelCard:

@@ -309,7 +309,7 @@ def ingest(
         raise Conflict(f"{out} already exists; choose a new --out or pass --force to replace it")
     secret = (previous_secret(out) if options.overwrite and not options.reset_budget else None) or new_secret()
     pseudo = Pseudonymizer(secret)
-    labels, skipped = Labels(), []
+    labels, skipped = Labels(), list[Skipped]()
     if labels_path is not None:
         if not labels_path.is_file():
             raise InvalidInput(f"labels file {labels_path} does not exist")

@@ -67,12 +67,7 @@ class PrivacyLedger:
         return list(latest.values())
 
     def history(self, *, excluding: str | None = None) -> list[Mechanism]:
-        return [
-            tuple(m)  # type: ignore[misc]
-            for entry in self.counted()
-            if entry["release"] != excluding
-            for m in entry["history"]
-        ]
+        return [tuple(m) for entry in self.counted() if entry["release"] != excluding for m in entry["history"]]
 
     def has_non_private_release(self) -> bool:
         """A model trained WITHOUT DP from this store: its patients have no guarantee left (ε = ∞)."""

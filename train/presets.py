@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from typing import Any, Literal
 
 from generators.diffusion import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING
 from generators.errors import InvalidInput
@@ -212,11 +212,12 @@ def get_preset(name: str, **overrides: object) -> Preset:
     """A preset by name with non-``None`` overrides applied (CLI flags)."""
     if name not in PRESETS:
         raise InvalidInput(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    changes = {k: v for k, v in overrides.items() if v is not None}
+    changes: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     base = PRESETS[name]
     if "unet" in changes and isinstance(changes["unet"], dict):
         size_class = UNet3DSize if base.generator == "diffusion-3d" else UNetSize
-        changes["unet"] = size_class(**{k: tuple(v) if isinstance(v, list) else v for k, v in changes["unet"].items()})
+        fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in changes["unet"].items()}
+        changes["unet"] = size_class(**fields)
     preset = replace(base, **changes)  # Preset.__post_init__ checks the result
     if "lora_rank" in changes and preset.trainable != "lora":
         raise InvalidInput("--lora-rank applies to --trainable lora only")

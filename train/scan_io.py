@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -271,7 +272,7 @@ def _volume_affine(
     return order, _LPS_TO_RAS @ lps
 
 
-def _rescale(pixels: np.ndarray, slope: object, intercept: object) -> np.ndarray:
+def _rescale(pixels: np.ndarray, slope: Any, intercept: Any) -> np.ndarray:
     slope_f = float(slope) if slope not in (None, "") else 1.0
     intercept_f = float(intercept) if intercept not in (None, "") else 0.0
     return pixels * np.float32(slope_f) + np.float32(intercept_f)
@@ -343,7 +344,7 @@ def _stack_by_frame_order(ds: object, shared: object, frames: np.ndarray) -> Sca
     the normal, when orientation, pixel spacing, the first frame's position and the slice spacing are all given
     (at the top level or in the shared functional groups); otherwise refused with what is missing."""
 
-    def attribute(name: str, sequence: str) -> object:
+    def attribute(name: str, sequence: str) -> Any:
         value = getattr(ds, name, None)
         return value if value is not None else getattr(_first(getattr(shared, sequence, None)), name, None)
 
@@ -371,7 +372,7 @@ def _stack_by_frame_order(ds: object, shared: object, frames: np.ndarray) -> Sca
     return canonical(_rescale(frames[order], slope, intercept).transpose(2, 1, 0), affine)
 
 
-def _first(sequence: object) -> object | None:
+def _first(sequence: object) -> Any:
     try:
         return sequence[0] if sequence is not None and len(sequence) > 0 else None  # type: ignore[index,arg-type]
     except TypeError:
@@ -425,6 +426,9 @@ def scan_from_display(pixels: np.ndarray, spacing_mm: float | tuple[float, float
     if volume.ndim != 3:
         raise InvalidInput(f"expected a 2-D or 3-D image, got shape {pixels.shape}")
     data = np.ascontiguousarray(volume[:, ::-1, :].transpose(2, 1, 0))  # (D, H, W) -> (W, H, D)
-    row_mm, col_mm, slice_mm = (spacing_mm, spacing_mm, spacing_mm) if np.isscalar(spacing_mm) else (*spacing_mm, 1.0)
+    if isinstance(spacing_mm, tuple):
+        (row_mm, col_mm), slice_mm = spacing_mm, 1.0
+    else:
+        row_mm = col_mm = slice_mm = float(spacing_mm)
     affine = np.diag([col_mm, row_mm, slice_mm, 1.0])
     return Scan(data.astype(np.float32), affine)

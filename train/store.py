@@ -99,7 +99,7 @@ def _sha256(paths: Iterable[Path]) -> str:
     digest = hashlib.sha256()
     for path in paths:
         with path.open("rb") as handle:
-            for block in iter(lambda h=handle: h.read(1 << 22), b""):
+            while block := handle.read(1 << 22):
                 digest.update(block)
     return digest.hexdigest()
 
