@@ -138,7 +138,7 @@ def test_openapi_documents_the_schemas(server) -> None:
     base, _ = server
     spec = httpx.get(f"{base}/openapi.json").json()
     assert "/v1/models/{model_id}" in spec["paths"]
-    assert "ModelCard" in spec["components"]["schemas"]
+    assert "ServedModelCard" in spec["components"]["schemas"]
 
 
 def wait_for(base: str, headers: dict, job_id: str, timeout: float = 300) -> dict:

@@ -382,6 +382,7 @@ def test_report_is_json_and_mentions_method(demo_store) -> None:
     report = json.loads((demo_store.store.path / "ingest_report.json").read_text())
     assert "HMAC" in report["deidentification"]
     assert report["settings"]["size"] == 32
+    assert report["inputs"]["skipped"] == 0 and not demo_store.skipped  # the labels file inside INPUT is not a scan
 
 
 def test_labels_file_errors(demo_raw, tmp_path: Path) -> None:

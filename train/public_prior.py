@@ -10,9 +10,7 @@ anatomy.
 Optionally (``public_anomaly_rate`` > 0, 2-D only) a share of the prior's slices also gets generic *focal
 anomalies*: one or two soft-edged, irregular patches of a random intensity inside the brain, the kind of synthetic
 anomaly that self-supervised anomaly detection trains on. They come from no patient and from no cohort's own
-generator; the idea was to teach the public body to draw focal findings so that DP training only has to learn
-which labels carry them. Measured on the demo cohort it does the opposite (BENCHMARKS.md): the healthy label
-learns "no anomaly" as "no dark structure at all", so no preset turns it on.
+generator. No preset turns it on (its measurements: BENCHMARKS.md).
 """
 
 from __future__ import annotations

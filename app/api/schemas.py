@@ -26,8 +26,9 @@ class PatientsEstimate(BaseModel):
     mechanism: str
 
 
-class ModelCard(BaseModel):
-    """A model's public card; nothing here is training data or a path."""
+class ServedModelCard(BaseModel):
+    """A served model's public card as the API returns it (a view of ``generators.card.ModelCard``); nothing here
+    is training data or a path."""
 
     model_config = ConfigDict(
         extra="ignore",
