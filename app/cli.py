@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -37,10 +38,11 @@ def _echo_err(message: str) -> None:
     typer.echo(message, err=True)
 
 
-def _progress(total: int | None, desc: str, unit: str):
+def _progress(total: int | None, desc: str, unit: str, *, quiet: bool = False):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=None, file=sys.stderr)
+    disable = True if quiet else None  # None: shown on a terminal only
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=disable, file=sys.stderr)
 
 
 @app.command("demo-data")
@@ -348,6 +350,9 @@ def train(
         Path | None, typer.Option(help="Directory to reuse public-prior weights from (public data only).")
     ] = None,
     max_steps: Annotated[int | None, typer.Option(min=1, help="Stop after S steps (spends less ε).")] = None,
+    checkpoint_every: Annotated[
+        int | None, typer.Option(min=1, help="Write a resumable checkpoint every S steps (default: preset).")
+    ] = None,
     covariates: Annotated[
         str | None, typer.Option(help="Also condition on covariates of the store: age, sex or age,sex.")
     ] = None,
@@ -374,12 +379,30 @@ def train(
         bool, typer.Option("--i-understand-not-private", help="Required together with --no-dp.")
     ] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: settings).")] = None,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(help="Train in N processes on this machine (torch.distributed: one per GPU, or per CPU group)."),
+    ] = None,
+    nnodes: Annotated[int, typer.Option(help="Machines taking part (with --nproc-per-node).")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's rank, 0 … --nnodes − 1.")] = 0,
+    rdzv_endpoint: Annotated[
+        str | None, typer.Option(help="HOST:PORT on node 0 where the machines meet (several machines).")
+    ] = None,
+    rdzv_timeout: Annotated[
+        float, typer.Option(min=1.0, help="Seconds to wait for the other machines at the rendezvous.")
+    ] = 60.0,
 ) -> None:
     """Train the class-conditional diffusion model with patient-level DP-SGD and write a model bundle."""
     from generators.covariates import declare
     from generators.errors import InvalidInput, PrivacyPolicy
-    from train.dp_training import TrainConfig, train_model
+    from train.distributed import Launch, current_world, launch
+    from train.dp_training import TrainConfig, TrainProgress, train_model
     from train.presets import get_preset
+
+    if nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # start this command under torchrun
+        plan = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
+        raise typer.Exit(launch(plan, sys.argv[1:]))
+    main_rank = current_world().is_main  # only rank 0 of a distributed run talks to the terminal
 
     if no_dp and not i_understand_not_private:
         raise PrivacyPolicy("--no-dp trains a model WITHOUT privacy; add --i-understand-not-private to confirm")
@@ -406,6 +429,7 @@ def train(
         public_pretrain_steps=public_pretrain_steps,
         public_prior=public_prior,
         prediction=prediction,
+        checkpoint_every=checkpoint_every,
     )
     config = TrainConfig(
         store=store,
@@ -424,7 +448,7 @@ def train(
         prior_cache=prior_cache,
         covariates=declare(covariates, age_range) if covariates else None,
     )
-    bar = _progress(None, "train", "step")
+    bar = _progress(None, "train", "step", quiet=not main_rank)
 
     def on_plan(plan, total_steps: int) -> None:
         bar.total = total_steps
@@ -440,19 +464,21 @@ def train(
 
     phase = {"name": ""}
 
-    def on_step(info: dict) -> None:
-        if info["phase"] != phase["name"]:  # "public prior" (non-private pretraining), then "dp"
-            phase["name"] = info["phase"]
-            bar.set_description("train (DP)" if info["phase"] == "dp" else info["phase"])
-            bar.reset(total=info["total"])
-        bar.n = info["step"]
-        postfix = {"loss": f"{info['loss']:.4f}"}
-        if info.get("epsilon") is not None:
-            postfix["ε"] = f"{info['epsilon']:.2f}"
+    def on_step(info: TrainProgress) -> None:
+        if info.phase != phase["name"]:  # "public prior" (non-private pretraining), then "dp"
+            phase["name"] = info.phase
+            bar.set_description("train (DP)" if info.phase == "dp" else info.phase)
+            bar.reset(total=info.total)
+        bar.n = info.step
+        postfix = {"loss": f"{info.loss:.4f}"}
+        if info.epsilon is not None:
+            postfix["ε"] = f"{info.epsilon:.2f}"
         bar.set_postfix(postfix, refresh=True)
 
     with bar:
         result = train_model(config, progress=on_step, on_plan=on_plan)
+    if not main_rank:
+        return
     if result.interrupted:
         stopped = f"{result.stopped_at}/{result.total_steps}"
         typer.echo(f"interrupted at step {stopped}; checkpoint saved — rerun with --resume")

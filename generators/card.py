@@ -78,6 +78,7 @@ class ModelCard(BaseModel):
     training_inputs_digest: str = ""
     library_versions: dict[str, str] = Field(default_factory=dict)
     device: str = "cpu"
+    world_size: int = Field(1, ge=1, description="training processes (ranks) of the run that finished the model")
 
     @model_validator(mode="before")
     @classmethod

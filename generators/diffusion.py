@@ -70,9 +70,9 @@ def draw_timesteps(
     focus: z ~ N(mean, 1), positive toward high noise (coarse layout), negative toward low noise (fine detail).
     """
     if sampling == "uniform":
-        return torch.randint(0, n_timesteps, shape, generator=generator)
+        return torch.randint(0, n_timesteps, shape, generator=generator, device=generator.device)
     if sampling == "logit-normal":
-        fraction = torch.sigmoid(torch.randn(shape, generator=generator) + mean)
+        fraction = torch.sigmoid(torch.randn(shape, generator=generator, device=generator.device) + mean)
         return (fraction * n_timesteps).long().clamp_(0, n_timesteps - 1)
     raise ValueError(f"unknown timestep sampling {sampling!r}; choose one of {TIMESTEP_SAMPLING}")
 

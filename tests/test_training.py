@@ -36,13 +36,14 @@ from train.accounting import (
 from train.dp_training import (
     PatientSlices,
     TrainConfig,
+    TrainProgress,
     ensure_private_ok,
     make_dp_optimizer,
     read_training_record,
     start_labels_at_null,
     train_model,
 )
-from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
+from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn, masked_pass, padded_ids
 from train.presets import PRESETS, get_preset
 from train.public_prior import add_focal_anomalies, template_images
 from train.store import CohortStore
@@ -121,6 +122,23 @@ def test_flip_mirrors_about_half_of_the_drawn_slices_left_to_right(demo_store, t
     mirrored = torch.tensor([torch.equal(d, p.flip(-1)) and not torch.equal(d, p) for d, p in pairs])
     same = torch.tensor([torch.equal(d, p) for d, p in pairs])
     assert bool((mirrored | same).all()) and 4 <= int(mirrored.sum()) <= 20
+
+
+def test_resident_training_images_give_the_same_draws_as_reading_the_store(demo_store, tmp_path: Path) -> None:
+    """Data on the device: the training images held once at the model's size (a tensor on the run's device)
+    and the store's memory map resized per pass give identical terms from the same private draws."""
+    from train.dp_training import _plan_run, draw_terms
+
+    config = TrainConfig(store=demo_store.store.path, out=tmp_path / "m", preset=tiny_preset(flip=True), epsilon=8)
+    run = _plan_run(config, CohortStore.open(demo_store.store.path))
+    assert isinstance(run.train_images, torch.Tensor) and run.train_images.shape[1:] == (1, 16, 16)
+    ids = torch.tensor([0, 7, 7, 3, 11])
+    resident = draw_terms(run, ids, torch.Generator().manual_seed(5), m=2, k=4, n_timesteps=1000)
+    run.train_images = CohortStore.open(demo_store.store.path).read("train").images  # the memory map
+    assert isinstance(run.train_images, np.ndarray) and run.train_images.shape[-1] != 16
+    streamed = draw_terms(run, ids, torch.Generator().manual_seed(5), m=2, k=4, n_timesteps=1000)
+    for a, b in zip(resident, streamed, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_min_snr_weights_are_the_epsilon_loss_capped_at_gamma_for_every_target() -> None:
@@ -304,6 +322,88 @@ def test_opacus_clips_each_patient_with_the_exact_norm() -> None:
     for name, p in model.named_parameters():
         expected = torch.einsum("i,i...", factors, reference[name])
         torch.testing.assert_close(p.summed_grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def _summed_clipped(model: torch.nn.Module, grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
+    """Opacus' clipped sum of the given per-patient gradients (noise off)."""
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=4
+    )
+    for name, p in model.named_parameters():
+        p.grad_sample = grads[name]
+    optimizer.clip_and_accumulate()
+    summed = {name: p.summed_grad.clone() for name, p in model.named_parameters()}
+    optimizer.zero_grad(set_to_none=True)
+    return summed
+
+
+def test_a_padded_pass_gives_the_clipped_sum_of_the_unpadded_one_and_an_empty_pass_still_adds_noise() -> None:
+    """Fixed-shape passes (the GPU path): 3 real patients padded to 8 rows clip and sum to exactly what the 3
+    alone give; a pass with nobody real is all zeros before noise and pure noise after (Opacus)."""
+    torch.manual_seed(2)
+    model = build_unet(image_size=16, n_classes=2, size=TINY)
+    use_plain_attention(model)
+    alphas = noise_schedule(training_scheduler("sample"))
+    fn = make_per_patient_grad_fn(model, alphas, "sample")
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    draws = random_draws(8, 2, 16, 2, seed=4)  # rows 3..7 hold other (padding) patients' draws
+    ids, real = padded_ids(torch.tensor([5, 1, 2]), 8)
+    assert ids.tolist() == [5, 1, 2, 0, 0, 0, 0, 0] and real.tolist() == [True] * 3 + [False] * 5
+    with pytest.raises(ValueError, match="does not fit"):
+        padded_ids(torch.arange(9), 8)
+
+    padded, losses = masked_pass(fn, params, draws, real)
+    alone, alone_losses = fn(params, *(t[:3] for t in draws))
+    assert torch.all(losses[3:] == 0) and torch.allclose(losses[:3], alone_losses)
+    for name, g in padded.items():
+        assert torch.all(g[3:] == 0), name
+    expected, got = _summed_clipped(model, alone, clip=0.05), _summed_clipped(model, padded, clip=0.05)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-8, msg=name)
+
+    nobody, _ = masked_pass(fn, params, draws, torch.zeros(8, dtype=torch.bool))
+    plan = plan_privacy(target_epsilon=8.0, delta=1e-5, patients_estimate=400, batch_size=8, epochs=4)
+    optimizer = make_dp_optimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), plan, max_grad_norm=0.05, generator=torch.Generator()
+    )
+    for name, p in model.named_parameters():
+        p.grad_sample = nobody[name]
+    assert optimizer.pre_step()
+    update = torch.cat([p.grad.flatten() for p in model.parameters()])
+    expected_std = plan.noise_multiplier * 0.05 / plan.expected_batch_size
+    assert update.std().item() == pytest.approx(expected_std, rel=0.05)  # the noise, and nothing else
+
+
+def test_bf16_autocast_keeps_every_clipped_patient_gradient_within_the_bound() -> None:
+    """The guarantee under mixed precision: gradients come back fp32 (norms, clipping and noise in fp32), close
+    to the fp32 ones, and every clipped per-patient gradient has norm ≤ C."""
+    torch.manual_seed(3)
+    model = build_unet(image_size=16, n_classes=2, size=TINY)
+    use_plain_attention(model)
+    alphas = noise_schedule(training_scheduler("sample"))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    draws = random_draws(6, 2, 16, 2, seed=5)
+    exact, _ = make_per_patient_grad_fn(model, alphas, "sample")(params, *draws)
+    mixed, losses = make_per_patient_grad_fn(model, alphas, "sample", precision="bf16")(params, *draws)
+    assert losses.dtype == torch.float32 and all(g.dtype == torch.float32 for g in mixed.values())
+    flat = torch.cat([g.flatten(1) for g in mixed.values()], 1)
+    reference = torch.cat([g.flatten(1) for g in exact.values()], 1)
+    assert not torch.equal(flat, reference)  # bf16 really ran
+    assert torch.all(torch.nn.functional.cosine_similarity(flat, reference, dim=1) > 0.95)
+
+    norms = flat.norm(dim=1)
+    clip = float(norms.median()) / 2  # every patient clipped
+    optimizer = DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=clip, expected_batch_size=6
+    )
+    for name, p in model.named_parameters():
+        p.grad_sample = mixed[name]
+    optimizer.clip_and_accumulate()
+    factors = (clip / (norms + 1e-6)).clamp(max=1.0)
+    clipped_norms = (flat * factors[:, None]).norm(dim=1)
+    assert torch.all(clipped_norms <= clip * (1 + 1e-5))
+    summed = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(summed, (flat * factors[:, None]).sum(0), rtol=1e-4, atol=1e-7)
 
 
 # --------------------------------------------------------------------- an independent accountant, for the tests
@@ -517,13 +617,14 @@ def test_one_slice_per_sampled_patient_with_several_scans(demo_store) -> None:
 @pytest.mark.slow
 def test_training_writes_a_complete_bundle(demo_store, tmp_path: Path) -> None:
     out = tmp_path / "model"
-    seen: list[dict] = []
+    seen: list[TrainProgress] = []
     config = TrainConfig(store=demo_store.store.path, out=out, preset=tiny_preset(), epsilon=8.0, samples_per_label=2)
     result = train_model(config, progress=seen.append)
     assert isinstance(result.card, ModelCard) and not result.interrupted  # a typed card, not a dict
+    assert all(isinstance(s, TrainProgress) for s in seen) and seen[-1].epsilon == pytest.approx(result.card.epsilon)
     card = result.card.to_json()
-    assert [s["step"] for s in seen if s["phase"] == "public prior"] == [1, 2]
-    assert [s["step"] for s in seen if s["phase"] == "dp"] == list(range(1, card["steps"] + 1))
+    assert [s.step for s in seen if s.phase == "public prior"] == [1, 2]
+    assert [s.step for s in seen if s.phase == "dp"] == list(range(1, card["steps"] + 1))
     assert card["public_pretraining"]["steps"] == 2 and "no ε" in card["public_pretraining"]["privacy"]
     assert card["public_pretraining"]["focal_anomaly_rate"] == 0.0
     assert card["ema_decay_last_step"] == round(min(card["ema_decay"], (1 + card["steps"]) / (10 + card["steps"])), 4)
@@ -621,8 +722,8 @@ def test_the_same_public_seed_gives_different_dp_weights(demo_store, tmp_path: P
 def _interrupt_at(step: int):
     """A progress callback that presses Ctrl-C once the DP phase reaches ``step``."""
 
-    def on_progress(info: dict) -> None:
-        if info["phase"] == "dp" and info["step"] == step:
+    def on_progress(info: TrainProgress) -> None:
+        if info.phase == "dp" and info.step == step:
             signal.raise_signal(signal.SIGINT)
 
     return on_progress
@@ -658,18 +759,25 @@ def test_resume_equals_an_uninterrupted_run(demo_store, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_empty_poisson_batches_still_step_and_count(demo_store, tmp_path: Path) -> None:
-    seen: list[dict] = []
-    preset = tiny_preset(batch_size=1, epochs=3.0)  # q = 1/12: about a third of the steps sample nobody
+@pytest.mark.parametrize("gpu_path", [{}, {"fixed_shape": True, "precision": "bf16"}], ids=["plain", "padded-bf16"])
+def test_empty_poisson_batches_still_step_and_count(demo_store, tmp_path: Path, gpu_path: dict) -> None:
+    """Also along the GPU path's step (passes padded to one shape, bf16 autocast), run here on the CPU."""
+    seen: list[TrainProgress] = []
+    preset = tiny_preset(batch_size=1, epochs=3.0, **gpu_path)  # q = 1/12: about a third of the steps sample nobody
     config = TrainConfig(
         store=demo_store.store.path, out=tmp_path / "m", preset=preset, epsilon=50.0, samples_per_label=1
     )
     card = train_model(config, progress=seen.append).card.to_json()
-    seen = [s for s in seen if s["phase"] == "dp"]
-    assert any(s["patients"] == 0 for s in seen)  # P(no empty batch in 36 steps) ≈ 2e-7
+    seen = [s for s in seen if s.phase == "dp"]
+    assert any(s.patients == 0 for s in seen)  # P(no empty batch in 36 steps) ≈ 2e-7
     assert card["steps"] == len(seen) == 36
     expected = epsilon_of([count_mechanism(), (card["noise_multiplier"], card["sample_rate"], 36)], delta=card["delta"])
     assert card["epsilon"] == pytest.approx(expected)  # the accountant counted every step, empty ones included
+    assert all(math.isfinite(s.loss) for s in seen if s.patients)
+    assert (card["preset"]["fixed_shape"], card["preset"]["precision"]) == (
+        gpu_path.get("fixed_shape", False),
+        gpu_path.get("precision", "fp32"),
+    )
 
 
 def _store_copy(demo_store, tmp_path: Path, *, budget: float | None = None) -> Path:

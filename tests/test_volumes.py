@@ -27,7 +27,7 @@ from generators.unet import UNet3DSize
 from privacy_filters import MemorizationFilter
 from privacy_filters.canaries import KINDS_3D
 from train.accounting import epsilon_of
-from train.dp_training import TrainConfig, read_training_record, train_model
+from train.dp_training import TrainConfig, TrainProgress, read_training_record, train_model
 from train.ingest import ingest
 from train.presets import get_preset
 from train.store import CohortStore
@@ -51,7 +51,7 @@ def volume_store(canary_store, tmp_path_factory: pytest.TempPathFactory) -> Coho
 def model_3d(volume_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, list[dict]]:
     """A tiny 3-D DP model (12³, 3 steps) trained on the volume store: (bundle, card, progress reports)."""
     out = tmp_path_factory.mktemp("models3d") / "model3d"
-    seen: list[dict] = []
+    seen: list[TrainProgress] = []
     config = TrainConfig(
         store=volume_store.path, out=out, preset=tiny_3d_preset(), epsilon=8.0, max_steps=3, samples_per_label=1
     )
@@ -74,8 +74,8 @@ def tiny_3d_preset(**overrides):
 
 def test_a_3d_model_trains_with_patient_level_dp_and_loads_back(volume_store, model_3d) -> None:
     out, card, seen = model_3d
-    assert [s["step"] for s in seen if s["phase"] == "public prior"] == [1, 2]
-    assert [s["step"] for s in seen if s["phase"] == "dp"] == [1, 2, 3] and card["steps"] == 3
+    assert [s.step for s in seen if s.phase == "public prior"] == [1, 2]
+    assert [s.step for s in seen if s.phase == "dp"] == [1, 2, 3] and card["steps"] == 3
     typed = read_card(out)
     assert typed.generator == "diffusion-3d" and typed.spatial_dims == 3 and typed.image_shape == (12, 12, 12)
     assert "whole volume" in card["public_pretraining"]["data"] and "volume(s) per sampled patient" in card["sampling"]

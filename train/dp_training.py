@@ -40,12 +40,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from opacus.accountants import create_accountant
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
@@ -69,8 +69,9 @@ from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarn
 from generators.layout import BundleLayout
 from generators.unet import build_unet, null_class, use_plain_attention
 from train.accounting import RELATION, PrivacyPlan, check_delta, count_mechanism, epsilon_of, plan_privacy
-from train.per_patient_grads import make_per_patient_grad_fn
-from train.preprocess import resize_images
+from train.distributed import World, join_world, leave_world
+from train.per_patient_grads import autocast_for, make_per_patient_grad_fn, masked_pass, padded_ids
+from train.preprocess import resize_images, resize_split
 from train.presets import Preset
 from train.public_prior import DESCRIPTION as PUBLIC_PRIOR_DESCRIPTION
 from train.public_prior import cosine_lr, pretrain, template_images
@@ -150,6 +151,20 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TrainProgress:
+    """What a progress callback gets after every step: of the public prior (non-private pretraining), then of
+    DP training (``patients``: the exact sampled count, for the operator's terminal only; ``epsilon``: spent so
+    far, every 10 steps and at the last)."""
+
+    phase: Literal["public prior", "dp"]
+    step: int
+    total: int
+    loss: float
+    patients: int | None = None
+    epsilon: float | None = None
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """A finished (or reused) bundle's card; or, for a run stopped by Ctrl-C, where its checkpoint resumes."""
 
@@ -183,11 +198,17 @@ class PatientSlices:
         self.sex_ids = torch.tensor([sex_id(str(x)) for x in (unknown if sexes is None else sexes)[first]])
         self.n_patients = len(keys)
 
+    def to(self, device: torch.device | str) -> PatientSlices:
+        """The same index with its tensors on ``device`` (picks then happen there, from a generator there)."""
+        for name in ("rows", "starts", "counts", "labels", "age_ids", "sex_ids"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
     def pick(self, patient_ids: torch.Tensor, generator: torch.Generator, m: int = 1) -> torch.Tensor:
         """``m`` uniformly random slice rows per patient id (over all of the patient's scans, with replacement):
         shape ``(len(patient_ids),)`` for ``m = 1``, else ``(len(patient_ids), m)``."""
         ids = patient_ids.view(-1, 1).expand(-1, m)
-        offsets = (torch.rand(ids.shape, generator=generator) * self.counts[ids]).long()
+        offsets = (torch.rand(ids.shape, generator=generator, device=generator.device) * self.counts[ids]).long()
         rows = self.rows[self.starts[ids] + offsets]
         return rows[:, 0] if m == 1 else rows
 
@@ -247,8 +268,9 @@ class _Run:
     out: Path
     digest: str
     device: torch.device
-    slices: PatientSlices
-    train_images: np.ndarray
+    world: World  # this process among the training processes (train.distributed)
+    slices: PatientSlices  # on the run's device
+    train_images: np.ndarray | torch.Tensor  # resident at the model's size when they fit (resident_images)
     n_classes: int
     plan: PrivacyPlan | None
     sample_rate: float
@@ -308,8 +330,8 @@ class _State:
         self.base_optimizer.load_state_dict(saved["optimizer"])
         if self.accountant is not None:
             self.accountant.load_state_dict(saved["accountant"])
-        for name in ("sampler_gen", "draw_gen", "noise_gen"):
-            getattr(self, name).set_state(saved[name])
+        for name in ("sampler_gen", "draw_gen", "noise_gen"):  # a generator's state is a CPU byte tensor
+            getattr(self, name).set_state(saved[name].cpu())
         torch.set_rng_state(saved["torch_rng"])
         self.run_id, self.step, self.elapsed = saved["run_id"], saved["step"], saved["elapsed"]
         self.losses, self.pretrain_seconds = saved["losses"], saved["pretrain_seconds"]
@@ -318,23 +340,28 @@ class _State:
 def train_model(
     config: TrainConfig,
     *,
-    progress: Callable[[dict], None] | None = None,
+    progress: Callable[[TrainProgress], None] | None = None,
     on_plan: Callable[[PrivacyPlan | None, int], None] | None = None,
 ) -> TrainResult:
     """Train (or resume, or reuse) a model bundle at ``config.out``; returns its public card.
 
-    ``progress`` receives ``{"phase", "step", "total", "patients", "loss", "epsilon"}`` after every step
-    (``epsilon`` every 10 steps). A first Ctrl-C (SIGINT) stops after the current step with a checkpoint.
+    ``progress`` receives a :class:`TrainProgress` after every step. A first Ctrl-C (SIGINT) stops after the
+    current step with a checkpoint.
     """
     stop = _StopFlag()
-    with stop.installed():
-        return _train(config, stop, progress, on_plan)
+    world = join_world(config.device)  # one process, or one rank of a torchrun launch
+    try:
+        with stop.installed():
+            return _train(config, world, stop, progress, on_plan)
+    finally:
+        leave_world(world)
 
 
 def _train(
     config: TrainConfig,
+    world: World,
     stop: _StopFlag,
-    progress: Callable[[dict], None] | None,
+    progress: Callable[[TrainProgress], None] | None,
     on_plan: Callable[[PrivacyPlan | None, int], None] | None,
 ) -> TrainResult:
     # 1. inputs: the store, the output directory (or a bundle to reuse), the privacy plan
@@ -344,18 +371,23 @@ def _train(
     reused = _reusable_card(config, store)
     if reused is not None:
         return TrainResult(card=reused, reused=True)
-    run = _plan_run(config, store)
+    run = _plan_run(config, store, world)
     _check_output(config)
-    if not config.resume:  # a resumed run was admitted (and recorded) when it started
-        _reserve_budget(run)
-    _prepare_output(config)
-    if on_plan:
+    if world.is_main:  # rank 0 alone writes: ledger, output directory, checkpoints, bundle
+        if not config.resume:  # a resumed run was admitted (and recorded) when it started
+            _reserve_budget(run)
+        _prepare_output(config)
+    world.barrier()
+    if on_plan and world.is_main:
         on_plan(run.plan, run.total_steps)
 
     # 2. model, public prior, optimiser, DP machinery and the private generators (or the checkpoint)
     state = _initial_state(run, progress)
     if config.resume:
         state.restore(run)
+        if world.distributed:  # ranks and their patients may differ from the checkpoint's: fresh OS entropy
+            state.sampler_gen, state.draw_gen = private_generator(), private_generator(run.device)
+            state.noise_gen = private_generator(run.device)
     else:
         torch.manual_seed(secrets.randbits(63))  # no later draw may follow from the public seed
 
@@ -365,7 +397,9 @@ def _train(
         return TrainResult(card=None, stopped_at=state.step, total_steps=run.total_steps)
 
     # 4. the bundle: EMA weights, public card (written last), private record, sample grids
-    return TrainResult(card=_write_bundle(run, state))
+    card = _write_bundle(run, state) if world.is_main else None
+    world.barrier()
+    return TrainResult(card=card if card is not None else read_card(config.out))
 
 
 def _reusable_card(config: TrainConfig, store: CohortStore) -> ModelCard | None:
@@ -397,7 +431,7 @@ def _prepare_output(config: TrainConfig) -> None:
         layout.card.unlink(missing_ok=True)
 
 
-def _plan_run(config: TrainConfig, store: CohortStore) -> _Run:
+def _plan_run(config: TrainConfig, store: CohortStore, world: World | None = None) -> _Run:
     """Solve the privacy plan from public numbers (N̂, B, epochs); check δ against the exact count."""
     preset = config.preset
     if store.spatial_dims != preset.spatial_dims:
@@ -409,6 +443,9 @@ def _plan_run(config: TrainConfig, store: CohortStore) -> _Run:
     n_patients = slices.n_patients  # exact and private: used only for operator-side checks
     if n_patients < 2:
         raise InvalidInput("need at least 2 training patients")
+    world = world or World()
+    if world.distributed and not config.dp:
+        raise InvalidInput("--no-dp trains in one process: drop --nproc-per-node")
     plan: PrivacyPlan | None = None
     if config.dp:
         delta = config.delta if config.delta is not None else float(store.meta["budget"]["delta"])
@@ -428,14 +465,16 @@ def _plan_run(config: TrainConfig, store: CohortStore) -> _Run:
     else:
         sample_rate = min(1.0, preset.batch_size / n_patients)
         planned_steps = max(1, round(preset.epochs / sample_rate))
+    device = world.device(resolve_device(config.device))
     return _Run(
         config=config,
         store=store,
         out=Path(config.out),
         digest=config.inputs_digest(store.store_id),
-        device=resolve_device(config.device),
-        slices=slices,
-        train_images=train_split.images,
+        device=device,
+        world=world,
+        slices=slices.to(device),
+        train_images=resident_images(train_split.images, preset.image_size, device),
         n_classes=len(store.label_names),
         plan=plan,
         sample_rate=sample_rate,
@@ -444,16 +483,27 @@ def _plan_run(config: TrainConfig, store: CohortStore) -> _Run:
     )
 
 
-def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State:
+def resident_images(images: np.ndarray, size: int, device: torch.device) -> np.ndarray | torch.Tensor:
+    """The training images at the model's size, copied once to ``device`` when they fit (a quarter of a GPU's
+    free memory, 4 GiB of host memory on a CPU); otherwise the store's memory map, read and resized per pass."""
+    nbytes = len(images) * size ** (images.ndim - 2) * 4
+    limit = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 4 << 30
+    if nbytes > limit:
+        return images
+    return torch.from_numpy(np.array(resize_split(images, size), dtype=np.float32)).to(device)
+
+
+def _initial_state(run: _Run, progress: Callable[[TrainProgress], None] | None) -> _State:
     """A fresh model from the public seed, pretrained on public data; the DP optimiser; OS-entropy generators."""
     config, preset, device = run.config, run.config.preset, run.device
     torch.manual_seed(config.seed)
     model = build_network(preset, run.n_classes, config.covariates).to(device)
-    pretrain_seconds = _public_prior(run, model, progress)
+    pretrain_seconds = _public_prior(run, model, progress) if run.world.is_main else 0.0
     if preset.label_init == "null" and not config.resume:
         start_labels_at_null(model, null_class(run.n_classes))
     # the prior trained everything; DP-SGD trains this set (LoRA adapters are added here, at zero)
     trainable = prepare_trainable(model, preset.trainable, preset.lora_rank)
+    run.world.broadcast_module(model)  # every rank starts from rank 0's (public) weights
     base_optimizer = torch.optim.Adam(trainable.values(), lr=preset.learning_rate)
     accountant = create_accountant(mechanism=config.accountant) if config.dp else None
     state = _State(
@@ -463,7 +513,7 @@ def _initial_state(run: _Run, progress: Callable[[dict], None] | None) -> _State
         base_optimizer=base_optimizer,
         accountant=accountant,
         sampler_gen=private_generator(),
-        draw_gen=private_generator(),
+        draw_gen=private_generator(device),  # slice picks, timesteps and noise are drawn where the data is
         noise_gen=private_generator(device),
         pretrain_seconds=pretrain_seconds,
     )
@@ -505,7 +555,7 @@ def start_labels_at_null(model: torch.nn.Module, null: int) -> None:
         embedding.weight.copy_(embedding.weight[null].expand_as(embedding.weight))
 
 
-def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], None] | None) -> float:
+def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[TrainProgress], None] | None) -> float:
     """Pretrain ``model`` on the public prior in place (or load the same prior from the cache); seconds spent."""
     config, preset, device = run.config, run.config.preset, run.device
     if preset.public_prior != "mni152" or preset.public_pretrain_steps <= 0 or config.resume:
@@ -518,7 +568,7 @@ def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[dict], 
 
     def report(i: int, loss: float) -> None:
         if progress:
-            progress({"phase": "public prior", "step": i, "total": preset.public_pretrain_steps, "loss": loss})
+            progress(TrainProgress("public prior", step=i, total=preset.public_pretrain_steps, loss=loss))
 
     pretrain(
         model,
@@ -563,15 +613,23 @@ def prior_cache_path(config: TrainConfig, n_classes: int) -> Path | None:
 
 
 def make_dp_optimizer(
-    base_optimizer: torch.optim.Optimizer, plan: PrivacyPlan, *, max_grad_norm: float, generator: torch.Generator
+    base_optimizer: torch.optim.Optimizer,
+    plan: PrivacyPlan,
+    *,
+    max_grad_norm: float,
+    generator: torch.Generator,
+    world: World | None = None,
 ) -> DPOptimizer:
     """Opacus' DP optimiser as training uses it: clip per patient to ``C``, add 𝒩(0, (σC)²) drawn by
-    ``generator`` (secure mode), divide by the public expected batch ``q·N̂``."""
-    return DPOptimizer(
+    ``generator`` (secure mode), divide by the public expected batch ``q·N̂``. Across ``W`` ranks: each divides
+    by ``q·N̂ / W``, rank 0 alone adds the noise, and the all-reduce averages (train.distributed)."""
+    world = world or World()
+    kind = DistributedDPOptimizer if world.distributed else DPOptimizer
+    return kind(
         base_optimizer,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=max_grad_norm,
-        expected_batch_size=plan.expected_batch_size,  # public: never the exact count
+        expected_batch_size=plan.expected_batch_size / world.size,  # public: never the exact count
         loss_reduction="mean",
         generator=generator,
         secure_mode=True,
@@ -582,7 +640,11 @@ def _make_optimizer(run: _Run, state: _State) -> torch.optim.Optimizer:
     if run.plan is None:
         return state.base_optimizer
     optimizer = make_dp_optimizer(
-        state.base_optimizer, run.plan, max_grad_norm=run.config.preset.max_grad_norm, generator=state.noise_gen
+        state.base_optimizer,
+        run.plan,
+        max_grad_norm=run.config.preset.max_grad_norm,
+        generator=state.noise_gen,
+        world=run.world,
     )
     optimizer.attach_step_hook(state.accountant.get_optimizer_hook_fn(sample_rate=run.sample_rate))
     return optimizer
@@ -610,16 +672,19 @@ def _reserve_budget(run: _Run) -> None:
     )
 
 
-def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[dict], None] | None) -> bool:
+def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[TrainProgress], None] | None) -> bool:
     """Train until ``run.total_steps``; returns ``True`` when stopped by Ctrl-C (checkpoint written)."""
     config, preset, device = run.config, run.config.preset, run.device
     optimizer = _make_optimizer(run, state)
     alphas = noise_schedule(training_scheduler(preset.prediction)).to(device)
-    grad_fn = make_per_patient_grad_fn(state.model, alphas, preset.prediction, preset.loss_weighting)
+    grad_fn = make_per_patient_grad_fn(
+        state.model, alphas, preset.prediction, preset.loss_weighting, precision=preset.precision
+    )
     params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
     m, k = preset.slices_per_patient, preset.slices_per_patient * preset.noise_multiplicity
+    owned = run.world.owned(run.slices.n_patients)  # this rank's patients (all of them in one process)
     poisson = UniformWithReplacementSampler(
-        num_samples=run.slices.n_patients,
+        num_samples=len(owned),
         sample_rate=run.sample_rate,
         generator=state.sampler_gen,
         steps=max(run.total_steps - state.step, 0),
@@ -630,9 +695,8 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
         else poisson
     )
 
-    def draws(patient_ids: torch.Tensor) -> list[torch.Tensor]:  # all from the private draw generator
-        terms = draw_terms(run, patient_ids, state.draw_gen, m=m, k=k, n_timesteps=len(alphas))
-        return [t.to(device) for t in terms]
+    def draws(patient_ids: torch.Tensor) -> list[torch.Tensor]:  # all from the private draw generator, on device
+        return list(draw_terms(run, patient_ids, state.draw_gen, m=m, k=k, n_timesteps=len(alphas)))
 
     state.model.train()
     start_time = time.perf_counter() - state.elapsed
@@ -640,77 +704,123 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[di
     step_patients = 0
     while state.step < run.total_steps:
         try:
-            ids = torch.tensor(next(batches), dtype=torch.long)
+            ids = owned[torch.tensor(next(batches), dtype=torch.long)].to(device)
         except StopIteration:
             break
         step_patients += len(ids)
         for group in state.base_optimizer.param_groups:  # a schedule of the step number only: no data, no ε
             group["lr"] = cosine_lr(preset.learning_rate, state.step, run.total_steps)
         if config.dp:
-            if len(ids) == 0:  # empty Poisson batch: still a (pure-noise) step
-                for p in params.values():  # Opacus reads per-sample gradients from this attribute
-                    p.grad_sample = torch.zeros(0, *p.shape, device=device)  # type: ignore[attr-defined]
-            else:
-                grads, patient_losses = grad_fn({n: p.detach() for n, p in params.items()}, *draws(ids))
-                for name, p in params.items():
-                    p.grad_sample = grads[name]  # type: ignore[attr-defined]
-                step_loss.extend(patient_losses.tolist())
+            step_loss.extend(_dp_pass(preset, grad_fn, params, ids, draws, device).tolist())
             optimizer.step()
             done = not optimizer._is_last_step_skipped  # type: ignore[attr-defined]  # False mid logical batch
             optimizer.zero_grad(set_to_none=True)
         else:
             if len(ids):
-                images, labels, timesteps, noise = draws(ids)
-                loss = denoising_loss(
-                    state.model,
-                    images.flatten(0, 1),
-                    labels.flatten(),
-                    timesteps.flatten(),
-                    noise.flatten(0, 1),
-                    alphas,
-                    preset.prediction,
-                    weighting=preset.loss_weighting,
-                )
-                loss.backward()
+                step_loss.append(_plain_pass(state.model, preset, draws(ids), alphas, device))
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                step_loss.append(loss.item())
             done = True
         if not done:
             continue
-        state.step += 1
-        _update_ema(state, params, preset.ema_decay)
         state.elapsed = time.perf_counter() - start_time
-        state.losses.append(float(np.mean(step_loss)) if step_loss else float("nan"))
-        step_loss = []
-        if progress:
-            progress(_step_info(run, state, step_patients))
-        if state.step % preset.checkpoint_every == 0 or state.step == run.total_steps:
-            state.save(run)
-        step_patients = 0
-        if stop.requested:
-            state.save(run)
+        if _finish_step(run, state, params, step_loss, step_patients, stop, progress):
             return True
+        step_loss, step_patients = [], 0
     return False
+
+
+def _finish_step(
+    run: _Run,
+    state: _State,
+    params: dict[str, torch.nn.Parameter],
+    losses: list[float],
+    patients: int,
+    stop: _StopFlag,
+    progress: Callable[[TrainProgress], None] | None,
+) -> bool:
+    """After a logical step: EMA, the step's mean loss (over every rank), progress, checkpoints (rank 0).
+    Returns ``True`` when the run stops here (Ctrl-C on any rank; checkpoint written)."""
+    state.step += 1
+    _update_ema(state, params, run.config.preset.ema_decay)
+    loss_sum, count, patients_total = run.world.sum([float(np.sum(losses)), float(len(losses)), float(patients)])
+    state.losses.append(loss_sum / count if count else float("nan"))
+    if progress and run.world.is_main:
+        progress(_step_info(run, state, int(patients_total)))
+    stopping = run.world.any(stop.requested)
+    if run.world.is_main and (
+        stopping or state.step % run.config.preset.checkpoint_every == 0 or state.step == run.total_steps
+    ):
+        state.save(run)
+    return stopping
+
+
+def _dp_pass(
+    preset: Preset,
+    grad_fn: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]],
+    params: dict[str, torch.nn.Parameter],
+    ids: torch.Tensor,
+    draws: Callable[[torch.Tensor], list[torch.Tensor]],
+    device: torch.device,
+) -> torch.Tensor:
+    """One pass of a DP step: the sampled patients' per-patient gradients go to Opacus (``grad_sample``, which
+    it clips, sums and noises); returns their losses. An empty Poisson batch is still a (pure-noise) step."""
+    detached = {n: p.detach() for n, p in params.items()}
+    if preset.fixed_shape:  # every pass padded to one shape; the padded rows add exactly nothing
+        rows, real = padded_ids(ids, preset.patients_per_pass)
+        grads, losses = masked_pass(grad_fn, detached, tuple(draws(rows)), real.to(device))
+        losses = losses[: len(ids)]
+    elif len(ids) == 0:
+        grads = {n: torch.zeros(0, *p.shape, device=device) for n, p in params.items()}
+        losses = torch.zeros(0)
+    else:
+        grads, losses = grad_fn(detached, *draws(ids))
+    for name, p in params.items():
+        p.grad_sample = grads[name]  # type: ignore[attr-defined]
+    return losses
+
+
+def _plain_pass(
+    model: torch.nn.Module, preset: Preset, terms: list[torch.Tensor], alphas: torch.Tensor, device: torch.device
+) -> float:
+    """One pass of a non-private step (``--no-dp`` benchmarks): the batch's mean loss, backpropagated."""
+    images, labels, timesteps, noise = terms
+    with autocast_for(device, preset.precision):
+        loss = denoising_loss(
+            model,
+            images.flatten(0, 1),
+            labels.flatten(),
+            timesteps.flatten(),
+            noise.flatten(0, 1),
+            alphas,
+            preset.prediction,
+            weighting=preset.loss_weighting,
+        )
+    loss.backward()
+    return loss.item()
 
 
 def draw_terms(
     run: _Run, patient_ids: torch.Tensor, gen: torch.Generator, *, m: int, k: int, n_timesteps: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss terms of the sampled patients, all drawn from ``gen`` (a private generator): ``m`` of each
-    patient's slices (or volumes), each under ``k // m`` (timestep, noise) draws. Returns CPU tensors: images
+    patient's slices (or volumes), each under ``k // m`` (timestep, noise) draws. Returns tensors on ``gen``'s
+    device (where the run's data lives, ``patient_ids`` too): images
     ``(b, k, *item)``, labels ``(b, k)``, timesteps ``(b, k)`` and noise shaped like the images."""
-    b, size = len(patient_ids), run.config.preset.image_size
+    b, size, device = len(patient_ids), run.config.preset.image_size, gen.device
     item = (1, *(size,) * run.config.preset.spatial_dims)  # one slice [1, H, W] or volume [1, D, H, W]
     rows = run.slices.pick(patient_ids, gen, m).reshape(-1)  # (b·m,)
-    images = resize_images(run.train_images[rows.numpy()], size)  # (b·m, *item)
+    if isinstance(run.train_images, torch.Tensor):  # resident on the device, already at the model's size
+        images = run.train_images[rows]  # (b·m, *item), a copy
+    else:
+        images = resize_images(run.train_images[rows.cpu().numpy()], size).to(device)
     preset = run.config.preset
     if preset.flip:  # left-right (the last axis: patient left → right), half of the items, from the private draw
-        flipped = torch.rand(len(images), generator=gen) < 0.5
+        flipped = torch.rand(len(images), generator=gen, device=device) < 0.5
         images[flipped] = images[flipped].flip(-1)
     labels = _conditions(run, patient_ids, k, gen)
     timesteps = draw_timesteps((b, k), n_timesteps, gen, preset.timestep_sampling, preset.timestep_mean)
-    noise = torch.randn(b, k, *item, generator=gen)
+    noise = torch.randn(b, k, *item, generator=gen, device=device)
     # each of a patient's m slices (or volumes) under K draws: (b, m·K, *item)
     images = images.view(b, m, 1, *item).expand(b, m, k // m, *item).reshape(b, k, *item)
     return images, labels, timesteps, noise
@@ -735,7 +845,7 @@ def _conditions(run: _Run, patient_ids: torch.Tensor, k: int, gen: torch.Generat
 
     def part(values: torch.Tensor, null: int) -> torch.Tensor:
         values = values[patient_ids].view(b, 1).expand(b, k).clone()
-        values[torch.rand(b, k, generator=gen) < dropout] = null
+        values[torch.rand(b, k, generator=gen, device=gen.device) < dropout] = null
         return values
 
     labels = part(slices.labels, null_class(run.n_classes))
@@ -759,18 +869,13 @@ def _update_ema(state: _State, params: dict[str, torch.nn.Parameter], decay_max:
             state.ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
-def _step_info(run: _Run, state: _State, patients: int) -> dict:
+def _step_info(run: _Run, state: _State, patients: int) -> TrainProgress:
     eps = None
     if run.plan is not None and (state.step % 10 == 0 or state.step == run.total_steps):
         eps = epsilon_of(_history(run, state), delta=run.plan.delta, accountant=run.config.accountant)
-    return {
-        "phase": "dp",
-        "step": state.step,
-        "total": run.total_steps,
-        "patients": patients,
-        "loss": state.losses[-1],
-        "epsilon": eps,
-    }
+    return TrainProgress(
+        "dp", step=state.step, total=run.total_steps, loss=state.losses[-1], patients=patients, epsilon=eps
+    )
 
 
 def _history(run: _Run, state: _State) -> list[tuple[float, float, int]]:
@@ -876,6 +981,7 @@ def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> Mod
         "training_inputs_digest": run.digest,
         "library_versions": _library_versions(),
         "device": run.device.type,
+        "world_size": run.world.size,
     }
     if not config.dp:
         card["warning"] = "NOT PRIVATE: trained with --no-dp; later stages refuse it unless explicitly allowed."

@@ -42,6 +42,11 @@ class Preset:
     public_learning_rate: float = 2e-3
     public_anomaly_rate: float = 0.0  # share of prior slices with generic focal anomalies (train.public_prior; 2-D)
     generator: Literal["diffusion-2d", "diffusion-3d"] = "diffusion-2d"  # slices or volumes
+    # GPU path (train.per_patient_grads): every pass padded to patients_per_pass rows with a mask (one shape for
+    # torch.compile / CUDA graphs, the same clipped sum), and bf16 autocast for the network (norms, clipping,
+    # noise and optimizer in fp32)
+    fixed_shape: bool = False
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         """Refuse a preset no run could use (every construction, CLI overrides included), with the reason."""
@@ -55,6 +60,7 @@ class Preset:
                 f"unknown public prior {self.public_prior!r}; choose 'mni152' or 'none'",
             ),
             (self.generator in ("diffusion-2d", "diffusion-3d"), f"unknown generator {self.generator!r}"),
+            (self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r}; choose 'fp32' or 'bf16'"),
             (isinstance(self.unet, UNet3DSize) == (self.generator == "diffusion-3d"), "unet size of the wrong kind"),
             (0.0 <= self.public_anomaly_rate <= 1.0, "public_anomaly_rate must lie in [0, 1]"),
             (
@@ -188,6 +194,8 @@ PRESETS = {
         checkpoint_every=100,
         public_pretrain_steps=3000,
         public_batch_size=8,
+        fixed_shape=True,
+        precision="bf16",
     ),
     "gpu": Preset(
         name="gpu",
@@ -204,6 +212,8 @@ PRESETS = {
         ema_decay=0.999,
         checkpoint_every=200,
         public_pretrain_steps=3000,
+        fixed_shape=True,
+        precision="bf16",
     ),
 }
 
