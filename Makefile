@@ -61,7 +61,7 @@ test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not slow and not browser and not postgres" -q
 
 bench: $(BIN)/.installed
-	$(BIN)/python benchmarks/bench_ingest.py --patients $(DEMO_PATIENTS) --workers 2
+	$(BIN)/python benchmarks/perf/bench_ingest.py --patients $(DEMO_PATIENTS) --workers 2
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -144,7 +144,7 @@ def run_audit(
             "this store is not the one the model was trained on (store ids differ); audit with the training store"
         )
     filt = MemorizationFilter.load(BundleLayout(model_dir).filter_dir)
-    real = _load_real(store, model)
+    real = load_real(store, model)
     label_names = list(model.label_ids)
     lap("load")
 
@@ -171,13 +171,13 @@ def run_audit(
             matched = _matched_cohort(model_dir, label_names, real, settings, work, str(device))
             lap("matched_cohort")
         step("training TRTR / TSTR classifiers")
-        utility, trtr_model = _utility(real, cohort, len(label_names), settings, device, matched=matched)
+        utility, trtr_model = utility_section(real, cohort, len(label_names), settings, device, matched=matched)
         lap("classifiers")
 
         # 4. fidelity and diversity
         step("fidelity: Fréchet distances, MS-SSIM, intensity histograms")
         embedding = make_embedding(FEATURE_EMBEDDING, model.image_shape[-1], model.spatial_dims)  # fixed across runs
-        fid = _fidelity(real, cohort, label_names, trtr_model, embedding, settings)
+        fid = fidelity_section(real, cohort, label_names, trtr_model, embedding, settings)
         lap("fidelity")
 
         step("covariates: how well the requested age and sex are honoured")
@@ -263,7 +263,8 @@ def _validate(s: AuditSettings) -> None:
         raise InvalidInput("the Monte-Carlo quantile must be in (0, 1); MS-SSIM pairs and canary sources ≥ 1")
 
 
-def _load_real(store: CohortStore, model: Generator) -> RealData:
+def load_real(store: CohortStore, model: Generator) -> RealData:
+    """The store's real training and held-out images at the model's size, with labels (audit and benchmarks)."""
     names = store.label_names
     unknown = sorted(set(names) - set(model.label_ids))
     if unknown:
@@ -452,7 +453,7 @@ def _classifier_design(spatial_dims: int) -> str:
     return f"3-D, voxels standardised by its own training set, {layers}" if spatial_dims == 3 else f"2-D, {layers}"
 
 
-def _utility(
+def utility_section(
     real: RealData,
     synthetic: Synthetic,
     n_classes: int,
@@ -525,7 +526,7 @@ def _ratio(tstr: dict, trtr: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- fidelity
-def _fidelity(
+def fidelity_section(
     real: RealData,
     synthetic: Synthetic,
     label_names: list[str],
@@ -533,6 +534,8 @@ def _fidelity(
     embedding,
     s: AuditSettings,
 ) -> dict:
+    """Fidelity of the synthetic set against an equal-sized subset of the real training set: Fréchet distances in
+    two feature spaces (as ratios to train-vs-held-out), same-label MS-SSIM and per-label intensity histograms."""
     rng = np.random.default_rng(s.seed)
     n = min(len(synthetic.images), len(real.train))
     train_sub = real.train[np.sort(rng.choice(len(real.train), size=n, replace=False))]

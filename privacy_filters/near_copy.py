@@ -18,7 +18,7 @@ and monotone intensity changes. Pure tensor functions, no I/O, no index.
 
 The memorization filter uses the pooled canonical image as its fast embedding (to find candidates) and
 :func:`near_copy_distance` to re-rank them. What it catches, at which strengths, is measured in BENCHMARKS.md
-(``benchmarks/bench_canaries.py``); the same design carries over to 3-D (3-D extents, rotations about three
+(``benchmarks/privacy/bench_canaries.py``); the same design carries over to 3-D (3-D extents, rotations about three
 axes).
 """
 

@@ -109,12 +109,12 @@ def test_per_patient_gradients_are_exact_on_the_shipped_architecture(
 
 def test_flip_mirrors_about_half_of_the_drawn_slices_left_to_right(demo_store, tmp_path: Path) -> None:
     """`flip`: the same private draws give the same slices, half of them mirrored (patient left ↔ right)."""
-    from train.dp_training import _plan_run, draw_terms
+    from train.dp_training import draw_terms, plan_run
 
     terms = {}
     for flip in (False, True):
         config = TrainConfig(store=demo_store.store.path, out=tmp_path / "m", preset=tiny_preset(flip=flip), epsilon=8)
-        run = _plan_run(config, CohortStore.open(demo_store.store.path))
+        run = plan_run(config, CohortStore.open(demo_store.store.path))
         gen = torch.Generator().manual_seed(3)
         terms[flip] = draw_terms(run, torch.arange(12), gen, m=2, k=2, n_timesteps=1000)[0]
     plain, drawn = terms[False].flatten(0, 1), terms[True].flatten(0, 1)  # 24 slices [1, 16, 16]
@@ -127,10 +127,10 @@ def test_flip_mirrors_about_half_of_the_drawn_slices_left_to_right(demo_store, t
 def test_resident_training_images_give_the_same_draws_as_reading_the_store(demo_store, tmp_path: Path) -> None:
     """Data on the device: the training images held once at the model's size (a tensor on the run's device)
     and the store's memory map resized per pass give identical terms from the same private draws."""
-    from train.dp_training import _plan_run, draw_terms
+    from train.dp_training import draw_terms, plan_run
 
     config = TrainConfig(store=demo_store.store.path, out=tmp_path / "m", preset=tiny_preset(flip=True), epsilon=8)
-    run = _plan_run(config, CohortStore.open(demo_store.store.path))
+    run = plan_run(config, CohortStore.open(demo_store.store.path))
     assert isinstance(run.train_images, torch.Tensor) and run.train_images.shape[1:] == (1, 16, 16)
     ids = torch.tensor([0, 7, 7, 3, 11])
     resident = draw_terms(run, ids, torch.Generator().manual_seed(5), m=2, k=4, n_timesteps=1000)

@@ -260,7 +260,7 @@ class _StopFlag:
 
 
 @dataclass
-class _Run:
+class TrainingRun:
     """Everything one run needs, decided before the first step."""
 
     config: TrainConfig
@@ -284,7 +284,7 @@ class _Run:
 
 
 @dataclass
-class _State:
+class TrainingState:
     """What a checkpoint holds: weights, EMA, optimiser, accountant, the private generators, progress."""
 
     run_id: str
@@ -300,7 +300,7 @@ class _State:
     pretrain_seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
 
-    def save(self, run: _Run) -> None:
+    def save(self, run: TrainingRun) -> None:
         _save_atomic(
             {
                 "inputs_digest": run.digest,
@@ -321,7 +321,7 @@ class _State:
             run.checkpoint_path,
         )
 
-    def restore(self, run: _Run) -> None:
+    def restore(self, run: TrainingRun) -> None:
         saved = torch.load(run.checkpoint_path, map_location=run.device, weights_only=False)
         if saved["inputs_digest"] != run.digest:
             raise InvalidInput("the checkpoint was made with other inputs (store, preset or privacy settings)")
@@ -371,7 +371,7 @@ def _train(
     reused = _reusable_card(config, store)
     if reused is not None:
         return TrainResult(card=reused, reused=True)
-    run = _plan_run(config, store, world)
+    run = plan_run(config, store, world)
     _check_output(config)
     if world.is_main:  # rank 0 alone writes: ledger, output directory, checkpoints, bundle
         if not config.resume:  # a resumed run was admitted (and recorded) when it started
@@ -382,7 +382,7 @@ def _train(
         on_plan(run.plan, run.total_steps)
 
     # 2. model, public prior, optimiser, DP machinery and the private generators (or the checkpoint)
-    state = _initial_state(run, progress)
+    state = initial_state(run, progress)
     if config.resume:
         state.restore(run)
         if world.distributed:  # ranks and their patients may differ from the checkpoint's: fresh OS entropy
@@ -431,7 +431,7 @@ def _prepare_output(config: TrainConfig) -> None:
         layout.card.unlink(missing_ok=True)
 
 
-def _plan_run(config: TrainConfig, store: CohortStore, world: World | None = None) -> _Run:
+def plan_run(config: TrainConfig, store: CohortStore, world: World | None = None) -> TrainingRun:
     """Solve the privacy plan from public numbers (N̂, B, epochs); check δ against the exact count."""
     preset = config.preset
     if store.spatial_dims != preset.spatial_dims:
@@ -446,6 +446,8 @@ def _plan_run(config: TrainConfig, store: CohortStore, world: World | None = Non
     world = world or World()
     if world.distributed and not config.dp:
         raise InvalidInput("--no-dp trains in one process: drop --nproc-per-node")
+    if world.size > n_patients:
+        raise InvalidInput("more training processes than training patients: use fewer (--nproc-per-node)")
     plan: PrivacyPlan | None = None
     if config.dp:
         delta = config.delta if config.delta is not None else float(store.meta["budget"]["delta"])
@@ -466,7 +468,7 @@ def _plan_run(config: TrainConfig, store: CohortStore, world: World | None = Non
         sample_rate = min(1.0, preset.batch_size / n_patients)
         planned_steps = max(1, round(preset.epochs / sample_rate))
     device = world.device(resolve_device(config.device))
-    return _Run(
+    return TrainingRun(
         config=config,
         store=store,
         out=Path(config.out),
@@ -493,7 +495,7 @@ def resident_images(images: np.ndarray, size: int, device: torch.device) -> np.n
     return torch.from_numpy(np.array(resize_split(images, size), dtype=np.float32)).to(device)
 
 
-def _initial_state(run: _Run, progress: Callable[[TrainProgress], None] | None) -> _State:
+def initial_state(run: TrainingRun, progress: Callable[[TrainProgress], None] | None) -> TrainingState:
     """A fresh model from the public seed, pretrained on public data; the DP optimiser; OS-entropy generators."""
     config, preset, device = run.config, run.config.preset, run.device
     torch.manual_seed(config.seed)
@@ -506,7 +508,7 @@ def _initial_state(run: _Run, progress: Callable[[TrainProgress], None] | None) 
     run.world.broadcast_module(model)  # every rank starts from rank 0's (public) weights
     base_optimizer = torch.optim.Adam(trainable.values(), lr=preset.learning_rate)
     accountant = create_accountant(mechanism=config.accountant) if config.dp else None
-    state = _State(
+    state = TrainingState(
         run_id=run.run_id,
         model=model,
         ema={name: p.detach().clone() for name, p in model.named_parameters()},
@@ -555,7 +557,7 @@ def start_labels_at_null(model: torch.nn.Module, null: int) -> None:
         embedding.weight.copy_(embedding.weight[null].expand_as(embedding.weight))
 
 
-def _public_prior(run: _Run, model: torch.nn.Module, progress: Callable[[TrainProgress], None] | None) -> float:
+def _public_prior(run: TrainingRun, model: torch.nn.Module, progress: Callable[[TrainProgress], None] | None) -> float:
     """Pretrain ``model`` on the public prior in place (or load the same prior from the cache); seconds spent."""
     config, preset, device = run.config, run.config.preset, run.device
     if preset.public_prior != "mni152" or preset.public_pretrain_steps <= 0 or config.resume:
@@ -636,7 +638,7 @@ def make_dp_optimizer(
     )
 
 
-def _make_optimizer(run: _Run, state: _State) -> torch.optim.Optimizer:
+def _make_optimizer(run: TrainingRun, state: TrainingState) -> torch.optim.Optimizer:
     if run.plan is None:
         return state.base_optimizer
     optimizer = make_dp_optimizer(
@@ -650,12 +652,12 @@ def _make_optimizer(run: _Run, state: _State) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _planned_release(run: _Run) -> list[tuple[float, float, int]]:
+def _planned_release(run: TrainingRun) -> list[tuple[float, float, int]]:
     assert run.plan is not None
     return [(run.plan.noise_multiplier, run.sample_rate, run.total_steps)]
 
 
-def _reserve_budget(run: _Run) -> None:
+def _reserve_budget(run: TrainingRun) -> None:
     """Check the store's budget and reserve the planned steps in its ledger under one lock, before anything else
     is written (the run's final entry replaces the reservation). Refuses a run the budget cannot take."""
     ledger = run.store.ledger()
@@ -672,7 +674,9 @@ def _reserve_budget(run: _Run) -> None:
     )
 
 
-def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[TrainProgress], None] | None) -> bool:
+def _run_steps(
+    run: TrainingRun, state: TrainingState, stop: _StopFlag, progress: Callable[[TrainProgress], None] | None
+) -> bool:
     """Train until ``run.total_steps``; returns ``True`` when stopped by Ctrl-C (checkpoint written)."""
     config, preset, device = run.config, run.config.preset, run.device
     optimizer = _make_optimizer(run, state)
@@ -731,8 +735,8 @@ def _run_steps(run: _Run, state: _State, stop: _StopFlag, progress: Callable[[Tr
 
 
 def _finish_step(
-    run: _Run,
-    state: _State,
+    run: TrainingRun,
+    state: TrainingState,
     params: dict[str, torch.nn.Parameter],
     losses: list[float],
     patients: int,
@@ -801,7 +805,7 @@ def _plain_pass(
 
 
 def draw_terms(
-    run: _Run, patient_ids: torch.Tensor, gen: torch.Generator, *, m: int, k: int, n_timesteps: int
+    run: TrainingRun, patient_ids: torch.Tensor, gen: torch.Generator, *, m: int, k: int, n_timesteps: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The loss terms of the sampled patients, all drawn from ``gen`` (a private generator): ``m`` of each
     patient's slices (or volumes), each under ``k // m`` (timestep, noise) draws. Returns tensors on ``gen``'s
@@ -833,12 +837,12 @@ def _timestep_words(preset: Preset) -> str:
     return f"{preset.timestep_sampling} timesteps"
 
 
-def _null_id(run: _Run) -> int:
+def _null_id(run: TrainingRun) -> int:
     """The all-null condition: what the public prior trains and guidance subtracts."""
     return null_condition(run.n_classes) if run.config.covariates else null_class(run.n_classes)
 
 
-def _conditions(run: _Run, patient_ids: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+def _conditions(run: TrainingRun, patient_ids: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """``(b, k)`` label (or condition) ids of the sampled patients' draws; each part is dropped to its null
     independently with the preset's dropout rate (classifier-free guidance on any subset of the conditions)."""
     b, dropout, slices = len(patient_ids), run.config.preset.label_dropout, run.slices
@@ -862,14 +866,14 @@ def ema_decay_at(step: int, decay_max: float) -> float:
     return min(decay_max, (1 + step) / (10 + step))
 
 
-def _update_ema(state: _State, params: dict[str, torch.nn.Parameter], decay_max: float) -> None:
+def _update_ema(state: TrainingState, params: dict[str, torch.nn.Parameter], decay_max: float) -> None:
     decay = ema_decay_at(state.step, decay_max)
     with torch.no_grad():
         for name, p in params.items():
             state.ema[name].mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
-def _step_info(run: _Run, state: _State, patients: int) -> TrainProgress:
+def _step_info(run: TrainingRun, state: TrainingState, patients: int) -> TrainProgress:
     eps = None
     if run.plan is not None and (state.step % 10 == 0 or state.step == run.total_steps):
         eps = epsilon_of(_history(run, state), delta=run.plan.delta, accountant=run.config.accountant)
@@ -878,13 +882,13 @@ def _step_info(run: _Run, state: _State, patients: int) -> TrainProgress:
     )
 
 
-def _history(run: _Run, state: _State) -> list[tuple[float, float, int]]:
+def _history(run: TrainingRun, state: TrainingState) -> list[tuple[float, float, int]]:
     """The model's whole privacy history: the count release, then what the optimiser's hook recorded."""
     assert run.plan is not None and state.accountant is not None
     return [*run.plan.prior, *state.accountant.history]
 
 
-def _write_bundle(run: _Run, state: _State) -> ModelCard:
+def _write_bundle(run: TrainingRun, state: TrainingState) -> ModelCard:
     """EMA weights, the card (written last), the private record, the ledger entry and sample grids; returns the
     card's JSON."""
     preset = run.config.preset
@@ -912,7 +916,7 @@ def _write_bundle(run: _Run, state: _State) -> ModelCard:
     return card
 
 
-def _public_card(run: _Run, state: _State, history: list, epsilon: float) -> ModelCard:
+def _public_card(run: TrainingRun, state: TrainingState, history: list, epsilon: float) -> ModelCard:
     """The public model card: public choices, the privacy guarantee, and nothing computed from private data
     except the DP patient estimate and the declared, rounded voxel spacing."""
     config, preset, plan, store = run.config, run.config.preset, run.plan, run.store
@@ -995,7 +999,7 @@ def _trainable_summary(model: torch.nn.Module, preset: Preset) -> dict:
     return {**summary, "lora_rank": preset.lora_rank} if which == "lora" else summary
 
 
-def _private_record(run: _Run, state: _State) -> dict:
+def _private_record(run: TrainingRun, state: TrainingState) -> dict:
     """What the operator may know and the public may not: exact counts, timings, the store fingerprint."""
     return {
         "run_id": state.run_id,

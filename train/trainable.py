@@ -3,7 +3,7 @@
 The DP noise added to the averaged gradient has norm ≈ σ·C·√d / B for ``d`` trained parameters, while each
 patient's clipped contribution is at most ``C``: training fewer parameters raises the signal-to-noise ratio
 of every step (DP-LDM, Lyu et al.). Frozen parameters need no per-patient gradient, so steps are cheaper too.
-Presets train "all"; the subsets are compared in ``benchmarks/bench_utility.py`` (results: BENCHMARKS.md).
+Presets train "all"; the subsets are compared in ``benchmarks/experiments/bench_utility.py`` (results: BENCHMARKS.md).
 
 ``lora`` keeps the body trainable through low-rank adapters (LoRA, Hu et al.; DP-LoRA) added by ``peft``:
 each adapted layer's weight becomes ``W + B·A`` with ``A`` of rank ``r`` and ``B`` starting at zero, so DP

@@ -38,7 +38,7 @@ def get_settings(request: Request) -> Settings:
 # worker thread. Sessions end before the response is sent (scope "function"). Together this keeps FastAPI's thread
 # pool (40) from filling up with requests that wait for a pooled connection while the requests holding the
 # connections wait for a thread to close their sessions: under 100 concurrent researchers that deadlock turned
-# three requests in four into 500s after the pool's 30 s timeout (benchmarks/bench_api_load.py).
+# three requests in four into 500s after the pool's 30 s timeout (benchmarks/perf/bench_api_load.py).
 SESSIONS_PER_PROCESS = DB_POOL_CONNECTIONS - 5  # room for the job runner's threads in an embedded server
 SessionDep = Annotated[Session, Depends(get_session, scope="function", max_concurrency=SESSIONS_PER_PROCESS)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]

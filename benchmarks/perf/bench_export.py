@@ -1,6 +1,6 @@
 """Cohort pipeline throughput: pipeline samples/s vs the raw sampler, and local worker scaling.
 
-    .venv/bin/python benchmarks/bench_export.py --model demo/model --n 500
+    .venv/bin/python benchmarks/perf/bench_export.py --model demo/model --n 500
 
 Raw sampler: ``DiffusionModel.generate`` alone at the default settings (batch 64). Pipeline: the full
 generate → filter → write (NIfTI) → manifest path of ``build_cohort`` for the same number of samples,
@@ -10,17 +10,17 @@ with 1 and 2 local worker processes.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
+import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
-
-import torch
 
 from app.pipeline import CohortRequest, build_cohort, local_runner
 from generators.diffusion_2d import DiffusionModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 
 def main() -> None:
@@ -36,10 +36,7 @@ def main() -> None:
     start = time.perf_counter()
     model.generate(labels=counts, seed=0)
     raw = total / (time.perf_counter() - start)
-    print(
-        f"machine: {platform.machine()}, torch threads {torch.get_num_threads()}; date {date.today()}; "
-        f"{total} samples at {model.image_size} px\n"
-    )
+    print(f"{machine_header()}; {total} samples at {model.image_size} px\n")
     print("| path | workers | wall time | samples/s | ratio to raw sampler |")
     print("| --- | --- | --- | --- | --- |")
     print(f"| raw sampler (generate only) | 1 process | {total / raw:.1f} s | {raw:.1f} | 1.00 |")

@@ -1,6 +1,6 @@
 """Utility under DP: train → calibrate → audit for a list of recipes, one table row per recipe.
 
-    .venv/bin/python benchmarks/bench_utility.py --store demo/store --out bench_runs/utility \\
+    .venv/bin/python benchmarks/experiments/bench_utility.py --store demo/store --out bench_runs/utility \\
         --recipe baseline --recipe conditioning --epsilon 8
 
 Every recipe starts from the same store, public seed and public prior (cached under ``--out/priors``, public
@@ -9,7 +9,8 @@ utility and fidelity stages (fewer samples, no filter, no attacks) to rank recip
 ``--no-dp`` trains the same recipe with the same steps but without clipping or noise: the ceiling no DP lever
 can lift it above. ``--grid`` draws the map of cohort size × ε × compute for the recipes given::
 
-    .venv/bin/python benchmarks/bench_utility.py --grid --grid-store demo/store --grid-store demo10k/store \\
+    .venv/bin/python benchmarks/experiments/bench_utility.py --grid --grid-store demo/store \\
+        --grid-store demo10k/store \\
         --grid-epsilon 1,4,8,inf --grid-compute 1,4 --recipe batch128-logit-normal --quick --n 300 \\
         --out bench_runs/map --figure bench_runs/map/map.png
 
@@ -23,10 +24,12 @@ over (``allow_over_budget``): this is a benchmark, not a release.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
-import platform
+import sys
 import time
+import tomllib
 from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
@@ -34,129 +37,47 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from app.audit import FEATURE_EMBEDDING, AuditSettings, Synthetic, _fidelity, _load_real, _utility, run_audit
+from app.audit import (
+    FEATURE_EMBEDDING,
+    AuditSettings,
+    Synthetic,
+    fidelity_section,
+    load_real,
+    run_audit,
+    utility_section,
+)
 from app.calibrate import calibrate
 from generators.registry import load_generator
 from privacy_filters.embeddings import make_embedding
 from train.dp_training import TrainConfig, read_training_record, train_model
-from train.presets import get_preset
+from train.presets import PRESETS, Preset, get_preset
 from train.store import CohortStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine
 
 # One lever per row against the baseline: the cpu-small preset as it shipped before this benchmark, so the
 # fields whose cpu-small default changed since are pinned (PINNED, cpu-small recipes only) and a recipe names
 # only what it changes.
 PINNED = {"cpu-small": {"label_init": "random", "timestep_sampling": "uniform"}}
 CPU_SMALL_PATIENT_SLICES = 80_000  # cpu-small's compute: 100 epochs of ≈ 800 training patients, one slice each
-RECIPES: dict[str, dict] = {
-    "baseline": {"preset": "cpu-small"},
-    "conditioning": {"preset": "cpu-small", "trainable": "conditioning"},
-    "null-init": {"preset": "cpu-small", "label_init": "null"},
-    "null-init-conditioning": {"preset": "cpu-small", "label_init": "null", "trainable": "conditioning"},
-    "null-init-embeddings": {"preset": "cpu-small", "label_init": "null", "trainable": "embeddings"},
-    "slices4": {"preset": "cpu-small", "slices_per_patient": 4},
-    "draws4": {"preset": "cpu-small", "noise_multiplicity": 4},
-    "null-init-slices4": {"preset": "cpu-small", "label_init": "null", "slices_per_patient": 4},
-    "null-init-draws4": {"preset": "cpu-small", "label_init": "null", "noise_multiplicity": 4},
-    # q·T at fixed epochs (same compute, same ε): 128 expected patients per step, 4× the steps, σ 4.87 → 2.54
-    "batch128": {"preset": "cpu-small", "batch_size": 128},
-    "lr2e-3": {"preset": "cpu-small", "learning_rate": 2e-3},
-    "slices4-batch128": {"preset": "cpu-small", "slices_per_patient": 4, "batch_size": 128},
-    # clipping norm C below the typical per-patient gradient norm (benchmarks/bench_clip_norms.py): same ε, σ
-    "clip0.3": {"preset": "cpu-small", "max_grad_norm": 0.3},
-    "clip0.1": {"preset": "cpu-small", "max_grad_norm": 0.1},
-    "slices8": {"preset": "cpu-small", "slices_per_patient": 8},
-    # m = 8 at half the epochs: the DP compute (epochs × N × m) of slices4, σ lower for the fewer steps
-    "slices8-epochs50": {"preset": "cpu-small", "slices_per_patient": 8, "epochs": 50},
-    # m = 4 at a quarter of the epochs: the baseline's DP compute, σ lower for the fewer steps
-    "slices4-epochs25": {"preset": "cpu-small", "slices_per_patient": 4, "epochs": 25},
-    "slices4-clip0.3": {"preset": "cpu-small", "slices_per_patient": 4, "max_grad_norm": 0.3},
-    # DP draws favour mid noise levels (logit-normal t/T), where a slice's coarse content and class are decided
-    "logit-normal": {"preset": "cpu-small", "timestep_sampling": "logit-normal"},
-    "slices4-logit-normal": {"preset": "cpu-small", "slices_per_patient": 4, "timestep_sampling": "logit-normal"},
-    # the under-training reading (ε = 4 scores like ε = 8): larger steps on top of focused timesteps
-    "logit-normal-lr1e-3": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "learning_rate": 1e-3},
-    # more steps at the same epochs and ε (q = 0.16, ≈ 620 steps, σ 2.54) with focused timesteps; 160 slices per
-    # pass so that most Poisson batches of 128 expected patients fit one pass
-    "batch128-logit-normal": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "batch_size": 128,
-        "physical_batch_size": 160,
-    },
-    # logit-normal's focus moved by one standard deviation: toward high noise (coarse layout, where the class may
-    # be decided) or toward low noise (the lesion's few pixels are fine detail)
-    "logit-normal-high": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "timestep_mean": 1.0},
-    "logit-normal-low": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "timestep_mean": -1.0},
-    # a stronger public prior (no ε cost): 3 000 steps on the augmented template instead of 800 (≈ 14 min at 2 threads,
-    # so it would fit cpu-quality's 45 min, not cpu-small's 15)
-    "prior3000-logit-normal": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "public_pretrain_steps": 3000,
-    },
-    # a public prior that also draws generic focal anomalies (train.public_prior.add_focal_anomalies) on half of
-    # its slices: the body learns to draw focal findings at no ε, DP training which labels carry them
-    "anomaly-prior-logit-normal": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "public_anomaly_rate": 0.5,
-    },
-    # cpu-quality's DP compute (4× cpu-small) spent on 4× the epochs at m = 1 instead of m = 4 (≈ 640 steps, σ ≈ 9.6)
-    "epochs400-logit-normal": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "epochs": 400},
-    # resolution (lever 5): the store's 64 px slices instead of 32 px, a fourth level so attention stays at 8×8
-    "64px-logit-normal": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "image_size": 64,
-        "unet": {
-            "block_out_channels": [16, 32, 32, 32],
-            "layers_per_block": 1,
-            "attention_levels": [False, False, False, True],
-        },
-    },
-    # model width (lever 5) at 32 px: half and twice cpu-small's channels (71 129 / 1 113 185 parameters), same depth
-    "narrow-logit-normal": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "unet": {"block_out_channels": [8, 16, 16], "layers_per_block": 1, "attention_levels": [False, False, True]},
-    },
-    "wide-logit-normal": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "unet": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "attention_levels": [False, False, True]},
-    },
-    # depth (lever 5): two ResNet layers per level instead of one (408 833 parameters)
-    "deep-logit-normal": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "unet": {"block_out_channels": [16, 32, 32], "layers_per_block": 2, "attention_levels": [False, False, True]},
-    },
-    # low-rank adapters on the whole body (+ label embeddings and norms): 6× fewer DP-trained parameters at r = 4
-    "lora4": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4},
-    "lora4-lr2e-3": {"preset": "cpu-small", "trainable": "lora", "lora_rank": 4, "learning_rate": 2e-3},
-    # volumes (store from ingest --dims 3 --size 32): cpu-3d as shipped, and cpu-3d with 4× the steps at the same
-    # epochs and ε (q = 0.04, ≈ 200 steps, σ 0.72) and focused timesteps
-    # the denoiser's own learning per step (issue: utility per unit of compute), on the best non-private recipe at
-    # cpu-small's compute (batch128-logit-normal): min-SNR-5 loss weighting, and left-right flips of half the slices
-    "batch128-min-snr": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "batch_size": 128,
-        "physical_batch_size": 160,
-        "loss_weighting": "min-snr",
-    },
-    "batch128-flip": {
-        "preset": "cpu-small",
-        "timestep_sampling": "logit-normal",
-        "batch_size": 128,
-        "physical_batch_size": 160,
-        "flip": True,
-    },
-    # cpu-small as shipped (logit-normal, 512 patients a step) with min-SNR-5 loss weighting: the DP confirmation
-    "min-snr": {"preset": "cpu-small", "timestep_sampling": "logit-normal", "loss_weighting": "min-snr"},
-    "3d-baseline": {"preset": "cpu-3d"},
-    "3d-logit-normal-batch32": {"preset": "cpu-3d", "timestep_sampling": "logit-normal", "batch_size": 32},
-}
+RECIPES_FILE = Path(__file__).with_name("recipes.toml")
+
+
+def load_recipes(path: Path = RECIPES_FILE) -> dict[str, dict]:
+    """The recipe table (``recipes.toml``), each recipe checked now: a known preset, only ``Preset`` fields, and
+    values the preset accepts (``Preset.__post_init__``), so a renamed field fails here, not mid-benchmark."""
+    recipes = tomllib.loads(path.read_text())
+    fields = {f.name for f in dataclasses.fields(Preset)}
+    for name, spec in recipes.items():
+        unknown = sorted(set(spec) - fields - {"preset"})
+        if spec.get("preset") not in PRESETS or unknown:
+            raise ValueError(f"recipe {name!r} in {path.name}: preset {spec.get('preset')!r}, unknown fields {unknown}")
+        get_preset(spec["preset"], **{k: v for k, v in spec.items() if k != "preset"})
+    return recipes
+
+
+RECIPES = load_recipes()
 
 
 def parse_args() -> argparse.Namespace:
@@ -232,7 +153,7 @@ def quick_audit(
     ``matched``, TSTR also trains on as many unfiltered samples as the real training set has (same label shares),
     the audit's fair protocol, from seeds of their own."""
     model = load_generator(model_dir, device=device)
-    real = _load_real(CohortStore.open(store), model)
+    real = load_real(CohortStore.open(store), model)
     names = list(model.label_ids)
     settings = AuditSettings(n=n, classifier_seeds=2)
     kwargs = {"guidance": guidance} if guidance is not None else {}
@@ -263,9 +184,9 @@ def score_samples(
 ) -> dict:
     """The quick audit of ``synthetic`` against the store's real images: TSTR/TRTR (also on ``matched``, a
     synthetic set as large as the real one), Fréchet ratios, MS-SSIM."""
-    utility, trtr_model = _utility(real, synthetic, len(names), settings, device, matched=matched)
+    utility, trtr_model = utility_section(real, synthetic, len(names), settings, device, matched=matched)
     embedding = make_embedding(FEATURE_EMBEDDING, size, dims)
-    fid = _fidelity(real, synthetic, names, trtr_model, embedding, settings)
+    fid = fidelity_section(real, synthetic, names, trtr_model, embedding, settings)
     return {"utility": utility, "fidelity": fid, "quick": True}
 
 
@@ -402,7 +323,7 @@ def main() -> None:
             }
         if args.quick:
             result["sample_seed"] = args.sample_seed
-        result.update(machine=f"{platform.machine()}, {torch.get_num_threads()} threads", date=date.today().isoformat())
+        result.update(machine=machine(), date=date.today().isoformat())
         with (args.out / "results.jsonl").open("a") as handle:
             handle.write(json.dumps(result) + "\n")
         print(json.dumps(result), flush=True)

@@ -1,6 +1,6 @@
 """Latency of the REST service under a fixed request rate while a generation job runs.
 
-    .venv/bin/python benchmarks/bench_api_latency.py --models demo/models --rate 100 --seconds 20
+    .venv/bin/python benchmarks/perf/bench_api_latency.py --models demo/models --rate 100 --seconds 20
 
 Starts `synthcohort serve` on 127.0.0.1 with a fresh data directory, creates a key, starts a large cohort
 job, then sends GET /v1/models and GET /v1/cohorts/{id} alternately at a fixed rate (open loop: requests
@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import date
+from pathlib import Path
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 
 def main() -> None:
@@ -81,7 +83,7 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores; date {date.today()}; {args.rate:.0f} req/s for "
+        f"{machine_header()}; {args.rate:.0f} req/s for "
         f"{args.seconds:.0f} s while a {args.job_samples}-sample job ran (job status at the end: {status})\n"
     )
     print("| route | requests | p50 ms | p99 ms | max ms |")

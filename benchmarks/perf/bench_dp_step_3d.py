@@ -1,6 +1,6 @@
 """DP step vs non-private step for the 3-D denoiser (MONAI ``DiffusionModelUNet``, ``spatial_dims=3``).
 
-    .venv/bin/python benchmarks/bench_dp_step_3d.py --size 32 --batch 16 --repeats 3
+    .venv/bin/python benchmarks/perf/bench_dp_step_3d.py --size 32 --batch 16 --repeats 3
 
 For one physical batch of B patients (one volume each, K = 1): a non-private step (mean loss, one backward,
 Adam) against the DP step the 2-D trainer ships (torch.func per-patient gradients + Opacus DPOptimizer), with
@@ -11,9 +11,9 @@ estimate of what a ``cpu-3d`` preset can afford (issue: synthetic volumes).
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import warnings
-from datetime import date
+from pathlib import Path
 
 import torch
 from bench_dp_step import best_of, shipped_dp_step  # scripts run from benchmarks/, which Python puts on the path
@@ -22,6 +22,9 @@ from generators.diffusion import denoising_loss, noise_schedule, training_schedu
 from generators.diffusion_3d import build_unet_3d
 from generators.unet import UNet3DSize
 from train.per_patient_grads import brute_force_per_patient_grads
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 warnings.filterwarnings("ignore")
 
@@ -72,7 +75,7 @@ def main() -> None:
 
     err = float(((norms(mine) - norms(reference)).abs() / norms(reference)).max())
     print(
-        f"machine: {platform.machine()}, torch threads {torch.get_num_threads()}; date {date.today()}; "
+        f"{machine_header()}; "
         f"3-D UNet {size.channels}, attention {size.attention_levels}: {n_params / 1e6:.3f} M parameters; "
         f"{s}³ volumes, batch {b} patients, K = 1\n"
     )

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from generators.diffusion import noise_schedule, training_scheduler
-from train.dp_training import TrainConfig, _initial_state, _plan_run, draw_terms, private_generator
+from train.dp_training import TrainConfig, draw_terms, initial_state, plan_run, private_generator
 from train.per_patient_grads import make_per_patient_grad_fn
 from train.presets import get_preset
 from train.store import CohortStore
@@ -67,8 +67,8 @@ def main() -> None:
         allow_over_budget=True,
         force=True,
     )
-    run = _plan_run(config, CohortStore.open(args.store))
-    state = _initial_state(run, None)  # the cached public prior (trained here when not cached)
+    run = plan_run(config, CohortStore.open(args.store))
+    state = initial_state(run, None)  # the cached public prior (trained here when not cached)
     weights = [("public prior, random label embeddings", None)] + [(str(c), c) for c in args.checkpoint]
     print(f"preset {preset.name}: C = {preset.max_grad_norm}; quantiles {QUANTILES}")
     for name, checkpoint in weights:

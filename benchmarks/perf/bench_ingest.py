@@ -1,6 +1,6 @@
 """Time the demo cohort generator and ingestion at full size.
 
-    .venv/bin/python benchmarks/bench_ingest.py --patients 1000 --workers 2
+    .venv/bin/python benchmarks/perf/bench_ingest.py --patients 1000 --workers 2
 
 Writes into a temporary directory (about 2 GB for 1 000 patients) and prints one Markdown table row per
 stage, ready for BENCHMARKS.md.
@@ -9,8 +9,8 @@ stage, ready for BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import shutil
+import sys
 import tempfile
 import time
 from datetime import date
@@ -18,6 +18,9 @@ from pathlib import Path
 
 from train.demo_cohort import make_demo_cohort
 from train.ingest import IngestOptions, ingest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine
 
 
 def main() -> None:
@@ -53,17 +56,17 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
 
     n_dicom = sum(1 for p in plan if p.dicom)
-    machine = f"{platform.machine()}, {args.workers} workers"
+    where = f"{machine()}, {args.workers} workers"
     print("| stage | patients | inputs | wall time | throughput | machine | date |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print(
         f"| demo-data | {args.patients} | {args.patients} NIfTI + {n_dicom} DICOM series ({size_mb:.0f} MB) "
-        f"| {demo_s:.1f} s | {args.patients / demo_s:.1f} patients/s | {machine} | {date.today()} |"
+        f"| {demo_s:.1f} s | {args.patients / demo_s:.1f} patients/s | {where} | {date.today()} |"
     )
     print(
         f"| ingest ({args.size}px, {args.slices} slices) | {args.patients} | {result.report['inputs']['found']} "
         f"→ {result.store.n_slices} slices | {ingest_s:.1f} s | {result.report['inputs']['found'] / ingest_s:.1f} "
-        f"inputs/s | {machine} | {date.today()} |"
+        f"inputs/s | {where} | {date.today()} |"
     )
 
 

@@ -1,6 +1,6 @@
 """3-D sampling speed against a FLOP bound, for any volume model bundle.
 
-    .venv/bin/python benchmarks/bench_sampler_3d.py --model bench_runs/cpu3d --n 8
+    .venv/bin/python benchmarks/perf/bench_sampler_3d.py --model bench_runs/cpu3d --n 8
 
 Volumes/s at the card's default sampler (DPM-Solver++, guidance: two network passes per step), against a
 bound = measured matmul FLOP/s ÷ (network forward FLOPs per volume × steps × 2).
@@ -9,9 +9,9 @@ bound = measured matmul FLOP/s ÷ (network forward FLOPs per volume × steps × 
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import time
-from datetime import date
+from pathlib import Path
 
 import torch
 from bench_sampler import matmul_flops_per_second
@@ -19,6 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from generators.registry import load_generator
 from generators.unet import null_class
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 
 def main() -> None:
@@ -41,7 +44,7 @@ def main() -> None:
     bound = peak / (per_forward * options["steps"] * passes)
     measured = len(out.images) / seconds
     print(
-        f"machine: {platform.machine()}, torch threads {torch.get_num_threads()}; date {date.today()}; "
+        f"{machine_header()}; "
         f"{len(out.images)} volumes of {'x'.join(map(str, model.image_shape))}; sampler {options}\n"
         f"network forward: {per_forward / 1e9:.2f} GFLOP per volume; measured matmul {peak / 1e9:.1f} GFLOP/s; "
         f"bound {bound:.2f} volumes/s; measured {measured:.3f} volumes/s ({measured / bound:.1%} of the bound); "

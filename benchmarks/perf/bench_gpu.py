@@ -1,6 +1,6 @@
 """The GPU benchmark: one command on a bare GPU machine with only the project's wheels; downloads nothing.
 
-    .venv/bin/python benchmarks/bench_gpu.py --device cuda --out bench_runs/gpu
+    .venv/bin/python benchmarks/perf/bench_gpu.py --device cuda --out bench_runs/gpu
 
 (install torch with CUDA first, see the README's GPU section). It prints one JSON line per measurement and, at the
 end, a Markdown table for BENCHMARKS.md:
@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,7 +33,6 @@ from pathlib import Path
 
 import torch
 from bench_dp_step import shipped_dp_step  # scripts run from benchmarks/, which Python puts on the path
-from bench_utility import quick_audit, score_columns
 
 from app.calibrate import calibrate
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
@@ -44,6 +44,9 @@ from train.demo_cohort import make_demo_cohort
 from train.dp_training import TrainConfig, build_network, read_training_record, train_model
 from train.ingest import IngestOptions, ingest
 from train.presets import Preset, get_preset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # bench_utility's quick audit
+from bench_utility import quick_audit, score_columns
 
 EXPECTED_PATIENTS = 512  # the DP step's logical batch, as in the issue's table
 TOY_2D = UNetSize(block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4)

@@ -1,7 +1,7 @@
 """Re-score already trained models without training: the audit's TSTR protocol (n samples per label against a
 synthetic training set as large as the real one) and the sampler's guidance scale.
 
-    .venv/bin/python benchmarks/bench_rescore.py --store demo/store --model demo/model [--model M2 ...] \\
+    .venv/bin/python benchmarks/experiments/bench_rescore.py --store demo/store --model demo/model [--model M2 ...] \\
         [--guidance 1,2,4,6] [--small-tstr-only] --n 300 --threads 1
 
 Each (model, guidance) is scored by ``bench_utility.quick_audit``: unfiltered samples, two classifier seeds, the
@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
 from bench_utility import quick_audit, score_columns  # scripts run from benchmarks/, which Python puts on the path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine
 
 
 def main() -> None:
@@ -48,7 +51,7 @@ def main() -> None:
                 **score_columns(report),
                 "protocol": report["utility"]["protocol"],
                 "seconds": round(time.perf_counter() - started),
-                "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+                "machine": machine(),
                 "date": date.today().isoformat(),
             }
             print(json.dumps(row), flush=True)

@@ -1,6 +1,6 @@
 """DP training in several processes (torch.distributed, gloo on CPU) against one process, and the all-reduce on paper.
 
-    .venv/bin/python benchmarks/bench_distributed.py --store demo/store --out bench_runs/distributed --steps 20
+    .venv/bin/python benchmarks/perf/bench_distributed.py --store demo/store --out bench_runs/distributed --steps 20
 
 Trains the same recipe twice through the CLI, as a user would: ``--nproc-per-node P`` with ``cores / P`` threads
 per process, then one process with every core, and prints seconds per DP step from each run's private training
@@ -14,15 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 from train.dp_training import build_network, read_training_record
 from train.presets import get_preset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 LINKS_GB_S = {"NVLink (≈ 300 GB/s per direction, H100/H200 class)": 300.0, "25 Gb/s Ethernet": 25 / 8}
 
@@ -78,7 +79,7 @@ def main() -> None:
         train_run(args.store, args.out / "multi", args.preset, args.steps, args.nproc, max(1, cores // args.nproc)),
         train_run(args.store, args.out / "single", args.preset, args.steps, None, cores),
     ]
-    print(f"machine: {platform.machine()}, {cores} cores; date {date.today()}; {args.preset}, {args.steps} steps")
+    print(f"{machine_header()}; {args.preset}, {args.steps} steps")
     print("\n| processes × threads | s per DP step | wall (incl. start-up) |\n| --- | --- | --- |")
     for r in runs:
         print(f"| {r['processes']} × {r['threads_each']} | {r['s_per_step']:.3f} | {r['wall_s']:.1f} s |")

@@ -1,6 +1,6 @@
 """Audit numbers side by side (e.g. the ε = 8 demo model and a non-private one) as a BENCHMARKS.md table.
 
-    .venv/bin/python benchmarks/bench_audit.py --store demo/store --model demo/model --model demo/model-nodp
+    .venv/bin/python benchmarks/privacy/bench_audit.py --store demo/store --model demo/model --model demo/model-nodp
 
 Runs ``synthcohort audit`` with its defaults (500 samples per label) for every ``--model`` into
 ``--out/<model dir name>`` (or reads an existing ``report.json`` there with ``--reuse``) and prints one
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
-from datetime import date
 from pathlib import Path
 
-import torch
-
 from app.audit import AuditSettings, run_audit
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 ROWS = (
     ("privacy guarantee", lambda r: _guarantee(r)),
@@ -99,10 +99,7 @@ def main() -> None:
         start = time.perf_counter()
         reports.append(run_audit(args.store, model, out, AuditSettings(n=args.n), force=True))
         print(f"{model}: audited in {time.perf_counter() - start:.0f} s")
-    print(
-        f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, date {date.today()}; "
-        f"{args.n} samples per label"
-    )
+    print(f"{machine_header()}; {args.n} samples per label")
     print("| measure | " + " | ".join(Path(m).name for m in args.model) + " |")
     print("| --- |" + " --- |" * len(args.model))
     for name, cell in ROWS:

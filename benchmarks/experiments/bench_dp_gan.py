@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -40,7 +40,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
-from app.audit import AuditSettings, Synthetic, _load_real
+from app.audit import AuditSettings, Synthetic, load_real
 from generators.base import save_grid
 from generators.errors import SynthCohortError
 from train.accounting import count_mechanism, epsilon_of, plan_privacy
@@ -48,6 +48,9 @@ from train.dp_training import PatientSlices, make_dp_optimizer, private_generato
 from train.preprocess import resize_images
 from train.public_prior import augment, template_images
 from train.store import CohortStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine
 
 SIZE = 32  # the CPU presets' resolution
 LATENT = 64
@@ -249,7 +252,7 @@ def quick_scores(store: CohortStore, g: nn.Module, n: int, out: Path) -> dict:
     """``bench_utility``'s quick audit for ``n`` samples per label of ``g`` (sample grids into ``out``)."""
     names = list(store.label_names)
     label_ids = {name: i for i, name in enumerate(names)}
-    real = _load_real(store, SimpleNamespace(label_ids=label_ids, image_shape=(SIZE, SIZE)))
+    real = load_real(store, SimpleNamespace(label_ids=label_ids, image_shape=(SIZE, SIZE)))
     labels = torch.arange(len(names)).repeat_interleave(n)
     gen = torch.Generator().manual_seed(10_000)
     with torch.no_grad():
@@ -284,7 +287,7 @@ def main() -> None:
     row = {
         "recipe": "dp-gan" if not args.no_dp else "gan-no-dp",
         "date": date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "machine": machine(),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "discriminator_parameters": sum(p.numel() for p in d.parameters()),
         "generator_parameters": sum(p.numel() for p in g.parameters()),

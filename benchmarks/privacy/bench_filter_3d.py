@@ -1,6 +1,6 @@
 """The 3-D memorization filter on planted 3-D canaries, and its rejection-versus-strength curves.
 
-    .venv/bin/python benchmarks/bench_filter_3d.py --store demo/store3d --sizes 32,24,16
+    .venv/bin/python benchmarks/privacy/bench_filter_3d.py --store demo/store3d --sizes 32,24,16
 
 For each model grid size, the filter is built on the store's training volumes (resized like calibration does)
 and calibrated on its held-out patients; the table gives held-out acceptance (2-fold by patient), the rejection
@@ -11,10 +11,9 @@ index, calibration and self-test). The curves sweep each kind's strength at the 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
 import time
-from datetime import date
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +22,9 @@ from privacy_filters.canaries import KINDS_3D, STRENGTH_GRID
 from privacy_filters.memorization import rejection_curves
 from train.preprocess import resize_split
 from train.store import CohortStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 
 def main() -> None:
@@ -35,7 +37,7 @@ def main() -> None:
     if store.spatial_dims != 3:
         raise SystemExit(f"{args.store} holds slices; ingest with --dims 3")
     train, holdout = store.read("train"), store.read("holdout")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; date {date.today()}; store {store!r}\n")
+    print(f"{machine_header()}; store {store!r}\n")
     kinds = list(KINDS_3D)
     print(f"| grid | held-out accepted | {' | '.join(kinds)} | blend 0.8/0.2 | build s |")
     print("| --- " * (len(kinds) + 4) + "|")

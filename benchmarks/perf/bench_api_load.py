@@ -1,6 +1,6 @@
 """Many researchers at once while cohort jobs run: latency per route, errors, API memory over time.
 
-    .venv/bin/python benchmarks/bench_api_load.py --models MODELS_DIR --researchers 200 --seconds 600 \
+    .venv/bin/python benchmarks/perf/bench_api_load.py --models MODELS_DIR --researchers 200 --seconds 600 \
         --db postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
 Starts ``--apis`` API processes (``serve --no-worker``) and ``--workers`` job workers on a fresh PostgreSQL
@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -26,11 +25,13 @@ import tempfile
 import time
 import uuid
 from collections import Counter, defaultdict
-from datetime import date
 from pathlib import Path
 
 import httpx
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 ACTIVE = ("queued", "running")
 
@@ -212,7 +213,7 @@ def main() -> None:
 def report(args, result: dict, n_apis: int) -> None:
     stats = result["stats"]
     setup = f"{n_apis} API + {args.workers} workers on PostgreSQL" if args.db else "one embedded serve on SQLite"
-    print(f"# {date.today()}, {platform.node()}, {os.cpu_count()} CPUs; {setup}")
+    print(f"# {machine_header()}; {setup}")
     print(
         f"{args.researchers} researchers, {args.seconds:.0f} s loop (models, job, manifest, one file; "
         f"{args.think} s think time) while {args.big_jobs} jobs of {args.big_samples} samples run"

@@ -6,8 +6,9 @@ and its samples are compared, in the audit's fixed filter embedding, with augmen
 (``train.public_prior.augment``); a second augmented set gives the floor. No store is read, so the prior can be
 tuned on this number without looking at any patient. Writes a PNG of 16 samples over 16 augmented slices.
 
-    .venv/bin/python benchmarks/bench_public_prior.py --preset cpu-small --steps 800 --png prior.png
-    .venv/bin/python benchmarks/bench_public_prior.py --preset cpu-small --cached bench_runs/X/priors/prior-….pt
+    .venv/bin/python benchmarks/experiments/bench_public_prior.py --preset cpu-small --steps 800 --png prior.png
+    .venv/bin/python benchmarks/experiments/bench_public_prior.py --preset cpu-small \\
+        --cached bench_runs/X/priors/prior-….pt
 """
 
 from __future__ import annotations

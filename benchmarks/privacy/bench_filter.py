@@ -1,6 +1,6 @@
 """Memorization filter: embedding comparison on canaries and nearest-neighbour search speed.
 
-    .venv/bin/python benchmarks/bench_filter.py --store demo/store
+    .venv/bin/python benchmarks/privacy/bench_filter.py --store demo/store
 
 Part 1 builds the filter on the store with each embedding and reports canary rejection per kind,
 held-out acceptance (2-fold by patient) and blend rejection. Part 2 grows the index to 10 k, 100 k and 1 M
@@ -11,10 +11,9 @@ force, FAISS flat, IVF and HNSW on the same embeddings, with the recall of each 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import sys
 import time
-from datetime import date
+from pathlib import Path
 
 import numpy as np
 
@@ -23,6 +22,9 @@ from privacy_filters.canaries import make_canaries
 from privacy_filters.embeddings import embed, make_embedding
 from privacy_filters.nearest_neighbour import NearestNeighbourIndex, brute_force_search
 from train.store import CohortStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 
 def compare_embeddings(store: CohortStore) -> None:
@@ -110,7 +112,7 @@ def main() -> None:
     parser.add_argument("--skip-embeddings", action="store_true")
     args = parser.parse_args()
     store = CohortStore.open(args.store)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; date {date.today()}; store {store!r}\n")
+    print(f"{machine_header()}; store {store!r}\n")
     if not args.skip_embeddings:
         compare_embeddings(store)
         print()

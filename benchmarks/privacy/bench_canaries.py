@@ -1,7 +1,7 @@
 """Memorization filter against near-copies: rejection as each transform's strength grows, held-out acceptance,
 query speed, for each filter (the default two views together, and each view alone).
 
-    .venv/bin/python benchmarks/bench_canaries.py --store demo/store --size 32 --out benchmarks/figures
+    .venv/bin/python benchmarks/privacy/bench_canaries.py --store demo/store --size 32 --out benchmarks/figures
 
 Builds the filter on the store's training slices resized to ``--size`` (the model's size; 32 for cpu-small),
 calibrated at q = 0.05 on the held-out patients (per-patient quantile), then plants near-copies of ``--n``
@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
+import sys
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,9 @@ from privacy_filters.canaries import DOCUMENTED, STRENGTH_GRID
 from privacy_filters.memorization import rejection_curves
 from train.preprocess import resize_split
 from train.store import CohortStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 
 def main() -> None:
@@ -48,7 +50,7 @@ def main() -> None:
     holdout_images = resize_split(holdout.images, args.size)
     sources = train_images[np.random.default_rng(0).choice(len(train_images), size=args.n, replace=False)]
     args.out.mkdir(parents=True, exist_ok=True)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}; {date.today()}")
+    print(machine_header())
     print(f"store: {len(train_images)} training and {len(holdout_images)} held-out slices at {args.size} px\n")
     for name in args.filters.split(";"):
         start = time.perf_counter()

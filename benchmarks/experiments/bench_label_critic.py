@@ -16,7 +16,8 @@ The critic is the audit's small CNN (``privacy_filters.audit_classifier.SmallCNN
 ``--validate`` first scores the critic on a seeded fifth of the TRAINING patients (trained on the rest), never on
 the held-out patients. Runs on the demo store and prints accuracies computed from it: never on a hospital's store.
 
-    .venv/bin/python benchmarks/bench_label_critic.py --store demo/store --model MODEL_DIR --critic-epsilon 3
+    .venv/bin/python benchmarks/experiments/bench_label_critic.py --store demo/store --model MODEL_DIR \\
+        --critic-epsilon 3
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from bench_utility import score_columns, score_samples  # scripts run from bench
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.func import functional_call, grad, vmap
 
-from app.audit import AuditSettings, Synthetic, _load_real
+from app.audit import AuditSettings, Synthetic, load_real
 from generators.card import read_card
 from generators.registry import load_generator
 from privacy_filters import audit_classifier as clf
@@ -173,7 +174,7 @@ def main() -> None:
     )
     agree = {name: round(float((own[first][ids[first] == k] > 0.5).mean()), 3) for k, name in enumerate(names)}
     print(f"critic agrees with the label of {agree} of the unfiltered samples", flush=True)
-    real = _load_real(store, model)
+    real = load_real(store, model)
     settings = AuditSettings(n=args.n, classifier_seeds=2)
     for name, keep in (("unfiltered", first), ("critic-filtered", best)):
         report = score_samples(real, Synthetic(images[keep], ids[keep]), names, settings, card.image_size, 2)

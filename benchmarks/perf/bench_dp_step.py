@@ -1,6 +1,6 @@
 """DP step time vs non-private step time for the shipped model, and Opacus' per-sample modes for comparison.
 
-    .venv/bin/python benchmarks/bench_dp_step.py --preset cpu-small --batch 128 --repeats 5
+    .venv/bin/python benchmarks/perf/bench_dp_step.py --preset cpu-small --batch 128 --repeats 5
 
 For one physical batch of B patients (m slices each, K = 1): a non-private step of the same recipe (same
 trainable parameter set; mean loss, one backward, Adam) against the DP step we ship (torch.func per-patient
@@ -12,10 +12,10 @@ against brute force, with and without making conv inputs contiguous (the channel
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import time
 import warnings
-from datetime import date
+from pathlib import Path
 
 import torch
 from opacus import GradSampleModule
@@ -26,6 +26,9 @@ from generators.unet import build_unet, use_plain_attention
 from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
 from train.presets import get_preset
 from train.trainable import count_parameters, prepare_trainable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 warnings.filterwarnings("ignore")
 
@@ -104,7 +107,7 @@ def main() -> None:
     base = best_of(non_private, args.repeats)
     ours = best_of(dp_step, args.repeats)
     print(
-        f"machine: {platform.machine()}, torch threads {torch.get_num_threads()}; date {date.today()}; "
+        f"{machine_header()}; "
         f"preset {preset.name}: {size} px, {n_trained / 1e6:.3f} of {n_params / 1e6:.2f} M parameters trained "
         f"({preset.trainable}), batch {b} patients × m = {m} slices, K = 1\n"
     )

@@ -1,6 +1,6 @@
 """Sampler quality at the default (DPM-Solver++, 20 steps) vs 50-step DDIM, speed, and a FLOP bound.
 
-    .venv/bin/python benchmarks/bench_sampler.py --model demo/model --store demo/store --n 256
+    .venv/bin/python benchmarks/perf/bench_sampler.py --model demo/model --store demo/store --n 256
 
 Quality: Fréchet distance to the real held-out slices in the memorization filter's embedding (no download
 needed), for each solver, plus the per-pixel RMSE between samples of the two solvers started from the same
@@ -12,9 +12,9 @@ steps × 2 for classifier-free guidance).
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 import time
-from datetime import date
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from generators.diffusion_2d import DiffusionModel
 from privacy_filters.embeddings import embed, make_embedding
 from privacy_filters.fidelity import frechet_distance
 from train.store import CohortStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
+from common import machine_header
 
 
 def matmul_flops_per_second() -> float:
@@ -63,7 +66,7 @@ def main() -> None:
 
     base = results["DDIM 50"][0]
     print(
-        f"machine: {platform.machine()}, torch threads {torch.get_num_threads()}; date {date.today()}; "
+        f"{machine_header()}; "
         f"{len(base)} samples ({args.n} per label) vs {len(real)} real held-out slices at {size} px\n"
     )
     print("| sampler | FD to real held-out | RMSE vs DDIM 50 (same seeds) | images/s |")
