@@ -16,7 +16,6 @@ never served. Training images appear in it only with ``include_neighbours``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -29,6 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from app.audit_schema import (
+    AuditReport,
+    CohortMeasured,
+    Fidelity,
+    ModelMeasured,
+    Privacy,
+    StoreMeasured,
+    Utility,
+)
 from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, load_seed_key, sample_seed
 from generators.atomic import publish_directory
 from generators.base import Generator, resolve_device
@@ -47,7 +55,6 @@ from train.accounting import epsilon_of
 from train.preprocess import resize_split
 from train.store import CohortStore
 
-REPORT_FORMAT = 1
 FEATURE_EMBEDDING = "aligned-pyramid"  # the fixed 256-d feature space of Fréchet distances, DCR and the MC attack
 STAGES = 12  # progress callbacks per run (load, cohort, unfiltered, matched cohort, classifiers, fidelity, covariates,
 # dcr, canaries, 2 attacks, report)
@@ -110,7 +117,7 @@ def run_audit(
     *,
     force: bool = False,
     progress: Callable[[str], None] | None = None,
-) -> dict:
+) -> AuditReport:
     """Measure everything, write ``out/report.json``, ``out/report.html`` and ``out/figures/``; return the report.
 
     Raises:
@@ -200,48 +207,49 @@ def run_audit(
         bound = _dp_bound(card)
         lap("dp_bound")
 
-        report = {
-            "format": REPORT_FORMAT,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "notice": INTERNAL_NOTICE,
-            "settings": {**asdict(settings), "device": str(device)},
-            "model": _model_summary(model_dir, card),
-            "store": _store_summary(store, real),
-            "cohort": {
-                "per_label": settings.n,
-                "accepted": len(cohort.images),
+        report = AuditReport(
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            notice=INTERNAL_NOTICE,
+            settings={**asdict(settings), "device": str(device)},
+            model=_model_summary(model_dir, card),
+            store=_store_summary(store, real),
+            cohort=CohortMeasured(
+                per_label=settings.n,
+                accepted=len(cohort.images),
                 **cohort.extra,
-                "reproduce": f"synthcohort export MODEL_DIR --n {settings.n} --seed {settings.seed}"
+                reproduce=f"synthcohort export MODEL_DIR --n {settings.n} --seed {settings.seed}"
                 + (" --allow-not-private" if not card.dp else ""),
-            },
-            "utility": utility,
-            "fidelity": fid,
-            "covariates": covariates,
-            "privacy": {
-                "filter": {
-                    "quantile": filt.quantile,
-                    "holdout_acceptance_rate": filt.record.get("holdout_acceptance_rate"),
-                    "catch_rate_unfiltered": float(np.mean(raw_scores < 1.0)),
-                    "catch_rate_by_label": {
-                        name: float(np.mean(raw_scores[raw.labels == model.label_ids[name]] < 1.0))
-                        for name in label_names
+            ),
+            utility=Utility.model_validate(utility),
+            fidelity=Fidelity.model_validate(fid),
+            covariates=covariates,
+            privacy=Privacy.model_validate(
+                {
+                    "filter": {
+                        "quantile": filt.quantile,
+                        "holdout_acceptance_rate": filt.record.get("holdout_acceptance_rate"),
+                        "catch_rate_unfiltered": float(np.mean(raw_scores < 1.0)),
+                        "catch_rate_by_label": {
+                            name: float(np.mean(raw_scores[raw.labels == model.label_ids[name]] < 1.0))
+                            for name in label_names
+                        },
+                        "meaning": "share of unfiltered samples the memorization filter rejects; by construction "
+                        "about the quantile for samples as far from training as unseen patients are",
+                        "canaries": canaries,
                     },
-                    "meaning": "share of unfiltered samples the memorization filter rejects; by construction about "
-                    "the quantile for samples as far from training as unseen patients are",
-                    "canaries": canaries,
-                },
-                "dcr": dcr,
-                "membership_inference": {"loss": loss_attack, "monte_carlo": mc_attack},
-                "dp_bound": bound,
-            },
-            "timings_s": timings,
-        }
+                    "dcr": dcr,
+                    "membership_inference": {"loss": loss_attack, "monte_carlo": mc_attack},
+                    "dp_bound": bound,
+                }
+            ),
+            timings_s=timings,
+        )
         neighbours = _neighbours(real, raw, raw_scores, filt) if settings.include_neighbours else None
         step("writing report.json, figures and report.html")
         write_report(work, report, cohort=cohort, label_names=label_names, neighbours=neighbours)
-        report["timings_s"]["report"] = round(time.perf_counter() - clock, 2)
-        report["timings_s"]["total"] = round(sum(v for k, v in report["timings_s"].items() if k != "total"), 2)
-        (work / "report.json").write_text(json.dumps(report, indent=2, default=_json_default))
+        report.timings_s["report"] = round(time.perf_counter() - clock, 2)
+        report.timings_s["total"] = round(sum(v for k, v in report.timings_s.items() if k != "total"), 2)
+        (work / "report.json").write_text(report.to_json())
         shutil.rmtree(work / "cohort", ignore_errors=True)
         shutil.rmtree(work / "covariates", ignore_errors=True)
         _publish(work, out)
@@ -739,37 +747,29 @@ RECIPE_KEYS = (
 )
 
 
-def _model_summary(model_dir: Path, card: ModelCard) -> dict:
+def _model_summary(model_dir: Path, card: ModelCard) -> ModelMeasured:
     keys = ("dp", "epsilon", "delta", "target_epsilon", "accountant", "noise_multiplier", "sample_rate", "steps")
-    return {
-        "dir_name": model_dir.name,
-        "generator": card.generator,
-        "training_inputs_digest": card.training_inputs_digest,
-        "preset": card.preset.get("name"),
-        "recipe": {k: card.preset.get(k) for k in RECIPE_KEYS},
-        "image_size": card.image_size,
-        "labels": list(card.labels),
+    return ModelMeasured(
+        dir_name=model_dir.name,
+        generator=card.generator,
+        training_inputs_digest=card.training_inputs_digest,
+        preset=card.preset.get("name"),
+        recipe={k: card.preset.get(k) for k in RECIPE_KEYS},
+        image_size=card.image_size,
+        labels=list(card.labels),
         **card.public(keys),
-        "statement": card.statement,
-    }
+        statement=card.statement,
+    )
 
 
-def _store_summary(store: CohortStore, real: RealData) -> dict:
-    return {
-        "fingerprint": store.fingerprint,
-        "n_train_patients": len(np.unique(real.train_patients)),
-        "n_holdout_patients": len(np.unique(real.holdout_patients)),
-        "n_train_slices": len(real.train),
-        "n_holdout_slices": len(real.holdout),
-    }
-
-
-def _json_default(value: object) -> object:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def _store_summary(store: CohortStore, real: RealData) -> StoreMeasured:
+    return StoreMeasured(
+        fingerprint=store.fingerprint,
+        n_train_patients=len(np.unique(real.train_patients)),
+        n_holdout_patients=len(np.unique(real.holdout_patients)),
+        n_train_slices=len(real.train),
+        n_holdout_slices=len(real.holdout),
+    )
 
 
 def _publish(work: Path, out: Path) -> None:

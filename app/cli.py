@@ -268,21 +268,21 @@ def audit(
 
         report = run_audit(store, model_dir, out, settings, force=force, progress=on_stage)
         bar.update(STAGES - bar.n)
-    u, p = report["utility"], report["privacy"]
-    mi, bound = p["membership_inference"], p["dp_bound"]
-    typer.echo(f"report {out / 'report.html'} and {out / 'report.json'} ({report['timings_s']['total']:.0f} s)")
-    if report["cohort"]["pipeline_stopped"]:
-        typer.echo(f"  FINDING: the release pipeline refused this model: {report['cohort']['finding']}")
+    u, p = report.utility, report.privacy
+    mi, bound = p.membership_inference, p.dp_bound
+    typer.echo(f"report {out / 'report.html'} and {out / 'report.json'} ({report.timings_s['total']:.0f} s)")
+    if report.cohort.pipeline_stopped:
+        typer.echo(f"  FINDING: the release pipeline refused this model: {report.cohort.finding}")
     typer.echo(
-        f"  utility: TSTR accuracy {u['tstr']['accuracy']:.3f} vs TRTR {u['trtr']['accuracy']:.3f} "
-        f"(AUC {u['tstr']['auc']:.3f} vs {u['trtr']['auc']:.3f})"
+        f"  utility: TSTR accuracy {u.tstr.accuracy:.3f} vs TRTR {u.trtr.accuracy:.3f} "
+        f"(AUC {u.tstr.auc:.3f} vs {u.trtr.auc:.3f})"
     )
     typer.echo(
-        f"  fidelity: Fréchet ratio {report['fidelity']['frechet']['classifier_features']['ratio']:.2f} "
-        f"(synthetic vs real baseline); DCR share {p['dcr']['share_filtered']:.3f} (target ≈ 0.5); "
-        f"filter catches {p['filter']['catch_rate_unfiltered']:.1%} of unfiltered samples"
+        f"  fidelity: Fréchet ratio {report.fidelity.frechet.classifier_features.ratio:.2f} "
+        f"(synthetic vs real baseline); DCR share {p.dcr.share_filtered:.3f} (target ≈ 0.5); "
+        f"filter catches {p.filter.catch_rate_unfiltered:.1%} of unfiltered samples"
     )
-    covariates = report.get("covariates") or {}
+    covariates = report.covariates or {}
     if "mae_synthetic" in covariates.get("age", {}):
         age = covariates["age"]
         typer.echo(
@@ -296,14 +296,14 @@ def audit(
             f"{sex['accuracy_real_holdout']:.3f}, chance 0.5)"
         )
     ceiling = (
-        f"(ε, δ) ceiling TPR {bound['tpr_at_low_fpr']:.3f}, AUC {bound['auc']:.3f}"
-        if bound["private"]
+        f"(ε, δ) ceiling TPR {bound.tpr_at_low_fpr:.3f}, AUC {bound.auc:.3f}"
+        if bound.private and bound.tpr_at_low_fpr is not None and bound.auc is not None
         else "NOT PRIVATE"
     )
     typer.echo(
-        f"  membership inference per patient: loss attack AUC {mi['loss']['auc']:.3f}, "
-        f"TPR@1%FPR {mi['loss']['tpr_at_low_fpr']:.3f}; Monte-Carlo on released samples AUC "
-        f"{mi['monte_carlo']['filtered']['auc']:.3f}; {ceiling}"
+        f"  membership inference per patient: loss attack AUC {mi.loss.auc:.3f}, "
+        f"TPR@1%FPR {mi.loss.tpr_at_low_fpr:.3f}; Monte-Carlo on released samples AUC "
+        f"{mi.monte_carlo.filtered.auc:.3f}; {ceiling}"
     )
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from app.audit import RECIPE_KEYS, AuditSettings, run_audit
+from app.audit_schema import AuditReport
 from generators.errors import Conflict, InvalidInput
 
 FAST = {
@@ -25,7 +26,7 @@ FAST = {
 
 
 @pytest.fixture(scope="module")
-def audited(tiny_model: Path, canary_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def audited(tiny_model: Path, canary_store, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AuditReport]:
     out = tmp_path_factory.mktemp("audit") / "report"
     report = run_audit(canary_store.store.path, tiny_model, out, AuditSettings(**FAST))
     return out, report
@@ -40,7 +41,7 @@ def test_report_numbers_have_the_structure_their_definitions_force(audited, tiny
     test slices, an AUC is a Mann–Whitney count over member × non-member pairs, a DCR share counts samples."""
     out, report = audited
     on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["utility"] == report["utility"]
+    assert AuditReport.model_validate(on_disk).to_json() == report.to_json()  # report.json: the typed report, whole
     u, store = on_disk["utility"], on_disk["store"]
     n_test = store["n_holdout_slices"]
     for name in ("trtr", "tstr", "tstr_small_n"):
@@ -146,7 +147,7 @@ def test_a_model_the_pipeline_refuses_is_still_audited_with_the_finding(tiny_mod
     meta["threshold"] = 1e9  # every output now sits "closer than unseen patients": the pipeline must refuse
     meta_path.write_text(json.dumps(meta))
     report = run_audit(canary_store.store.path, strict, tmp_path / "r", AuditSettings(**FAST))
-    assert report["cohort"]["pipeline_stopped"] and "appears to memorize" in report["cohort"]["finding"]
-    assert report["cohort"]["source"].startswith("the whole unfiltered batch")
-    assert report["privacy"]["filter"]["catch_rate_unfiltered"] == 1.0
+    assert report.cohort.pipeline_stopped and "appears to memorize" in str(report.cohort.finding)
+    assert report.cohort.source.startswith("the whole unfiltered batch")
+    assert report.privacy.filter.catch_rate_unfiltered == 1.0
     assert "FINDING: the release pipeline refused this model" in (tmp_path / "r" / "report.html").read_text()

@@ -337,7 +337,7 @@ def test_the_audit_reports_covariate_fidelity(covariate_model: Path, canary_stor
     n = 6
     settings = AuditSettings(n=n, classifier_steps=15, classifier_seeds=1, mia_timesteps=(50,), ms_ssim_pairs=10)
     report = run_audit(canary_store.store.path, covariate_model, tmp_path / "audit", settings)
-    c = report["covariates"]
+    c = report.covariates
     assert c["requested"] == {"age": {"min": 18, "max": 90}, "sex": {"F": 0.5, "M": 0.5}}
     assert c["synthetic_samples"] == 2 * n
     holdout = canary_store.store.read("holdout")

@@ -169,13 +169,13 @@ def test_the_audit_measures_a_3d_model(volume_store, model_3d, tmp_path: Path) -
         sampler_steps=3,
     )
     report = run_audit(volume_store.path, out, tmp_path / "report", settings)
-    utility = report["utility"]
-    assert "3-D" in utility["classifier"] and "volumes" in utility["test_set"]
+    utility = report.utility
+    assert "3-D" in utility.classifier and "volumes" in utility.test_set
     n_holdout = len(volume_store.read("holdout").images)
-    accuracy = utility["trtr"]["per_seed"][0]["accuracy"]
+    accuracy = utility.trtr.per_seed[0]["accuracy"]
     assert abs(accuracy * n_holdout - round(accuracy * n_holdout)) < 1e-6  # a share of held-out volumes
-    assert set(report["privacy"]["filter"]["canaries"]["curves"]) == set(KINDS_3D) - {"exact", "flip"}
-    assert 0.0 <= report["privacy"]["dcr"]["share_filtered"] <= 1.0
+    assert set(report.privacy.filter.canaries.curves) == set(KINDS_3D) - {"exact", "flip"}
+    assert 0.0 <= report.privacy.dcr.share_filtered <= 1.0
     assert (tmp_path / "report" / "report.html").is_file() and (
         tmp_path / "report" / "figures" / "neighbours.png"
     ).is_file()

@@ -310,7 +310,9 @@ def main() -> None:
             )
         else:
             calibrate(cell.store, model_dir)
-            report = run_audit(cell.store, model_dir, model_dir.parent / "audit", AuditSettings(n=args.n), force=True)
+            report = run_audit(
+                cell.store, model_dir, model_dir.parent / "audit", AuditSettings(n=args.n), force=True
+            ).as_json()
         guidance = args.guidance if args.quick and args.guidance is not None else card["sampler"]["guidance"]
         result = row(recipe, card, record, report, time.perf_counter() - started, guidance)
         result["run"] = run

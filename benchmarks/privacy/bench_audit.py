@@ -97,7 +97,7 @@ def main() -> None:
             reports.append(json.loads((out / "report.json").read_text()))
             continue
         start = time.perf_counter()
-        reports.append(run_audit(args.store, model, out, AuditSettings(n=args.n), force=True))
+        reports.append(run_audit(args.store, model, out, AuditSettings(n=args.n), force=True).as_json())
         print(f"{model}: audited in {time.perf_counter() - start:.0f} s")
     print(f"{machine_header()}; {args.n} samples per label")
     print("| measure | " + " | ".join(Path(m).name for m in args.model) + " |")
