@@ -70,6 +70,7 @@ class JobRunner:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._stopping, self._wake = threading.Event(), threading.Event()
         self._running: dict[str, threading.Event] = {}  # job id -> "stop this job" (cancel, lost lease, shutdown)
+        self._previewing: set[threading.Thread] = set()  # workers making a preview: not waited for at shutdown
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._usage = (-1e9, 0)  # (when measured, bytes)
@@ -116,8 +117,11 @@ class JobRunner:
         with self._lock:
             for event in self._running.values():
                 event.set()
+        with self._lock:
+            previewing = set(self._previewing)
         for thread in self._threads:
-            thread.join(timeout=120)
+            if thread not in previewing:  # a preview is resumable and holds no job: the process need not wait for it
+                thread.join(timeout=120)
 
     # ---------------------------------------------------------------------------------- claiming and leases
     def _work(self) -> None:
@@ -140,13 +144,22 @@ class JobRunner:
 
     def _make_a_preview(self) -> bool:
         """Idle: make one missing model preview (the web pages show only finished ones); ``True`` if one was made."""
-        for model in self.registry.models.values():
-            try:
-                if make_preview(model, self.data_dir, allow_not_private=self.registry.allow_not_private):
-                    return True
-            except Exception:  # a model that cannot make one (e.g. a memorizing model) must not stop the jobs
-                log.warning("could not make the preview of model %s", model.id, exc_info=True)
-        return False
+        me = threading.current_thread()
+        with self._lock:
+            self._previewing.add(me)
+        try:
+            for model in self.registry.models.values():
+                if self._stopping.is_set():
+                    return False
+                try:
+                    if make_preview(model, self.data_dir, allow_not_private=self.registry.allow_not_private):
+                        return True
+                except Exception:  # a model that cannot make one (e.g. a memorizing model) must not stop the jobs
+                    log.warning("could not make the preview of model %s", model.id, exc_info=True)
+            return False
+        finally:
+            with self._lock:
+                self._previewing.discard(me)
 
     def _claim(self) -> str | None:
         """The oldest active job nobody holds (or whose holder's lease ran out), now held by this process."""

@@ -540,3 +540,35 @@ def test_a_hundred_concurrent_requests_all_succeed(server) -> None:
         return [a.status_code for a in answers]
 
     assert asyncio.run(burst()) == [200] * 100
+
+
+def test_shutdown_does_not_wait_for_a_preview_in_the_making(tiny_model: Path, tmp_path: Path, monkeypatch) -> None:
+    """An idle worker making a model preview holds no job and its preview resumes later, so stopping the service
+    (uvicorn waits for the runner) must not wait for it; it did, for up to 120 s, on a busy machine."""
+    import threading
+
+    from app import jobs
+    from app.db import upgrade
+    from app.model_registry import ModelRegistry
+    from app.settings import Settings
+
+    started, release = threading.Event(), threading.Event()
+
+    def slow_preview(model, data_dir: Path, *, allow_not_private: bool) -> bool:
+        started.set()
+        release.wait(60)  # a preview of a large model on a busy machine
+        return False
+
+    monkeypatch.setattr(jobs, "make_preview", slow_preview)
+    url = f"sqlite:///{tmp_path / 'jobs.sqlite'}"
+    upgrade(url)
+    settings = Settings(data_dir=tmp_path / "data", db_url=url, job_poll_seconds=0.1)
+    runner = jobs.job_runner(settings, ModelRegistry(make_models(tiny_model, tmp_path)), workers=1)
+    runner.start()
+    try:
+        assert started.wait(30), "the idle worker never started a preview"
+        begun = time.monotonic()
+        runner.shutdown()
+        assert time.monotonic() - begun < 5
+    finally:
+        release.set()
