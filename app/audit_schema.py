@@ -18,7 +18,7 @@ REPORT_FORMAT = 1
 
 
 class Record(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ModelMeasured(Record):

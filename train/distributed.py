@@ -98,11 +98,8 @@ def _collective_device() -> torch.device:
 def join_world(device: str = "auto", timeout_s: float = COLLECTIVE_TIMEOUT_S) -> World:
     """This process's :class:`World`: joins the process group ``torchrun`` describes in the environment (NCCL on
     GPUs, gloo on CPUs; every collective times out after ``timeout_s``), or a world of one without it."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
-        return World()
-    world = World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
+    world = current_world()
+    if world.distributed and not dist.is_initialized():
         cuda = device in ("auto", "cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(world.local_rank)

@@ -492,7 +492,8 @@ def resident_images(images: np.ndarray, size: int, device: torch.device) -> np.n
     limit = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 4 << 30
     if nbytes > limit:
         return images
-    return torch.from_numpy(np.array(resize_split(images, size), dtype=np.float32)).to(device)
+    resized = resize_split(images, size)  # a new array, or the (read-only) memory map itself when already at size
+    return torch.from_numpy(np.array(resized, dtype=np.float32) if resized is images else resized).to(device)
 
 
 def initial_state(run: TrainingRun, progress: Callable[[TrainProgress], None] | None) -> TrainingState:
@@ -772,7 +773,7 @@ def _dp_pass(
     detached = {n: p.detach() for n, p in params.items()}
     if preset.fixed_shape:  # every pass padded to one shape; the padded rows add exactly nothing
         rows, real = padded_ids(ids, preset.patients_per_pass)
-        grads, losses = masked_pass(grad_fn, detached, tuple(draws(rows)), real.to(device))
+        grads, losses = masked_pass(grad_fn, detached, tuple(draws(rows)), real)
         losses = losses[: len(ids)]
     elif len(ids) == 0:
         grads = {n: torch.zeros(0, *p.shape, device=device) for n, p in params.items()}
@@ -890,7 +891,7 @@ def _history(run: TrainingRun, state: TrainingState) -> list[tuple[float, float,
 
 def _write_bundle(run: TrainingRun, state: TrainingState) -> ModelCard:
     """EMA weights, the card (written last), the private record, the ledger entry and sample grids; returns the
-    card's JSON."""
+    card."""
     preset = run.config.preset
     final = build_network(preset, run.n_classes, run.config.covariates)
     final.load_state_dict(merged_weights(state.model, {**state.model.state_dict(), **state.ema}))

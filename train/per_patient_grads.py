@@ -103,9 +103,8 @@ def masked_pass(
     loss), so after clipping they add nothing to the sum (a zero gradient stays zero under any clip factor).
     ``real`` is a ``(rows,)`` bool tensor on the terms' device; no host synchronisation."""
     grads, losses = grad_fn(params, *terms)
-    zero = torch.zeros((), device=real.device)
-    masked = {name: torch.where(real.view(-1, *[1] * (g.dim() - 1)), g, zero.to(g.dtype)) for name, g in grads.items()}
-    return masked, torch.where(real, losses, zero.to(losses.dtype))
+    masked = {name: torch.where(real.view(-1, *[1] * (g.dim() - 1)), g, 0.0) for name, g in grads.items()}
+    return masked, torch.where(real, losses, 0.0)
 
 
 def padded_ids(ids: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
