@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= demo
 DEMO_PATIENTS ?= 1000
+TEST_WORKERS ?= 2
 
 .PHONY: install demo audit test test-fast lint bench clean
 
@@ -51,9 +52,10 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy
 	$(BIN)/hadolint docker/Dockerfile docker/Dockerfile.cuda
 
-# pytest exits 5 when no test was collected: report it and fail.
+# pytest exits 5 when no test was collected: report it and fail. The files run in TEST_WORKERS processes
+# (pytest-xdist; idle ones take queued tests from busy ones); TEST_WORKERS=0 runs them in this one.
 test: lint
-	$(BIN)/python -m pytest; rc=$$?; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; fi; exit $$rc
 
 # Everything that needs no trained model, server, browser or PostgreSQL (tests/conftest.py: lanes), in about 2 minutes.

@@ -694,6 +694,12 @@ def card(model_dir: Annotated[Path, typer.Argument(help="Model bundle directory.
         typer.echo(f"model {model_dir}: NOT PRIVATE (trained without differential privacy)")
     shape = " × ".join(map(str, model_card.image_shape))
     typer.echo(f"  {model_card.generator} model, labels {list(model_card.labels)}, {shape} px")
+    if model_card.denoiser:
+        recipe = model_card.denoiser
+        typer.echo(
+            f"  denoiser: {recipe['network']} {recipe['channels']}, {recipe['norm']}; predicts "
+            f"{recipe['prediction']}, loss weighting {recipe['loss_weighting']}, {recipe['timesteps']}"
+        )
     if model_card.covariates:
         declared = model_card.covariates
         parts = [f"age {declared['age']['min']}-{declared['age']['max']} (declared)"] if "age" in declared else []

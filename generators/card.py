@@ -70,6 +70,8 @@ class ModelCard(BaseModel):
     preset: dict[str, Any] = Field(default_factory=dict)
     public_pretraining: dict[str, Any] | None = None
     prediction_type: str | None = None
+    # the recipe choices that shape utility, in words: network family and norm, prediction target, loss weighting
+    denoiser: dict[str, Any] = Field(default_factory=dict)
     ema_decay: float | None = None  # the preset's; the warm-up keeps short runs below it:
     ema_decay_last_step: float | None = None  # the decay actually applied at the last step
     sampler: dict[str, Any] = Field(default_factory=dict)

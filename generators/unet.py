@@ -20,6 +20,9 @@ class UNetSize:
     layers_per_block: int = 1
     attention_levels: tuple[bool, ...] = (False, False, True)
     norm_num_groups: int = 8
+    # ADM's adaptive group norm (Dhariwal & Nichol 2021): the time + class embedding scales and shifts each
+    # ResNet block's normalised features instead of being added to them
+    scale_shift: bool = False
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ def build_unet(*, image_size: int, n_classes: int, size: UNetSize) -> UNet2DMode
         norm_num_groups=size.norm_num_groups,
         attention_head_dim=None if not any(size.attention_levels) else size.block_out_channels[-1] // 2,
         num_class_embeds=n_classes + 1,
+        resnet_time_scale_shift="scale_shift" if size.scale_shift else "default",
         dropout=0.0,
     )
 

@@ -14,11 +14,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from generators.card import ModelCard
 from train.demo_cohort import DemoPatient, make_demo_cohort
 from train.ingest import IngestOptions, IngestResult, ingest
 from train.store import CohortStore
+
+# `make test` runs the suite in two processes (pytest -n 2, pytest-xdist): each takes its share of the cores, for
+# torch in the process and for the commands it starts, instead of every process taking all of them.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("SYNTHCOHORT_NUM_THREADS", str(_share))
+    import torch
+
+    torch.set_num_threads(_share)
 
 # ------------------------------------------------------------------------------------------------ test lanes
 # `make test-fast` runs what needs no trained model, server, browser or PostgreSQL: `-m "not slow"`. Lanes come from
@@ -202,13 +213,15 @@ def code_version() -> str:
 def cached_build(config: pytest.Config, name: str, build: Callable[[Path], None], tmp: Path) -> Path:
     """``build(dir)`` once per code version (kept in pytest's cache); returns this session's copy of ``dir``."""
     cache = config.cache.mkdir(f"synthcohort-{name}") if config.cache is not None else tmp / "nocache"
+    cache.mkdir(parents=True, exist_ok=True)
     kept = cache / code_version()
-    if not kept.is_dir():
-        for old in cache.iterdir() if cache.is_dir() else []:  # other versions' builds
-            shutil.rmtree(old, ignore_errors=True)
-        work = Path(tempfile.mkdtemp(dir=cache.parent if config.cache is not None else tmp))
-        build(work)
-        os.replace(work, kept)
+    with FileLock(str(cache) + ".lock"):  # parallel test processes (pytest -n) build once and share the build
+        if not kept.is_dir():
+            for old in cache.iterdir():  # other versions' builds
+                shutil.rmtree(old, ignore_errors=True)
+            work = Path(tempfile.mkdtemp(dir=cache.parent))
+            build(work)
+            os.replace(work, kept)
     copy = tmp / name
     shutil.copytree(kept, copy)
     return copy

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,21 +76,29 @@ def random_draws(b: int, k: int, size: int, n_classes: int, seed: int = 0):
     return images.contiguous(), labels, timesteps, noise
 
 
+ADM_STYLE = replace(PRESETS["cpu-small"].unet, attention_levels=(False, True, True), scale_shift=True)
+
+
 @pytest.mark.parametrize(
-    ("prediction", "channels_last", "weighting"),
-    [("sample", True, "uniform"), ("v_prediction", False, "uniform"), ("sample", False, "min-snr")],
+    ("prediction", "channels_last", "weighting", "size"),
+    [
+        ("sample", True, "uniform", PRESETS["cpu-small"].unet),
+        ("v_prediction", False, "uniform", PRESETS["cpu-small"].unet),
+        ("sample", False, "min-snr", PRESETS["cpu-small"].unet),
+        ("epsilon", False, "min-snr", ADM_STYLE),
+    ],
 )
 def test_per_patient_gradients_are_exact_on_the_shipped_architecture(
-    prediction: str, channels_last: bool, weighting: str
+    prediction: str, channels_last: bool, weighting: str, size: UNetSize
 ) -> None:
-    """torch.func per-patient gradients == one backward pass per patient, for the cpu-small UNet (with attention),
-    for each loss weighting the presets may choose.
+    """torch.func per-patient gradients == one backward pass per patient, for the cpu-small UNet (with attention)
+    and its ADM-style variant (scale-shift norm, attention at two levels), for each loss weighting the presets may
+    choose.
 
     Run at 16 px to keep the test fast: same blocks, layers and attention as the shipped 32 px model.
     """
     torch.manual_seed(0)
-    preset = PRESETS["cpu-small"]
-    model = build_unet(image_size=16, n_classes=2, size=preset.unet)
+    model = build_unet(image_size=16, n_classes=2, size=size)
     use_plain_attention(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -618,9 +627,12 @@ def test_one_slice_per_sampled_patient_with_several_scans(demo_store) -> None:
 def test_training_writes_a_complete_bundle(demo_store, tmp_path: Path) -> None:
     out = tmp_path / "model"
     seen: list[TrainProgress] = []
-    config = TrainConfig(store=demo_store.store.path, out=out, preset=tiny_preset(), epsilon=8.0, samples_per_label=2)
+    adm = tiny_preset(unet=replace(TINY, scale_shift=True), loss_weighting="min-snr")  # the ADM-style variant
+    config = TrainConfig(store=demo_store.store.path, out=out, preset=adm, epsilon=8.0, samples_per_label=2)
     result = train_model(config, progress=seen.append)
     assert isinstance(result.card, ModelCard) and not result.interrupted  # a typed card, not a dict
+    assert "(ADM)" in result.card.denoiser["norm"] and result.card.denoiser["loss_weighting"].startswith("min-SNR")
+    assert json.loads((out / "config.json").read_text())["resnet_time_scale_shift"] == "scale_shift"  # reloads so
     assert all(isinstance(s, TrainProgress) for s in seen) and seen[-1].epsilon == pytest.approx(result.card.epsilon)
     card = result.card.to_json()
     assert [s.step for s in seen if s.phase == "public prior"] == [1, 2]

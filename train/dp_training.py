@@ -373,6 +373,7 @@ def _train(
         return TrainResult(card=reused, reused=True)
     run = plan_run(config, store, world)
     _check_output(config)
+    world.barrier()  # every rank has looked at the output before rank 0 writes to it (else a slow rank finds it full)
     if world.is_main:  # rank 0 alone writes: ledger, output directory, checkpoints, bundle
         if not config.resume:  # a resumed run was admitted (and recorded) when it started
             _reserve_budget(run)
@@ -838,6 +839,34 @@ def _timestep_words(preset: Preset) -> str:
     return f"{preset.timestep_sampling} timesteps"
 
 
+PREDICTION_WORDS = {"sample": "the clean image x0", "epsilon": "the added noise ε", "v_prediction": "v = αε − σx0"}
+WEIGHTING_WORDS = {"uniform": "uniform over noise levels", "min-snr": "min-SNR-5 (Hang et al. 2023)"}
+
+
+def denoiser_summary(preset: Preset) -> dict[str, Any]:
+    """The recipe choices that matter for utility, as the card states them."""
+    if preset.spatial_dims == 3:
+        network, norm = "MONAI DiffusionModelUNet (3-D)", "group norm, additive time and class embedding"
+        levels = list(preset.unet.channels)  # type: ignore[union-attr]
+    else:
+        network = "diffusers UNet2DModel"
+        levels = list(preset.unet.block_out_channels)  # type: ignore[union-attr]
+        norm = (
+            "group norm scaled and shifted by the time and class embedding (ADM)"
+            if preset.unet.scale_shift  # type: ignore[union-attr]
+            else "group norm, additive time and class embedding"
+        )
+    return {
+        "network": network,
+        "channels": levels,
+        "attention_levels": list(preset.unet.attention_levels),
+        "norm": norm,
+        "prediction": PREDICTION_WORDS[preset.prediction],
+        "loss_weighting": WEIGHTING_WORDS[preset.loss_weighting],
+        "timesteps": _timestep_words(preset),
+    }
+
+
 def _null_id(run: TrainingRun) -> int:
     """The all-null condition: what the public prior trains and guidance subtracts."""
     return null_condition(run.n_classes) if run.config.covariates else null_class(run.n_classes)
@@ -979,6 +1008,7 @@ def _public_card(run: TrainingRun, state: TrainingState, history: list, epsilon:
             else None
         ),
         "prediction_type": preset.prediction,
+        "denoiser": denoiser_summary(preset),
         "ema_decay": preset.ema_decay,
         "ema_decay_last_step": round(ema_decay_at(state.step, preset.ema_decay), 4) if state.step else None,
         "sampler": {"solver": "dpmsolver++", "steps": DEFAULT_STEPS, "guidance": DEFAULT_GUIDANCE},
