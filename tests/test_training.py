@@ -904,7 +904,7 @@ def cli(*args: str, **kwargs) -> subprocess.Popen:
 def test_ctrl_c_on_the_cli_leaves_a_private_checkpoint_and_resumes(demo_store, tmp_path: Path) -> None:
     """The CLI half of resuming (exactness is tested above): Ctrl-C → exit 130, a 0600 checkpoint, no card."""
     store = str(demo_store.store.path)
-    flags = ["--epsilon", "8", "--batch-size", "8", "--physical-batch-size", "4", "--epochs", "40"]
+    flags = ["--epsilon", "8", "--batch-size", "8", "--physical-batch-size", "4", "--epochs", "16"]  # 24 steps
     flags += ["--seed", "1", "--public-prior", "none", "--max-grad-norm", "0.5"]
     env = {**os.environ, "SYNTHCOHORT_NUM_THREADS": "1"}
     interrupted = cli("train", store, "--out", str(tmp_path / "b"), *flags, env=env)
