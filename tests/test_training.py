@@ -632,7 +632,7 @@ def test_training_writes_a_complete_bundle(demo_store, tmp_path: Path) -> None:
     result = train_model(config, progress=seen.append)
     assert isinstance(result.card, ModelCard) and not result.interrupted  # a typed card, not a dict
     assert "(ADM)" in result.card.denoiser["norm"] and result.card.denoiser["loss_weighting"].startswith("min-SNR")
-    assert json.loads((out / "config.json").read_text())["resnet_time_scale_shift"] == "scale_shift"  # reloads so
+    assert json.loads((out / "config.json").read_text())["resnet_time_scale_shift"] == "scale_shift"  # reloads
     assert all(isinstance(s, TrainProgress) for s in seen) and seen[-1].epsilon == pytest.approx(result.card.epsilon)
     card = result.card.to_json()
     assert [s.step for s in seen if s.phase == "public prior"] == [1, 2]

@@ -67,7 +67,7 @@ from generators.diffusion import denoising_loss, draw_timesteps, noise_schedule,
 from generators.diffusion_2d import DEFAULT_GUIDANCE, DEFAULT_STEPS, DiffusionModel
 from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarning
 from generators.layout import BundleLayout
-from generators.unet import build_unet, null_class, use_plain_attention
+from generators.unet import UNet3DSize, build_unet, null_class, use_plain_attention
 from train.accounting import RELATION, PrivacyPlan, check_delta, count_mechanism, epsilon_of, plan_privacy
 from train.distributed import World, join_world, leave_world
 from train.per_patient_grads import autocast_for, make_per_patient_grad_fn, masked_pass, padded_ids
@@ -845,21 +845,21 @@ WEIGHTING_WORDS = {"uniform": "uniform over noise levels", "min-snr": "min-SNR-5
 
 def denoiser_summary(preset: Preset) -> dict[str, Any]:
     """The recipe choices that matter for utility, as the card states them."""
-    if preset.spatial_dims == 3:
-        network, norm = "MONAI DiffusionModelUNet (3-D)", "group norm, additive time and class embedding"
-        levels = list(preset.unet.channels)  # type: ignore[union-attr]
+    size = preset.unet
+    if isinstance(size, UNet3DSize):
+        network, levels = "MONAI DiffusionModelUNet (3-D)", list(size.channels)
+        norm = "group norm, additive time and class embedding"
     else:
-        network = "diffusers UNet2DModel"
-        levels = list(preset.unet.block_out_channels)  # type: ignore[union-attr]
+        network, levels = "diffusers UNet2DModel", list(size.block_out_channels)
         norm = (
             "group norm scaled and shifted by the time and class embedding (ADM)"
-            if preset.unet.scale_shift  # type: ignore[union-attr]
+            if size.scale_shift
             else "group norm, additive time and class embedding"
         )
     return {
         "network": network,
         "channels": levels,
-        "attention_levels": list(preset.unet.attention_levels),
+        "attention_levels": list(size.attention_levels),
         "norm": norm,
         "prediction": PREDICTION_WORDS[preset.prediction],
         "loss_weighting": WEIGHTING_WORDS[preset.loss_weighting],
