@@ -243,6 +243,13 @@ def audit(
     ] = False,
     classifier_steps: Annotated[int, typer.Option(min=1, max=100_000, help="Steps per TSTR/TRTR classifier.")] = 600,
     classifier_seeds: Annotated[int, typer.Option(min=1, max=20, help="Classifier repeats (mean ± sd).")] = 3,
+    matched_tstr: Annotated[
+        bool,
+        typer.Option(
+            help="TSTR also on a synthetic set as large as the real training set (the fair protocol); "
+            "--no-matched-tstr skips that generation and reports TSTR on the n per label only."
+        ),
+    ] = True,
     force: Annotated[bool, typer.Option(help="Replace an existing report directory.")] = False,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda (default: settings).")] = None,
 ) -> None:
@@ -255,6 +262,7 @@ def audit(
         include_neighbours=include_neighbours,
         classifier_steps=classifier_steps,
         classifier_seeds=classifier_seeds,
+        matched_tstr=matched_tstr,
         device=device or get_settings().device,
     )
     started = 0
@@ -393,8 +401,15 @@ def train(
     ] = 60.0,
 ) -> None:
     """Train the class-conditional diffusion model with patient-level DP-SGD and write a model bundle."""
-    from generators.covariates import declare
     from generators.errors import InvalidInput, PrivacyPolicy
+
+    # the privacy flags are checked before torch is imported or a launcher started: a refusal is instant
+    if no_dp and not i_understand_not_private:
+        raise PrivacyPolicy("--no-dp trains a model WITHOUT privacy; add --i-understand-not-private to confirm")
+    if not no_dp and epsilon is None:
+        raise InvalidInput("--epsilon is required (or --no-dp --i-understand-not-private for a non-private model)")
+
+    from generators.covariates import declare
     from train.distributed import Launch, current_world, launch
     from train.dp_training import TrainConfig, TrainProgress, train_model
     from train.presets import get_preset
@@ -403,11 +418,6 @@ def train(
         plan = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
         raise typer.Exit(launch(plan, sys.argv[1:]))
     main_rank = current_world().is_main  # only rank 0 of a distributed run talks to the terminal
-
-    if no_dp and not i_understand_not_private:
-        raise PrivacyPolicy("--no-dp trains a model WITHOUT privacy; add --i-understand-not-private to confirm")
-    if not no_dp and epsilon is None:
-        raise InvalidInput("--epsilon is required (or --no-dp --i-understand-not-private for a non-private model)")
     settings = get_settings()
     if settings.num_threads:
         import torch

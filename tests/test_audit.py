@@ -118,9 +118,12 @@ def test_cli_with_neighbours_and_force(tiny_model: Path, canary_store, tmp_path:
     out = tmp_path / "with-neighbours"
     args = [sys.executable, "-m", "app.cli", "audit", str(canary_store.store.path), str(tiny_model), "--out", str(out)]
     args += ["--n", "4", "--classifier-steps", "10", "--classifier-seeds", "1", "--include-neighbours"]
+    args += ["--no-matched-tstr"]  # the fair protocol's large synthetic set is tested through run_audit above
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "TSTR accuracy" in done.stdout and "membership inference" in done.stdout
+    utility = json.loads((out / "report.json").read_text())["utility"]
+    assert utility["tstr_small_n"] is None and "released cohort's 8 synthetic" in utility["protocol"]
     assert (out / "figures" / "neighbours.png").is_file()
     assert "neighbours" in (out / "report.html").read_text()
     again = subprocess.run(args, capture_output=True, text=True, timeout=600)

@@ -335,7 +335,9 @@ def test_the_audit_reports_covariate_fidelity(covariate_model: Path, canary_stor
     from app.audit import AuditSettings, run_audit
 
     n = 6
-    settings = AuditSettings(n=n, classifier_steps=15, classifier_seeds=1, mia_timesteps=(50,), ms_ssim_pairs=10)
+    settings = AuditSettings(
+        n=n, classifier_steps=15, classifier_seeds=1, mia_timesteps=(50,), ms_ssim_pairs=10, matched_tstr=False
+    )  # the fair protocol's large synthetic set has its own test (test_audit.py)
     report = run_audit(canary_store.store.path, covariate_model, tmp_path / "audit", settings)
     c = report.covariates
     assert c["requested"] == {"age": {"min": 18, "max": 90}, "sex": {"F": 0.5, "M": 0.5}}

@@ -26,6 +26,7 @@ from generators.errors import InvalidInput, PrivacyPolicy
 from generators.unet import UNetSize, build_unet, use_plain_attention
 from train.accounting import (
     COUNT_NOISE,
+    EPSILON_TOLERANCE,
     check_delta,
     count_mechanism,
     default_delta,
@@ -33,6 +34,7 @@ from train.accounting import (
     noisy_count,
     plan_privacy,
     public_default_delta,
+    solve_noise_multiplier,
 )
 from train.dp_training import (
     PatientSlices,
@@ -474,6 +476,22 @@ def test_privacy_plan_spends_the_target_and_agrees_with_independent_accounting()
     # the DP count costs little next to training (why keeping N private is cheap)
     alone = epsilon_of([(4.868, 0.64, 156)], delta=1e-5)
     assert alone < epsilon_of([count_mechanism(), (4.868, 0.64, 156)], delta=1e-5) < alone + 0.05
+
+
+@pytest.mark.parametrize(
+    ("target", "q", "steps"),
+    [(8.0, 0.32, 312), (1.0, 0.3, 200), (50.0, 0.1, 10), (20.0, 0.5, 2), (8.0, 0.01, 5000)],
+)
+def test_the_solved_noise_spends_the_target_within_tolerance_and_no_less_noise_would(target, q, steps) -> None:
+    """σ from σ < 1 (bisected from 0) to σ ≈ 50: spent within EPSILON_TOLERANCE under the target, and a
+    3 % smaller σ would overspend."""
+    prior = [count_mechanism()]
+    sigma = solve_noise_multiplier(
+        target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, prior=prior, accountant="rdp"
+    )
+    spent = epsilon_of([*prior, (sigma, q, steps)], delta=1e-5, accountant="rdp")
+    assert target - EPSILON_TOLERANCE <= spent <= target
+    assert epsilon_of([*prior, (sigma * 0.97, q, steps)], delta=1e-5, accountant="rdp") > target
 
 
 def test_the_patient_count_is_released_with_gaussian_noise_from_os_entropy() -> None:

@@ -40,8 +40,8 @@ def test_two_apis_and_two_workers_run_every_job_once_when_a_worker_dies(tiny_mod
         database = create_engine(url)
         try:
             jobs = []
-            for i in range(8):  # through both APIs, in turn
-                body = {"model": "demo", "counts": {"healthy": 40, "lesion": 40}, "seed": i}
+            for i in range(6):  # through both APIs, in turn
+                body = {"model": "demo", "counts": {"healthy": 24, "lesion": 24}, "seed": i}
                 created = httpx.post(f"{bases[i % 2]}/v1/cohorts", headers=headers, json=body)
                 assert created.status_code == 202, created.text
                 jobs.append(created.json()["id"])
@@ -64,11 +64,11 @@ def test_two_apis_and_two_workers_run_every_job_once_when_a_worker_dies(tiny_mod
             datasets = tmp_path / "data" / "datasets"
             for i, job_id in enumerate(jobs):
                 finished = wait_for(bases[(i + 1) % 2], headers, job_id)  # polled through the other API
-                assert finished["status"] == "succeeded" and finished["done"] == 80, finished
+                assert finished["status"] == "succeeded" and finished["done"] == 48, finished
                 manifest = json.loads((datasets / job_id / "manifest.json").read_text())
                 seeds = [s["seed"] for s in manifest["samples"]]
-                assert len(seeds) == 80 and len(set(seeds)) == 80  # no duplicate, no missing sample
-                assert len(list((datasets / job_id).rglob("*.nii.gz"))) == 80
+                assert len(seeds) == 48 and len(set(seeds)) == 48  # no duplicate, no missing sample
+                assert len(list((datasets / job_id).rglob("*.nii.gz"))) == 48
             assert not list(datasets.glob(".*.partial"))  # no half dataset left anywhere
             with database.connect() as connection:
                 finishes = connection.execute(

@@ -17,6 +17,7 @@ histories (the ledger). Sampling from a trained model is post-processing and cos
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import warnings
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from opacus.accountants import create_accountant
+from opacus.accountants.analysis import rdp as opacus_rdp
 
 from generators.errors import InvalidInput
 
@@ -35,6 +37,13 @@ MAX_SIGMA = 1e4
 EPSILON_TOLERANCE = 0.01
 
 Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one Opacus history entry
+
+# The RDP of one sampled-Gaussian step at one order is a pure function of (q, σ, α), and Opacus recomputes it on
+# every ε: the PRV accountant sizes its domain with two RDP passes over 150 orders, the fractional ones by a slow
+# series. The same (q, σ) recurs in a run's progress, its checkpoints, its card and the ledger, so the values
+# are kept (the same numbers, computed once).
+if not hasattr(opacus_rdp._compute_rdp, "cache_info"):  # once, however often this module is reloaded
+    opacus_rdp._compute_rdp = functools.lru_cache(maxsize=1 << 16)(opacus_rdp._compute_rdp)
 
 
 def count_mechanism(noise: float = COUNT_NOISE) -> Mechanism:
@@ -50,11 +59,14 @@ def noisy_count(n: int, *, noise: float = COUNT_NOISE, rng: random.Random | None
 
 def epsilon_of(history: Sequence[Mechanism], *, delta: float, accountant: str = "prv") -> float:
     """ε of the composition of every mechanism in ``history`` at ``delta`` (0 for an empty history)."""
-    entries = [(float(s), float(q), int(t)) for s, q, t in history if int(t) > 0]
-    if not entries:
-        return 0.0
+    entries = tuple((float(s), float(q), int(t)) for s, q, t in history if int(t) > 0)
+    return _epsilon(entries, float(delta), accountant) if entries else 0.0
+
+
+@functools.lru_cache(maxsize=256)
+def _epsilon(entries: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
     acc = create_accountant(mechanism=accountant)
-    acc.history = entries
+    acc.history = list(entries)
     # RDP's "optimal order is the largest alpha" note is not actionable here; PRV takes log(1 - q) = -inf for
     # the count release (q = 1) on purpose
     with warnings.catch_warnings(), np.errstate(divide="ignore"):
@@ -79,19 +91,36 @@ def solve_noise_multiplier(
     def eps(sigma: float) -> float:
         return epsilon_of([*prior, (sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
-    while eps(high) > target_epsilon:
-        low, high = high, 2 * high
+    eps_low, eps_high = math.inf, eps(high)
+    while eps_high > target_epsilon:
+        low, high, eps_low = high, 2 * high, eps_high
         if high > MAX_SIGMA:
             raise InvalidInput(f"ε = {target_epsilon} is too small for {steps} steps at q = {sample_rate:.3g}")
-    while high - low > 1e-4 * high:
-        mid = (low + high) / 2
-        spent = eps(mid)
-        if spent <= target_epsilon:
-            high = mid
-            if target_epsilon - spent <= EPSILON_TOLERANCE:
-                break
+        eps_high = eps(high)
+    # ε(σ) falls about like a power of σ: interpolate log ε on log σ between the bracket's ends, aiming just
+    # under the target, with Illinois' down-weighting of an end kept twice in a row (it cannot stall); bisect
+    # while the low end is σ = 0 or after four moves of one end. The bracket keeps eps(low) > target ≥
+    # eps(high), so ``high`` is always a valid answer.
+    aim = math.log(max(target_epsilon - EPSILON_TOLERANCE / 2, target_epsilon / 2))
+    moved, streak = 0, 0  # which end moved last (-1 low, +1 high) and how many times in a row
+    while target_epsilon - eps_high > EPSILON_TOLERANCE and high - low > 1e-4 * high:
+        if low == 0 or streak >= 4:
+            mid = (low + high) / 2
         else:
-            low = mid
+            y_low, y_high = math.log(eps_low) - aim, math.log(eps_high) - aim
+            kept = 0.5 ** max(0, streak - 1)
+            y_low, y_high = (y_low * kept, y_high) if moved == 1 else (y_low, y_high * kept)
+            x_low, x_high = math.log(low), math.log(high)
+            mid = math.exp(x_low + (x_high - x_low) * y_low / (y_low - y_high))
+            mid = min(max(mid, low + 1e-3 * (high - low)), high - 1e-3 * (high - low))
+        spent = eps(mid)
+        side = 1 if spent <= target_epsilon else -1
+        streak = streak + 1 if side == moved else 1
+        moved = side
+        if side == 1:
+            high, eps_high = mid, spent
+        else:
+            low, eps_low = mid, spent
     return high
 
 
