@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from opacus.accountants import create_accountant
 from opacus.accountants.analysis import rdp as opacus_rdp
+from scipy.optimize import brentq
 
 from generators.errors import InvalidInput
 
@@ -86,42 +87,25 @@ def solve_noise_multiplier(
     """The smallest σ (to ``EPSILON_TOLERANCE``) such that ``prior + (σ, q, steps)`` spends ≤ ``target_epsilon``."""
     if epsilon_of(prior, delta=delta, accountant=accountant) >= target_epsilon:
         raise InvalidInput(f"ε = {target_epsilon} is already spent by the releases before training")
-    low, high = 0.0, 1.0
 
     def eps(sigma: float) -> float:
         return epsilon_of([*prior, (sigma, sample_rate, steps)], delta=delta, accountant=accountant)
 
-    eps_low, eps_high = math.inf, eps(high)
-    while eps_high > target_epsilon:
-        low, high, eps_low = high, 2 * high, eps_high
+    # a bracket eps(low) > target ≥ eps(high), doubling (or halving) from σ = 1
+    low = high = 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, 2 * high
         if high > MAX_SIGMA:
             raise InvalidInput(f"ε = {target_epsilon} is too small for {steps} steps at q = {sample_rate:.3g}")
-        eps_high = eps(high)
-    # ε(σ) falls about like a power of σ: interpolate log ε on log σ between the bracket's ends, aiming just
-    # under the target, with Illinois' down-weighting of an end kept twice in a row (it cannot stall); bisect
-    # while the low end is σ = 0 or after four moves of one end. The bracket keeps eps(low) > target ≥
-    # eps(high), so ``high`` is always a valid answer.
-    aim = math.log(max(target_epsilon - EPSILON_TOLERANCE / 2, target_epsilon / 2))
-    moved, streak = 0, 0  # which end moved last (-1 low, +1 high) and how many times in a row
-    while target_epsilon - eps_high > EPSILON_TOLERANCE and high - low > 1e-4 * high:
-        if low == 0 or streak >= 4:
-            mid = (low + high) / 2
-        else:
-            y_low, y_high = math.log(eps_low) - aim, math.log(eps_high) - aim
-            kept = 0.5 ** max(0, streak - 1)
-            y_low, y_high = (y_low * kept, y_high) if moved == 1 else (y_low, y_high * kept)
-            x_low, x_high = math.log(low), math.log(high)
-            mid = math.exp(x_low + (x_high - x_low) * y_low / (y_low - y_high))
-            mid = min(max(mid, low + 1e-3 * (high - low)), high - 1e-3 * (high - low))
-        spent = eps(mid)
-        side = 1 if spent <= target_epsilon else -1
-        streak = streak + 1 if side == moved else 1
-        moved = side
-        if side == 1:
-            high, eps_high = mid, spent
-        else:
-            low, eps_low = mid, spent
-    return high
+    while eps(low) <= target_epsilon:
+        low, high = low / 2, low
+    if target_epsilon - eps(high) <= EPSILON_TOLERANCE:
+        return high
+    # ε(σ) is smooth and falls about like a power of σ: Brent's method on log ε against log σ finds the σ that
+    # spends half the tolerance under the target; ``high`` is the answer should rounding land it over the target
+    aim = math.log(target_epsilon - EPSILON_TOLERANCE / 2)
+    sigma = math.exp(brentq(lambda x: math.log(eps(math.exp(x))) - aim, math.log(low), math.log(high), xtol=1e-4))
+    return sigma if eps(sigma) <= target_epsilon else high
 
 
 def default_delta(n_patients: float) -> float:
