@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from generators.atomic import write_json_atomic
+from generators.base import resolve_device
 from generators.card import card_exists, read_card
 from generators.errors import InvalidInput
 from generators.layout import BundleLayout
@@ -43,9 +44,11 @@ def calibrate(
     index: str = "flat",
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Build, self-test and save the filter; returns the calibration record. ``embedding`` defaults to the
-    views for the store's items (slices: near-copy + aligned-pyramid; volumes: the 3-D aligned pyramid)."""
+    views for the store's items (slices: near-copy + aligned-pyramid; volumes: the 3-D aligned pyramid).
+    ``device`` (auto, cpu or cuda) is where the training images are embedded and the held-out ones re-ranked."""
     store = CohortStore.open(store_path)
     layout = BundleLayout(model_dir)
     size = store.image_size
@@ -74,6 +77,7 @@ def calibrate(
         index=index,
         seed=seed,
         progress=progress,
+        device=resolve_device(device),
     )
     record = {**filt.record, "store_id": store.store_id}
     filt.record = record

@@ -216,7 +216,14 @@ def calibrate(
 
     with _progress(None, "embed training images", "image") as bar:
         record = run_calibrate(
-            store, model_dir, quantile=quantile, embedding=embedding, index=index, seed=seed, progress=bar.update
+            store,
+            model_dir,
+            quantile=quantile,
+            embedding=embedding,
+            index=index,
+            seed=seed,
+            progress=bar.update,
+            device=get_settings().device,
         )
     typer.echo(
         f"filter: {record['n_train']} training images indexed ({record['embedding']}, {index}); "

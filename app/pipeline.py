@@ -213,7 +213,7 @@ class CohortWorker:
             raise NotFound(
                 f"{self.model_dir} has no memorization filter; run `synthcohort calibrate STORE {self.model_dir}` first"
             )
-        self.filter = MemorizationFilter.load(layout.filter_dir)
+        self.filter = MemorizationFilter.load(layout.filter_dir, device=self.model.device)  # embeds where it samples
         self.calibration = json.loads(layout.calibration.read_text())
         self.seed_key = load_seed_key(self.model_dir)
         if self.calibration.get("store_id") != self.card.store_id:

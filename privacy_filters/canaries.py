@@ -66,7 +66,7 @@ STRENGTH_GRID: dict[str, tuple[float, ...]] = {
 def _warp(images: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Apply per-image affine maps (output → input, normalised coordinates ``[N, 2, 3]``, or ``[N, 3, 4]`` for
     volumes), background fill."""
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)) + 1.0
+    x = torch.tensor(np.asarray(images, dtype=np.float32)) + 1.0  # a copy: the input may be a read-only map
     grid = F.affine_grid(torch.from_numpy(theta.astype(np.float32)), list(x.shape), align_corners=False)
     return (F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0).numpy()
 
@@ -156,7 +156,7 @@ def elastic(images: np.ndarray, strength: float, rng: np.random.Generator) -> np
     field = field / peak * (_px(images, strength) * 2.0 / w)
     base = F.affine_grid(torch.eye(2, 3).repeat(n, 1, 1), [n, 1, h, w], align_corners=False)
     grid = base + field.permute(0, 2, 3, 1)
-    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)) + 1.0
+    x = torch.tensor(np.asarray(images, dtype=np.float32)) + 1.0  # a copy: the input may be a read-only map
     return (F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False) - 1.0).numpy()
 
 

@@ -51,10 +51,10 @@ def centre_of_mass_align(x: torch.Tensor) -> torch.Tensor:
     weight = (x + 1.0).clamp(min=0.0)[:, 0]  # (N, [D,] H, W)
     n, spatial = len(x), weight.shape[1:]
     total = weight.flatten(1).sum(dim=1) + 1e-6
-    theta = torch.zeros(n, len(spatial), len(spatial) + 1, dtype=x.dtype)
+    theta = torch.zeros(n, len(spatial), len(spatial) + 1, dtype=x.dtype, device=x.device)
     for axis, size in enumerate(spatial):
         others = tuple(d for d in range(1, len(spatial) + 1) if d != axis + 1)
-        centre = (weight.sum(dim=others) * torch.arange(size, dtype=x.dtype)).sum(dim=1) / total
+        centre = (weight.sum(dim=others) * torch.arange(size, dtype=x.dtype, device=x.device)).sum(dim=1) / total
         row = len(spatial) - 1 - axis  # grid coordinates run (W, H[, D]): the last array axis first
         theta[:, row, row] = 1.0
         theta[:, row, -1] = (centre - (size - 1) / 2) * 2.0 / size  # normalised grid units
@@ -144,15 +144,22 @@ def make_embedding(name: str, image_size: int, spatial_dims: int = 2) -> Embeddi
 
 
 @torch.no_grad()
-def embed(embedding: Embedding, images: np.ndarray, *, batch_size: int = 4096, mirror: bool = False) -> np.ndarray:
-    """Embed ``[N, 1, H, W]`` images or ``[N, 1, D, H, W]`` volumes in batches (works on memory maps); ``mirror``
-    flips them left-right first."""
+def embed(
+    embedding: Embedding,
+    images: np.ndarray,
+    *,
+    batch_size: int = 4096,
+    mirror: bool = False,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Embed ``[N, 1, H, W]`` images or ``[N, 1, D, H, W]`` volumes in batches on ``device`` (works on memory
+    maps); ``mirror`` flips them left-right first."""
     out = np.empty((len(images), embedding.dim), dtype=np.float32)
     if images.ndim == 5:
         batch_size = max(1, batch_size // images.shape[-1])  # about the same memory per batch as slices
     for start in range(0, len(images), batch_size):
-        chunk = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32))
+        chunk = torch.from_numpy(np.array(images[start : start + batch_size], dtype=np.float32)).to(device)
         if mirror:
             chunk = torch.flip(chunk, dims=(-1,))
-        out[start : start + len(chunk)] = embedding(chunk).numpy()
+        out[start : start + len(chunk)] = embedding(chunk).cpu().numpy()
     return out

@@ -64,7 +64,7 @@ DEFAULT_VIEWS_3D = ("aligned-pyramid",)
 SELF_TEST_IMAGES = 256
 SELF_TEST_KINDS = ("exact", "flip", *DOCUMENTED)
 RERANK_K = 8  # candidates per query and per mirror image, re-ranked by the aligned distance
-QUERY_CHUNK = 32
+QUERY_CHUNKS = {"cpu": 32, "cuda": 1024}  # queries re-ranked together: cache-sized on a CPU, wide on a GPU
 CANONICAL_FILE = "canonical.npy"
 
 
@@ -79,9 +79,9 @@ class Reranker:
     def distances(self, queries: torch.Tensor, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Best near-copy distance of each canonical query ``(Q, 1, g, g)`` over its candidate ids ``(Q, C)``."""
         candidates = np.where(candidates >= 0, candidates, candidates.max(axis=1, keepdims=True))  # pad short lists
-        rows = torch.from_numpy(self.canonical[candidates].astype(np.float32))  # (Q, C, P)
+        rows = torch.from_numpy(self.canonical[candidates].astype(np.float32)).to(queries.device)  # (Q, C, P)
         d, best = near_copy_distance(queries, rows, self.search)
-        return d.numpy().astype(np.float64), candidates[np.arange(len(candidates)), best.numpy()]
+        return d.cpu().numpy().astype(np.float64), candidates[np.arange(len(candidates)), best.cpu().numpy()]
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,8 @@ def validate_images(
 
 
 class View:
-    """One way of measuring closeness to the training set: an embedding, its index, optionally a re-ranker."""
+    """One way of measuring closeness to the training set: an embedding, its index, optionally a re-ranker.
+    Embedding and re-ranking run on ``device``; the index searches on the CPU (FAISS)."""
 
     def __init__(
         self,
@@ -130,29 +131,39 @@ class View:
         index: NearestNeighbourIndex,
         reranker: Reranker | None = None,
         threshold: float = float("nan"),
+        device: torch.device | str = "cpu",
     ) -> None:
         self.embedding, self.index, self.reranker, self.threshold = embedding, index, reranker, threshold
+        self.device = torch.device(device)
 
     @property
     def name(self) -> str:
         return self.embedding.name
 
     @classmethod
-    def build(cls, name: str, train: np.ndarray, index: IndexKind, progress: Callable[[int], None] | None) -> View:
+    def build(
+        cls,
+        name: str,
+        train: np.ndarray,
+        index: IndexKind,
+        progress: Callable[[int], None] | None,
+        device: torch.device | str = "cpu",
+    ) -> View:
         emb = make_embedding(name, train.shape[2], train.ndim - 2)
-        vectors, canonical = _embed_training(emb, train, progress)
+        vectors, canonical = _embed_training(emb, train, progress, torch.device(device))
         return cls(
             emb,
             NearestNeighbourIndex(emb.dim, index).build(vectors),
             Reranker(canonical) if canonical is not None else None,
+            device=device,
         )
 
     def search(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(distance to the nearest training image, its row id)`` in this view (image or mirror image)."""
         if self.reranker is not None:
             return self._near_copy_search(images)
-        direct, direct_ids = self.index.search(embed(self.embedding, images))
-        mirror, mirror_ids = self.index.search(embed(self.embedding, images, mirror=True))
+        direct, direct_ids = self.index.search(embed(self.embedding, images, device=self.device))
+        mirror, mirror_ids = self.index.search(embed(self.embedding, images, mirror=True, device=self.device))
         use_mirror = mirror < direct
         return np.where(use_mirror, mirror, direct), np.where(use_mirror, mirror_ids, direct_ids)
 
@@ -160,13 +171,13 @@ class View:
     def _near_copy_search(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Candidates from the index (image and mirror image), re-ranked by the aligned near-copy distance."""
         assert isinstance(self.embedding, NearCopy) and self.reranker is not None
-        k = self.reranker.k
+        k, size = self.reranker.k, QUERY_CHUNKS.get(self.device.type, QUERY_CHUNKS["cpu"])
         distances, ids = np.empty(len(images)), np.empty(len(images), dtype=np.int64)
-        for start in range(0, len(images), QUERY_CHUNK):
-            chunk = torch.from_numpy(np.array(images[start : start + QUERY_CHUNK], dtype=np.float32))
+        for start in range(0, len(images), size):
+            chunk = torch.from_numpy(np.array(images[start : start + size], dtype=np.float32)).to(self.device)
             canonical = self.embedding.canonical(chunk)  # (Q, 1, g, g)
-            _, direct = self.index.search(self.embedding.pooled(canonical).numpy(), k=k)
-            _, mirror = self.index.search(self.embedding.pooled(torch.flip(canonical, dims=(3,))).numpy(), k=k)
+            _, direct = self.index.search(self.embedding.pooled(canonical).cpu().numpy(), k=k)
+            _, mirror = self.index.search(self.embedding.pooled(torch.flip(canonical, dims=(3,))).cpu().numpy(), k=k)
             candidates = np.concatenate([direct.reshape(len(chunk), -1), mirror.reshape(len(chunk), -1)], axis=1)
             d, best = self.reranker.distances(canonical, candidates)
             distances[start : start + len(chunk)], ids[start : start + len(chunk)] = d, best
@@ -196,7 +207,9 @@ class View:
             np.save(root / entry["rerank"]["file"], self.reranker.canonical, allow_pickle=False)
 
     @classmethod
-    def load(cls, root: Path, entry: dict, image_size: int, spatial_dims: int = 2) -> View:
+    def load(
+        cls, root: Path, entry: dict, image_size: int, spatial_dims: int = 2, device: torch.device | str = "cpu"
+    ) -> View:
         emb = make_embedding(entry["embedding"], image_size, spatial_dims)
         index = NearestNeighbourIndex.load(
             root / entry["index_file"],
@@ -212,7 +225,7 @@ class View:
             search = AlignmentSearch(**fields)
             canonical = np.load(root / entry["rerank"]["file"], mmap_mode="r", allow_pickle=False)
             reranker = Reranker(canonical, search, int(entry["rerank"]["k"]))
-        return cls(emb, index, reranker, float(entry["threshold"]))
+        return cls(emb, index, reranker, float(entry["threshold"]), device=device)
 
 
 class MemorizationFilter:
@@ -256,6 +269,7 @@ class MemorizationFilter:
         seed: int = 0,
         min_holdout_patients: int = calibration.MIN_HOLDOUT_PATIENTS,
         progress: Callable[[int], None] | None = None,
+        device: torch.device | str = "cpu",
     ) -> MemorizationFilter:
         """Index ``train_images`` in every view and calibrate the views' thresholds on ``holdout_images``.
 
@@ -267,6 +281,7 @@ class MemorizationFilter:
             min_holdout_patients: refuse to calibrate on fewer held-out patients (tests of the filter's
                 mechanics on synthetic arrays may lower it; real calibration never does).
             self_test: plant near-copies of training images and record how many are rejected.
+            device: where embedding and re-ranking run (the same distances on every device, to float tolerance).
         """
         train = validate_images(train_images, what="training images")
         dims = train.ndim - 2
@@ -281,7 +296,7 @@ class MemorizationFilter:
         groups = np.arange(len(holdout)) if holdout_groups is None else np.asarray(holdout_groups)
         if len(groups) != len(holdout):
             raise InvalidInput("holdout_groups must have one entry per held-out image")
-        views = [View.build(name, train, index, progress) for name in names]
+        views = [View.build(name, train, index, progress, device) for name in names]
 
         # calibrate: per view, each held-out patient's smallest distance; thresholds at q / V (union bound)
         patient_distances = np.stack(
@@ -382,7 +397,8 @@ class MemorizationFilter:
             raise
 
     @classmethod
-    def load(cls, path: str | Path) -> MemorizationFilter:
+    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> MemorizationFilter:
+        """The filter saved at ``path``; its embedding and re-ranking run on ``device``."""
         path = Path(path)
         meta_path = path / "filter.json"
         if not meta_path.is_file():
@@ -396,11 +412,11 @@ class MemorizationFilter:
                 f"unsupported filter format {meta.get('format')!r}; re-run `synthcohort calibrate STORE MODEL_DIR`"
             )
         size, dims = int(meta["image_size"]), int(meta.get("spatial_dims", 2))
-        return cls([View.load(path, entry, size, dims) for entry in meta["views"]], size, meta)
+        return cls([View.load(path, entry, size, dims, device) for entry in meta["views"]], size, meta)
 
 
 def _embed_training(
-    emb: Embedding, train: np.ndarray, progress: Callable[[int], None] | None
+    emb: Embedding, train: np.ndarray, progress: Callable[[int], None] | None, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Index vectors of every training image, and (near-copy embedding) their comparison vectors."""
     vectors = np.empty((len(train), emb.dim), dtype=np.float32)
@@ -413,11 +429,11 @@ def _embed_training(
         if canonical is not None:
             assert isinstance(emb, NearCopy)
             with torch.no_grad():
-                c = emb.canonical(torch.from_numpy(chunk))
-            canonical[start : start + len(chunk)] = compared(c).numpy()
-            vectors[start : start + len(chunk)] = emb.pooled(c).numpy()
+                c = emb.canonical(torch.from_numpy(chunk).to(device))
+            canonical[start : start + len(chunk)] = compared(c).cpu().numpy()
+            vectors[start : start + len(chunk)] = emb.pooled(c).cpu().numpy()
         else:
-            vectors[start : start + len(chunk)] = embed(emb, chunk)
+            vectors[start : start + len(chunk)] = embed(emb, chunk, device=device)
         if progress:
             progress(len(chunk))
     return vectors, canonical

@@ -57,7 +57,7 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return x
     radius = max(1, int(3 * sigma + 0.5))
-    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=x.dtype) ** 2) / (2 * sigma**2))
+    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device) ** 2) / (2 * sigma**2))
     taps = taps / taps.sum()
     conv = F.conv3d if x.dim() == 5 else F.conv2d
     for axis in range(x.dim() - 1, 1, -1):
@@ -78,8 +78,8 @@ def otsu_threshold(x: torch.Tensor, *, bins: int = 64) -> torch.Tensor:
     n = x.shape[0]
     flat = x.reshape(n, -1).clamp(-1.0, 1.0)
     index = ((flat + 1.0) / 2.0 * (bins - 1)).round().long()
-    hist = torch.zeros(n, bins, dtype=flat.dtype).scatter_add_(1, index, torch.ones_like(flat))
-    centres = torch.linspace(-1.0, 1.0, bins, dtype=flat.dtype)
+    hist = torch.zeros(n, bins, dtype=flat.dtype, device=flat.device).scatter_add_(1, index, torch.ones_like(flat))
+    centres = torch.linspace(-1.0, 1.0, bins, dtype=flat.dtype, device=flat.device)
     weight = hist.cumsum(1)
     mass = (hist * centres).cumsum(1)
     total_w, total_m = weight[:, -1:], mass[:, -1:]
@@ -104,12 +104,14 @@ def quantile_intensities(x: torch.Tensor, *, knots: int = 9) -> torch.Tensor:
     ordered, _ = torch.sort(flat, dim=1)
     n_background = (flat <= background).sum(dim=1)
     n_foreground = (flat.shape[1] - n_background).clamp(min=1)
-    levels = torch.arange(1, knots + 1, dtype=flat.dtype) / (knots + 1)
+    levels = torch.arange(1, knots + 1, dtype=flat.dtype, device=flat.device) / (knots + 1)
     at = n_background[:, None] + (levels[None, :] * (n_foreground[:, None] - 1)).round().long()
     quantiles = torch.gather(ordered, 1, at.clamp(max=flat.shape[1] - 1))  # (N, knots)
-    xs = torch.cat([background, quantiles, torch.ones(n, 1)], dim=1)
-    xs = torch.cummax(xs, dim=1).values + torch.arange(knots + 2, dtype=flat.dtype) * 1e-6  # strictly increasing
-    ys = torch.cat([torch.zeros(1), levels, torch.ones(1)])
+    xs = torch.cat([background, quantiles, torch.ones_like(background)], dim=1)
+    xs = (
+        torch.cummax(xs, dim=1).values + torch.arange(knots + 2, dtype=flat.dtype, device=flat.device) * 1e-6
+    )  # strictly increasing
+    ys = torch.cat([levels.new_zeros(1), levels, levels.new_ones(1)])
     clipped = torch.maximum(flat, background).contiguous()
     index = torch.searchsorted(xs, clipped).clamp(1, knots + 1)
     x0, x1 = torch.gather(xs, 1, index - 1), torch.gather(xs, 1, index)
@@ -135,7 +137,7 @@ def _pose(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     inside the image disappears (an occlusion) or when the image is cropped a little.
     """
     wgt = weights[:, 0]
-    levels = torch.tensor([0.05, 0.95], dtype=wgt.dtype)
+    levels = torch.tensor([0.05, 0.95], dtype=wgt.dtype, device=wgt.device)
     qy = _marginal_quantiles(wgt.sum(dim=2), levels)
     qx = _marginal_quantiles(wgt.sum(dim=1), levels)
     size = ((qx[:, 1] - qx[:, 0]) + (qy[:, 1] - qy[:, 0])) / 2.0
@@ -145,11 +147,12 @@ def _pose(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 def _affine_grid(
     n: int, size: int, *, cx, cy, zoom, angle_rad=None, mirror: bool = False, dtype=torch.float32
 ) -> torch.Tensor:
-    """Sampling grid (output → input): output point ``p`` reads input ``c + R(angle)·M·p / zoom``."""
-    cos = torch.ones(n, dtype=dtype) if angle_rad is None else torch.cos(angle_rad)
-    sin = torch.zeros(n, dtype=dtype) if angle_rad is None else torch.sin(angle_rad)
+    """Sampling grid (output → input): output point ``p`` reads input ``c + R(angle)·M·p / zoom`` (on ``cx``'s
+    device)."""
+    cos = torch.ones(n, dtype=dtype, device=cx.device) if angle_rad is None else torch.cos(angle_rad)
+    sin = torch.zeros(n, dtype=dtype, device=cx.device) if angle_rad is None else torch.sin(angle_rad)
     flip = -1.0 if mirror else 1.0
-    theta = torch.zeros(n, 2, 3, dtype=dtype)
+    theta = torch.zeros(n, 2, 3, dtype=dtype, device=cx.device)
     theta[:, 0, 0], theta[:, 0, 1] = flip * cos / zoom, -sin / zoom
     theta[:, 1, 0], theta[:, 1, 1] = flip * sin / zoom, cos / zoom
     theta[:, 0, 2], theta[:, 1, 2] = cx, cy
@@ -182,10 +185,10 @@ def search_views(canonical: torch.Tensor, search: AlignmentSearch) -> torch.Tens
         sampling = _affine_grid(
             n,
             size,
-            cx=torch.zeros(n),
-            cy=torch.zeros(n),
-            zoom=torch.full((n,), zoom),
-            angle_rad=torch.full((n,), angle * torch.pi / 180.0),
+            cx=canonical.new_zeros(n),
+            cy=canonical.new_zeros(n),
+            zoom=canonical.new_full((n,), zoom),
+            angle_rad=canonical.new_full((n,), angle * torch.pi / 180.0),
             mirror=mirror,
         )
         warped = F.grid_sample(canonical, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -232,4 +235,4 @@ def near_copy_distance(
     chosen = torch.gather(views, 1, best_view[..., None].expand(-1, -1, views.shape[-1]))  # (Q, K, P)
     distance = robust_residual(chosen, candidates, search.trim)  # (Q, K)
     best = distance.argmin(dim=1)
-    return distance[torch.arange(len(best)), best], best
+    return distance[torch.arange(len(best), device=best.device), best], best

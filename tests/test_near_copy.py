@@ -105,3 +105,23 @@ def test_the_robust_residual_ignores_a_small_local_outlier_but_not_a_global_chan
         float(nc.robust_residual(a + torch.from_numpy(rng.normal(size=(1, 256)).astype(np.float32)), a, 0.1)[0]) > 0.5
     )
     assert float(nc.robust_residual(a * 1.5 + 0.3, a, 0.1)[0]) == pytest.approx(0.0, abs=1e-4)  # gain and offset
+
+
+def test_embeddings_and_re_ranking_stay_on_the_device_of_their_input() -> None:
+    """The GPU filter's contract, checked without a GPU: on PyTorch's meta device (shapes only) any tensor the
+    code made on the CPU instead of the input's device would raise a device mismatch."""
+    from privacy_filters.embeddings import make_embedding
+
+    meta = torch.device("meta")
+    slices, volumes = torch.empty(3, 1, 32, 32, device=meta), torch.empty(2, 1, 16, 16, 16, device=meta)
+    near_copy = make_embedding("near-copy", 32)
+    canonical = near_copy.canonical(slices)
+    assert near_copy.pooled(canonical).device == meta
+    candidates = torch.empty(3, 16, nc.compared(canonical).shape[1], device=meta)
+    distance, best = nc.near_copy_distance(canonical, candidates)
+    assert distance.shape == best.shape == (3,) and distance.device == meta
+    for embedding, images in (
+        (make_embedding("aligned-pyramid", 32), slices),
+        (make_embedding("aligned-pyramid", 16, 3), volumes),
+    ):
+        assert embedding(images).shape == (len(images), embedding.dim) and embedding(images).device == meta

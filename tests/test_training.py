@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from opacus.optimizers import DPOptimizer
+from opacus.utils.batch_memory_manager import BatchSplittingSampler
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from safetensors.torch import load_file
 from scipy.special import gammaln, logsumexp
 from scipy.stats import norm
@@ -40,6 +42,7 @@ from train.dp_training import (
     PatientSlices,
     TrainConfig,
     TrainProgress,
+    dp_step,
     ensure_private_ok,
     make_dp_optimizer,
     read_training_record,
@@ -47,6 +50,7 @@ from train.dp_training import (
     train_model,
 )
 from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn, masked_pass, padded_ids
+from train.poisson import PoissonPasses
 from train.presets import PRESETS, get_preset
 from train.public_prior import add_focal_anomalies, template_images
 from train.store import CohortStore
@@ -569,6 +573,75 @@ def test_dp_noise_has_the_expected_scale_and_an_empty_step_still_moves() -> None
     optimizer.step()
     moved = torch.cat([(p.detach() - before[n]).flatten() for n, p in params.items()])
     assert moved.std().item() == pytest.approx(expected_std, rel=0.05)
+
+
+class _SkipSignals:
+    """Records what Opacus' batch splitter tells the optimizer (the only method it calls)."""
+
+    def __init__(self) -> None:
+        self.skips: list[bool] = []
+
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        self.skips.append(do_skip)
+
+
+@pytest.mark.parametrize(("n", "q", "per_pass"), [(40, 0.3, 4), (40, 0.05, 3), (7, 1.0, 2), (25, 0.5, None)])
+def test_poisson_passes_draw_and_split_exactly_as_opacus_does(n: int, q: float, per_pass: int | None) -> None:
+    """Same generator state → the same batches, in the same passes, with the step ending where Opacus' ends
+    (so the sampling law and the accountant's q are Opacus'); here on the CPU, on the device in a GPU run. The
+    units are a rank's share (every other patient), so ids map through them."""
+    units = torch.arange(1, 2 * n, 2)
+    ours = list(PoissonPasses(units, q, torch.Generator().manual_seed(5), steps=30, per_pass=per_pass))
+    opacus = UniformWithReplacementSampler(
+        num_samples=n, sample_rate=q, generator=torch.Generator().manual_seed(5), steps=30
+    )
+    if per_pass is None:
+        theirs = [[units[batch].tolist()] for batch in opacus]
+    else:
+        signals = _SkipSignals()
+        theirs, step = [], []
+        for batch in BatchSplittingSampler(sampler=opacus, max_batch_size=per_pass, optimizer=signals):  # type: ignore[arg-type]
+            step.append(units[batch].tolist())
+            if not signals.skips[-1]:  # the logical batch ends here
+                theirs.append(step)
+                step = []
+        assert not step
+    assert [[p.tolist() for p in passes] for passes in ours] == theirs
+    assert len(ours) == 30 and all(len(p) <= (per_pass or n) for passes in ours for p in passes)
+    if q < 0.1:
+        assert any(passes == [] or passes[0].numel() == 0 for passes in ours)  # empty steps are steps (P ≈ 0.8)
+
+
+def test_a_dp_step_split_into_passes_updates_as_the_unsplit_step() -> None:
+    """Clipped gradients accumulate over a step's passes and only the last pass noises and steps: 7 patients
+    in passes of 3, 3, 1 move the weights as the 7 in one pass do (same noise generator state)."""
+    torch.manual_seed(3)
+    model = build_unet(image_size=16, n_classes=2, size=TINY)
+    use_plain_attention(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fn = make_per_patient_grad_fn(model, noise_schedule(training_scheduler("sample")), "sample")
+    terms = random_draws(7, 2, 16, 2, seed=6)
+    plan = plan_privacy(target_epsilon=8.0, delta=1e-5, patients_estimate=400, batch_size=8, epochs=4)
+    preset = tiny_preset()
+    after = []
+    for passes in ([torch.arange(7)], list(torch.tensor_split(torch.arange(7), [3, 6]))):
+        model.load_state_dict(start)
+        params = dict(model.named_parameters())
+        optimizer = make_dp_optimizer(
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            plan,
+            max_grad_norm=0.05,
+            generator=torch.Generator().manual_seed(9),
+        )
+        losses = dp_step(
+            preset, fn, params, passes, lambda ids: [t[ids] for t in terms], optimizer, torch.device("cpu")
+        )
+        assert losses.shape == (7,)
+        after.append({n: p.detach().clone() for n, p in params.items()})
+    moved = torch.cat([(after[0][n] - start[n]).flatten() for n in start])
+    assert moved.abs().max() > 0
+    for name in start:
+        torch.testing.assert_close(after[1][name], after[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_logit_normal_timesteps_favour_mid_noise_and_reach_every_level() -> None:

@@ -2,9 +2,9 @@
 or whole volumes (``diffusion-3d``): the preset names the generator kind and the store must hold matching items.
 
 One step:
-1. Opacus' ``UniformWithReplacementSampler`` Poisson-samples *patients* with rate ``q = B / N̂`` (``N̂`` the
-   store's DP patient count); Opacus' ``BatchSplittingSampler`` splits the logical batch into physical
-   batches (an empty batch still steps).
+1. ``train.poisson`` Poisson-samples *patients* with rate ``q = B / N̂`` (``N̂`` the store's DP patient
+   count; Opacus' sampling law, drawn on the run's device) and splits the logical batch into passes of at
+   most ``patients_per_pass`` as Opacus' ``BatchSplittingSampler`` does (an empty batch still steps).
 2. Each sampled patient contributes ``m`` uniformly chosen slices (volumes in 3-D; over all of the patient's
    scans, with replacement), each seen under ``K`` (timestep, noise) draws with label dropout (null class) for
    classifier-free guidance. Only the preset's trainable parameter set is trained (``train.trainable``).
@@ -46,8 +46,6 @@ import numpy as np
 import torch
 from opacus.accountants import create_accountant
 from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
-from opacus.utils.batch_memory_manager import BatchSplittingSampler
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from generators.atomic import write_atomic, write_json_atomic
 from generators.base import resolve_device, save_grid
@@ -71,6 +69,7 @@ from generators.unet import UNet3DSize, build_unet, null_class, use_plain_attent
 from train.accounting import RELATION, PrivacyPlan, check_delta, count_mechanism, epsilon_of, plan_privacy
 from train.distributed import World, join_world, leave_world
 from train.per_patient_grads import autocast_for, make_per_patient_grad_fn, masked_pass, padded_ids
+from train.poisson import PoissonPasses
 from train.preprocess import resize_images, resize_split
 from train.presets import Preset
 from train.public_prior import DESCRIPTION as PUBLIC_PRIOR_DESCRIPTION
@@ -387,7 +386,7 @@ def _train(
     if config.resume:
         state.restore(run)
         if world.distributed:  # ranks and their patients may differ from the checkpoint's: fresh OS entropy
-            state.sampler_gen, state.draw_gen = private_generator(), private_generator(run.device)
+            state.sampler_gen, state.draw_gen = private_generator(run.device), private_generator(run.device)
             state.noise_gen = private_generator(run.device)
     else:
         torch.manual_seed(secrets.randbits(63))  # no later draw may follow from the public seed
@@ -516,8 +515,8 @@ def initial_state(run: TrainingRun, progress: Callable[[TrainProgress], None] | 
         ema={name: p.detach().clone() for name, p in model.named_parameters()},
         base_optimizer=base_optimizer,
         accountant=accountant,
-        sampler_gen=private_generator(),
-        draw_gen=private_generator(device),  # slice picks, timesteps and noise are drawn where the data is
+        sampler_gen=private_generator(device),  # Poisson masks, slice picks, timesteps and noise: where the data is
+        draw_gen=private_generator(device),
         noise_gen=private_generator(device),
         pretrain_seconds=pretrain_seconds,
     )
@@ -689,16 +688,12 @@ def _run_steps(
     params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
     m, k = preset.slices_per_patient, preset.slices_per_patient * preset.noise_multiplicity
     owned = run.world.owned(run.slices.n_patients)  # this rank's patients (all of them in one process)
-    poisson = UniformWithReplacementSampler(
-        num_samples=len(owned),
-        sample_rate=run.sample_rate,
-        generator=state.sampler_gen,
+    steps = PoissonPasses(  # drawn on the device from the private sampler generator
+        owned,
+        run.sample_rate,
+        state.sampler_gen,
         steps=max(run.total_steps - state.step, 0),
-    )
-    batches = iter(
-        BatchSplittingSampler(sampler=poisson, max_batch_size=preset.patients_per_pass, optimizer=optimizer)
-        if config.dp
-        else poisson
+        per_pass=preset.patients_per_pass if config.dp else None,
     )
 
     def draws(patient_ids: torch.Tensor) -> list[torch.Tensor]:  # all from the private draw generator, on device
@@ -706,33 +701,16 @@ def _run_steps(
 
     state.model.train()
     start_time = time.perf_counter() - state.elapsed
-    step_loss: list[float] = []
-    step_patients = 0
-    while state.step < run.total_steps:
-        try:
-            ids = owned[torch.tensor(next(batches), dtype=torch.long)].to(device)
-        except StopIteration:
-            break
-        step_patients += len(ids)
+    for passes in steps:
         for group in state.base_optimizer.param_groups:  # a schedule of the step number only: no data, no ε
             group["lr"] = cosine_lr(preset.learning_rate, state.step, run.total_steps)
         if config.dp:
-            step_loss.extend(_dp_pass(preset, grad_fn, params, ids, draws, device).tolist())
-            optimizer.step()
-            done = not optimizer._is_last_step_skipped  # type: ignore[attr-defined]  # False mid logical batch
-            optimizer.zero_grad(set_to_none=True)
+            step_loss = dp_step(preset, grad_fn, params, passes, draws, optimizer, device)
         else:
-            if len(ids):
-                step_loss.append(_plain_pass(state.model, preset, draws(ids), alphas, device))
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            done = True
-        if not done:
-            continue
+            step_loss = _plain_step(state.model, preset, passes[0], draws, alphas, optimizer, device)
         state.elapsed = time.perf_counter() - start_time
-        if _finish_step(run, state, params, step_loss, step_patients, stop, progress):
+        if _finish_step(run, state, params, step_loss, sum(len(ids) for ids in passes), stop, progress):
             return True
-        step_loss, step_patients = [], 0
     return False
 
 
@@ -740,16 +718,17 @@ def _finish_step(
     run: TrainingRun,
     state: TrainingState,
     params: dict[str, torch.nn.Parameter],
-    losses: list[float],
+    losses: torch.Tensor,
     patients: int,
     stop: _StopFlag,
     progress: Callable[[TrainProgress], None] | None,
 ) -> bool:
-    """After a logical step: EMA, the step's mean loss (over every rank), progress, checkpoints (rank 0).
-    Returns ``True`` when the run stops here (Ctrl-C on any rank; checkpoint written)."""
+    """After a logical step: EMA, the step's mean loss (over every rank; its one read from the device),
+    progress, checkpoints (rank 0). Returns ``True`` when the run stops here (Ctrl-C on any rank; checkpoint
+    written)."""
     state.step += 1
     _update_ema(state, params, run.config.preset.ema_decay)
-    loss_sum, count, patients_total = run.world.sum([float(np.sum(losses)), float(len(losses)), float(patients)])
+    loss_sum, count, patients_total = run.world.sum([float(losses.sum()), float(len(losses)), float(patients)])
     state.losses.append(loss_sum / count if count else float("nan"))
     if progress and run.world.is_main:
         progress(_step_info(run, state, int(patients_total)))
@@ -759,6 +738,26 @@ def _finish_step(
     ):
         state.save(run)
     return stopping
+
+
+def dp_step(
+    preset: Preset,
+    grad_fn: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]],
+    params: dict[str, torch.nn.Parameter],
+    passes: list[torch.Tensor],
+    draws: Callable[[torch.Tensor], list[torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> torch.Tensor:
+    """One DP step over its passes: Opacus clips and accumulates each pass and noises and steps after the last
+    (``signal_skip_step``, as its ``BatchSplittingSampler`` does). Returns the sampled patients' losses."""
+    losses = []
+    for i, ids in enumerate(passes):
+        optimizer.signal_skip_step(do_skip=i < len(passes) - 1)  # type: ignore[attr-defined]
+        losses.append(_dp_pass(preset, grad_fn, params, ids, draws, device))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return torch.cat(losses)
 
 
 def _dp_pass(
@@ -778,19 +777,28 @@ def _dp_pass(
         losses = losses[: len(ids)]
     elif len(ids) == 0:
         grads = {n: torch.zeros(0, *p.shape, device=device) for n, p in params.items()}
-        losses = torch.zeros(0)
+        losses = torch.zeros(0, device=device)
     else:
         grads, losses = grad_fn(detached, *draws(ids))
     for name, p in params.items():
         p.grad_sample = grads[name]  # type: ignore[attr-defined]
-    return losses
+    return losses.detach()
 
 
-def _plain_pass(
-    model: torch.nn.Module, preset: Preset, terms: list[torch.Tensor], alphas: torch.Tensor, device: torch.device
-) -> float:
-    """One pass of a non-private step (``--no-dp`` benchmarks): the batch's mean loss, backpropagated."""
-    images, labels, timesteps, noise = terms
+def _plain_step(
+    model: torch.nn.Module,
+    preset: Preset,
+    ids: torch.Tensor,
+    draws: Callable[[torch.Tensor], list[torch.Tensor]],
+    alphas: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+) -> torch.Tensor:
+    """One non-private step (``--no-dp`` benchmarks) on the whole Poisson batch: its mean loss ``(1,)``, or
+    nothing for an empty batch (no update)."""
+    if len(ids) == 0:
+        return torch.zeros(0, device=device)
+    images, labels, timesteps, noise = draws(ids)
     with autocast_for(device, preset.precision):
         loss = denoising_loss(
             model,
@@ -803,7 +811,9 @@ def _plain_pass(
             weighting=preset.loss_weighting,
         )
     loss.backward()
-    return loss.item()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float().reshape(1)
 
 
 def draw_terms(
