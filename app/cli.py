@@ -410,26 +410,14 @@ def train(
     """Train the class-conditional diffusion model with patient-level DP-SGD and write a model bundle."""
     from generators.errors import InvalidInput, PrivacyPolicy
 
-    # the privacy flags are checked before torch is imported or a launcher started: a refusal is instant
+    # the privacy flags and the preset are checked before torch is imported or a launcher started: a refusal is instant
     if no_dp and not i_understand_not_private:
         raise PrivacyPolicy("--no-dp trains a model WITHOUT privacy; add --i-understand-not-private to confirm")
     if not no_dp and epsilon is None:
         raise InvalidInput("--epsilon is required (or --no-dp --i-understand-not-private for a non-private model)")
 
-    from generators.covariates import declare
-    from train.distributed import Launch, current_world, launch
-    from train.dp_training import TrainConfig, TrainProgress, train_model
-    from train.presets import get_preset
+    from train.presets import get_preset  # light: a bad preset flag is refused as quickly
 
-    if nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # start this command under torchrun
-        plan = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
-        raise typer.Exit(launch(plan, sys.argv[1:]))
-    main_rank = current_world().is_main  # only rank 0 of a distributed run talks to the terminal
-    settings = get_settings()
-    if settings.num_threads:
-        import torch
-
-        torch.set_num_threads(settings.num_threads)
     chosen = get_preset(
         preset,
         epochs=epochs,
@@ -448,6 +436,20 @@ def train(
         prediction=prediction,
         checkpoint_every=checkpoint_every,
     )
+
+    from generators.covariates import declare
+    from train.distributed import Launch, current_world, launch
+    from train.dp_training import TrainConfig, TrainProgress, train_model
+
+    if nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # start this command under torchrun
+        plan = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint, rdzv_timeout)
+        raise typer.Exit(launch(plan, sys.argv[1:]))
+    main_rank = current_world().is_main  # only rank 0 of a distributed run talks to the terminal
+    settings = get_settings()
+    if settings.num_threads:
+        import torch
+
+        torch.set_num_threads(settings.num_threads)
     config = TrainConfig(
         store=store,
         out=out,

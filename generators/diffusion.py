@@ -8,15 +8,14 @@ sampling share one schedule. ``denoising_loss`` is written for one patient's ``K
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, cast
+from typing import cast
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-Prediction = Literal["epsilon", "v_prediction", "sample"]
+from generators.recipe_choices import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, Prediction
+
 NUM_TRAIN_TIMESTEPS = 1000
-TIMESTEP_SAMPLING = ("uniform", "logit-normal")
-LOSS_WEIGHTINGS = ("uniform", "min-snr")
 
 
 def loss_weights(abar: torch.Tensor, prediction: Prediction, weighting: str, gamma: float = 5.0) -> torch.Tensor:

@@ -8,8 +8,10 @@ class used for classifier-free guidance (trained by label dropout). No training 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from diffusers import UNet2DModel
+if TYPE_CHECKING:  # diffusers is imported where a network is built: the size records stay light to import
+    from diffusers import UNet2DModel
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class UNet3DSize:
 
 def build_unet(*, image_size: int, n_classes: int, size: UNetSize) -> UNet2DModel:
     """A fresh UNet for ``[N, 1, image_size, image_size]`` images and ``n_classes`` labels (+1 null class)."""
+    from diffusers import UNet2DModel
+
     if len(size.block_out_channels) != len(size.attention_levels):
         raise ValueError("block_out_channels and attention_levels must have the same length")
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in size.attention_levels)

@@ -1,6 +1,8 @@
 """The import direction app → (train, privacy_filters) → generators holds in every module."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +44,10 @@ def test_checker_sees_imports(tmp_path: Path) -> None:
     module = tmp_path / "m.py"
     module.write_text("import app.cli\nfrom train.store import CohortStore\ndef f():\n    import privacy_filters\n")
     assert imported_packages(module) == {"app", "train", "privacy_filters"}
+
+
+def test_presets_and_the_cli_entry_point_import_without_torch() -> None:
+    """A bad train flag (preset, recipe choice) is refused before torch is imported: these stay light."""
+    code = "import sys, app.cli, train.presets; print(sorted({'torch', 'diffusers', 'opacus'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -5,8 +5,15 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
-from generators.diffusion import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING
 from generators.errors import InvalidInput
+from generators.recipe_choices import (
+    LOSS_WEIGHTINGS,
+    PREDICTIONS,
+    TIMESTEP_SAMPLING,
+    LossWeighting,
+    Prediction,
+    TimestepSampling,
+)
 from generators.unet import UNet3DSize, UNetSize
 from train.trainable import TRAINABLE_SETS
 
@@ -30,10 +37,10 @@ class Preset:
     lora_rank: int = 4  # rank of the adapters when trainable == "lora"
     slices_per_patient: int = 1  # m: slices of each sampled patient averaged before clipping (no ε cost)
     label_init: Literal["random", "null"] = "random"  # null: labels start at the null class's (prior's) embedding
-    timestep_sampling: Literal["uniform", "logit-normal"] = "uniform"  # of the DP draws (generators.diffusion)
+    timestep_sampling: TimestepSampling = "uniform"  # of the DP draws (generators.diffusion)
     timestep_mean: float = 0.0  # logit-normal's focus: z ~ N(mean, 1); > 0 toward high noise, < 0 toward low
-    prediction: Literal["sample", "v_prediction", "epsilon"] = "sample"  # x0: smooth samples at small budgets
-    loss_weighting: Literal["uniform", "min-snr"] = "uniform"  # by noise level (generators.diffusion.loss_weights)
+    prediction: Prediction = "sample"  # x0: smooth samples at small budgets
+    loss_weighting: LossWeighting = "uniform"  # by noise level (generators.diffusion.loss_weights)
     flip: bool = False  # left-right flip of half of the training slices (label-preserving, no ε cost)
     checkpoint_every: int = 50
     public_prior: Literal["mni152", "none"] = "mni152"  # non-private pretraining on public data
@@ -52,8 +59,8 @@ class Preset:
         """Refuse a preset no run could use (every construction, CLI overrides included), with the reason."""
         checks = [
             (
-                self.prediction in ("sample", "v_prediction", "epsilon"),
-                f"unknown prediction {self.prediction!r}; choose sample, v_prediction or epsilon",
+                self.prediction in PREDICTIONS,
+                f"unknown prediction {self.prediction!r}; choose one of {', '.join(PREDICTIONS)}",
             ),
             (
                 self.public_prior in ("mni152", "none"),

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import copy
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from generators.errors import InvalidInput
+
+if TYPE_CHECKING:  # torch is needed only where a model is prepared: the set names stay light to import
+    import torch
 
 TRAINABLE_SETS = {
     "all": "every parameter (full fine-tuning)",
@@ -70,6 +72,7 @@ def merged_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
     plain network; unchanged for a model without adapters."""
     if not any(".lora_" in key for key in weights):
         return weights
+    import torch
     from peft.tuners.lora import LoraLayer
 
     adapted = copy.deepcopy(model)
