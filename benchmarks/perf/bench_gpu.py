@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import time
@@ -46,8 +45,10 @@ from train.dp_training import TrainConfig, build_network, read_training_record, 
 from train.ingest import IngestOptions, ingest
 from train.presets import Preset, get_preset
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: common.py, the shared helpers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # bench_utility's quick audit
 from bench_utility import quick_audit, score_columns
+from common import cpu_model, cpu_seconds, cpu_split
 
 EXPECTED_PATIENTS = 512  # the DP step's logical batch, as in the table
 TOY_2D = UNetSize(block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4)
@@ -122,9 +123,17 @@ def end_to_end(root: Path, device: torch.device, quick: bool, workers: int) -> t
     rows = []
 
     def stage(name: str, fn: Callable[[], object]) -> object:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), cpu_seconds()
         result = fn()
-        rows.append({"stage": name, "seconds": round(time.perf_counter() - started, 1)})
+        main_s, workers_s = cpu_split(cpu)  # the main process's share bounds what more workers can give
+        rows.append(
+            {
+                "stage": name,
+                "seconds": round(time.perf_counter() - started, 1),
+                "cpu_main_s": round(main_s, 1),
+                "cpu_workers_s": round(workers_s, 1),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
         return result
 
@@ -189,7 +198,8 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     machine = {
-        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "cpu": cpu_model(),
         "cpus": os.cpu_count(),
         "torch": torch.__version__,
         "date": date.today().isoformat(),
