@@ -1,6 +1,7 @@
 """Every benchmark script imports (so a refactor cannot break one silently) without running it."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -45,3 +46,21 @@ def test_a_benchmark_script_imports(script: Path, monkeypatch: pytest.MonkeyPatc
     module = _load(script, monkeypatch)
     assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
     assert (module.__doc__ or "").strip(), f"{script.name} has no docstring naming its command"
+
+
+def test_the_map_is_drawn_from_every_recorded_cell(tmp_path: Path, monkeypatch) -> None:
+    """Cells recorded by separate invocations land in one table; a cell without a run says so."""
+    draw = _load(next(s for s in BENCHMARKS if s.stem == "bench_map"), monkeypatch)
+    rows = [
+        {"cell": {"patients_estimate": 800, "epsilon": 8.0, "compute": 1.0}, "ratio": 0.6, "fd_filter": 27.0},
+        {"recipe": "not a grid row", "ratio": 0.1},
+        {"cell": {"patients_estimate": 800, "epsilon": 1.0, "compute": 1.0}, "ratio": 0.52, "fd_filter": 90.0},
+    ]
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    first.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    second.write_text(json.dumps(rows[2]) + "\n\n")
+    table = draw.grid_table(draw.load_rows([first, second]))
+    assert "| 800 | 1× | 0.520 (90.0) | 0.600 (27.0) |" in table
+    rows[0]["cell"]["compute"] = 4.0
+    first.write_text(json.dumps(rows[0]) + "\n")
+    assert "| 800 | 4× | not run | 0.600 (27.0) |" in draw.grid_table(draw.load_rows([first, second]))

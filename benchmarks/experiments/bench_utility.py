@@ -17,7 +17,8 @@ can lift it above. ``--grid`` draws the map of cohort size × ε × compute for 
 (compute c: the epochs that show c × cpu-small's 80 000 patient-slices, so a larger cohort gets fewer epochs;
 ε = inf trains without DP) and prints the table; the quick audit's TSTR is the fair protocol's (a synthetic
 training set as large as the real one) unless ``--small-tstr-only``. Rows are appended to
-``--out/results.jsonl`` and printed (JSON, one per line). Runs on a demo store spend its privacy budget many times
+``--out/results.jsonl`` and printed (JSON, one per line); ``bench_map.py`` draws the map from the rows of every
+invocation so far. Runs on a demo store spend its privacy budget many times
 over (``allow_over_budget``): this is a benchmark, not a release.
 """
 
