@@ -381,6 +381,13 @@ def train(
     prediction: Annotated[
         str | None, typer.Option(help="Denoiser target: sample (x0), v_prediction or epsilon.")
     ] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the per-patient gradients (fixed-shape presets, 2-D: gpu); minutes to compile.",
+        ),
+    ] = None,
     seed: Annotated[
         int, typer.Option(help="Seed of the PUBLIC randomness only (initialisation, public prior, sample grids).")
     ] = 0,
@@ -435,6 +442,7 @@ def train(
         public_prior=public_prior,
         prediction=prediction,
         checkpoint_every=checkpoint_every,
+        compile=compile,
     )
 
     from generators.covariates import declare

@@ -79,3 +79,25 @@ def use_plain_attention(model: UNet2DModel) -> None:
     for module in model.modules():
         if isinstance(module, Attention):
             module.set_processor(AttnProcessor())
+
+
+def use_plain_upsampling(model: UNet2DModel) -> None:
+    """Upsample by repeating each pixel twice along both axes instead of ``F.interpolate(mode="nearest")``.
+
+    The values are identical. ``torch.compile`` cannot trace interpolate's kernel inside ``torch.func.vmap`` (it
+    clones with a memory format vmap does not support), so the compiled per-patient gradients need this form.
+    """
+    from diffusers.models.upsampling import Upsample2D
+
+    for module in model.modules():
+        if isinstance(module, Upsample2D) and module.interpolate and not module.use_conv_transpose:
+            module.forward = _repeat_upsample.__get__(module)
+
+
+def _repeat_upsample(self, hidden_states, output_size=None, *args, **kwargs):  # Upsample2D.forward's signature
+    if output_size is not None:  # an odd size (never at the presets' sizes): diffusers' own path
+        return type(self).forward(self, hidden_states, output_size, *args, **kwargs)
+    hidden_states = hidden_states.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+    if self.use_conv:
+        hidden_states = self.conv(hidden_states) if self.name == "conv" else self.Conv2d_0(hidden_states)
+    return hidden_states

@@ -49,7 +49,13 @@ from train.dp_training import (
     start_labels_at_null,
     train_model,
 )
-from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn, masked_pass, padded_ids
+from train.per_patient_grads import (
+    brute_force_per_patient_grads,
+    compile_grad_fn,
+    make_per_patient_grad_fn,
+    masked_pass,
+    padded_ids,
+)
 from train.poisson import PoissonPasses
 from train.presets import PRESETS, get_preset
 from train.public_prior import add_focal_anomalies, template_images
@@ -387,6 +393,40 @@ def test_a_padded_pass_gives_the_clipped_sum_of_the_unpadded_one_and_an_empty_pa
     update = torch.cat([p.grad.flatten() for p in model.parameters()])
     expected_std = plan.noise_multiplier * 0.05 / plan.expected_batch_size
     assert update.std().item() == pytest.approx(expected_std, rel=0.05)  # the noise, and nothing else
+
+
+@pytest.mark.slow
+def test_compiled_per_patient_gradients_equal_the_eager_ones(demo_store, tmp_path: Path) -> None:
+    """``--compile``: torch.compile traces the vmap'd per-patient gradients (here with the aot_eager backend —
+    Dynamo's capture and AOT autograd without code generation, which takes minutes on a CPU) and they equal the
+    eager ones; the plain upsampling that tracing needs computes exactly what interpolate did."""
+    from diffusers.models.upsampling import Upsample2D
+
+    torch.manual_seed(5)
+    model = build_unet(image_size=16, n_classes=2, size=TINY)
+    use_plain_attention(model)
+    upsampler = next(m for m in model.modules() if isinstance(m, Upsample2D))
+    x = torch.randn(3, 16, 4, 4)
+    interpolated = upsampler(x)
+    alphas = noise_schedule(training_scheduler("sample"))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    draws = random_draws(4, 2, 16, 2, seed=7)
+    eager, eager_losses = make_per_patient_grad_fn(model, alphas, "sample")(params, *draws)
+    compiled = compile_grad_fn(make_per_patient_grad_fn(model, alphas, "sample"), model, backend="aot_eager")
+    assert torch.equal(upsampler(x), interpolated)
+    grads, losses = compiled(params, *draws)
+    torch.testing.assert_close(losses, eager_losses)
+    for name in eager:
+        torch.testing.assert_close(grads[name], eager[name], rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(InvalidInput, match="fixed-shape"):
+        tiny_preset(compile=True)
+    store = _store_copy(demo_store, tmp_path)  # its own ledger: other tests' runs write to the shared one
+    ledger = store / "privacy_ledger.jsonl"
+    entries = ledger.read_text()
+    bf16 = tiny_preset(fixed_shape=True, precision="bf16", compile=True)  # inductor's CPU code fails for bf16
+    with pytest.raises(InvalidInput, match="C\\+\\+ code generation"):
+        train_model(TrainConfig(store=store, out=tmp_path / "m", preset=bf16, epsilon=8.0, device="cpu"))
+    assert ledger.read_text() == entries and not (tmp_path / "m").exists()  # refused before spending anything
 
 
 def test_bf16_autocast_keeps_every_clipped_patient_gradient_within_the_bound() -> None:

@@ -68,7 +68,13 @@ from generators.layout import BundleLayout
 from generators.unet import UNet3DSize, build_unet, null_class, use_plain_attention
 from train.accounting import RELATION, PrivacyPlan, check_delta, count_mechanism, epsilon_of, plan_privacy
 from train.distributed import World, join_world, leave_world
-from train.per_patient_grads import autocast_for, make_per_patient_grad_fn, masked_pass, padded_ids
+from train.per_patient_grads import (
+    autocast_for,
+    compile_grad_fn,
+    make_per_patient_grad_fn,
+    masked_pass,
+    padded_ids,
+)
 from train.poisson import PoissonPasses
 from train.preprocess import resize_images, resize_split
 from train.presets import Preset
@@ -468,6 +474,11 @@ def plan_run(config: TrainConfig, store: CohortStore, world: World | None = None
         sample_rate = min(1.0, preset.batch_size / n_patients)
         planned_steps = max(1, round(preset.epochs / sample_rate))
     device = world.device(resolve_device(config.device))
+    if preset.compile and preset.precision == "bf16" and device.type == "cpu":  # refused before the ledger
+        raise InvalidInput(
+            "--compile with bf16 fails in torch's C++ code generation on a CPU; train bf16 presets on a CPU "
+            "without --compile (it is for the GPU; on a CPU it gains little)"
+        )
     return TrainingRun(
         config=config,
         store=store,
@@ -685,6 +696,8 @@ def _run_steps(
     grad_fn = make_per_patient_grad_fn(
         state.model, alphas, preset.prediction, preset.loss_weighting, precision=preset.precision
     )
+    if preset.compile:  # one shape for every pass (fixed_shape), so one compilation
+        grad_fn = compile_grad_fn(grad_fn, state.model)
     params = {name: p for name, p in state.model.named_parameters() if p.requires_grad}
     m, k = preset.slices_per_patient, preset.slices_per_patient * preset.noise_multiplicity
     owned = run.world.owned(run.slices.n_patients)  # this rank's patients (all of them in one process)

@@ -13,7 +13,8 @@ Two options serve the GPU path. ``precision="bf16"`` runs the network's forward 
 autocast while the loss, the per-patient gradients (in the parameters' fp32), their norms, the clipping and
 the noise stay fp32, so each clipped gradient's norm is still at most C. :func:`masked_pass` pads a pass of
 ``b`` patients to a fixed number of rows and zeroes the padded rows' gradients exactly, so every pass has
-one shape (what ``torch.compile`` and CUDA graphs need) and adds nothing to the clipped sum.
+one shape (what ``torch.compile`` and CUDA graphs need) and adds nothing to the clipped sum;
+:func:`compile_grad_fn` compiles the gradient function for that shape.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from diffusers import UNet2DModel
 from torch.func import functional_call, grad_and_value, vmap
 
 from generators.diffusion import Prediction, denoising_loss
+from generators.unet import use_plain_upsampling
 
 Precision = Literal["fp32", "bf16"]
 
@@ -66,6 +68,18 @@ def make_per_patient_grad_fn(
         )
 
     return vmap(grad_and_value(patient_loss), in_dims=(None, 0, 0, 0, 0))
+
+
+def compile_grad_fn(
+    grad_fn: Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]],
+    model: torch.nn.Module,
+    backend: str = "inductor",
+) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
+    """``grad_fn`` (of :func:`make_per_patient_grad_fn` for ``model``) under ``torch.compile`` for one fixed
+    shape (fixed-shape passes); the first call compiles (minutes on a CPU). The model's upsampling is switched to
+    a form vmap can trace (:func:`generators.unet.use_plain_upsampling`: the same values)."""
+    use_plain_upsampling(model)
+    return torch.compile(grad_fn, dynamic=False, backend=backend)
 
 
 def brute_force_per_patient_grads(

@@ -54,6 +54,7 @@ class Preset:
     # noise and optimizer in fp32)
     fixed_shape: bool = False
     precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # torch.compile the per-patient gradients for the fixed shape (2-D; compiles for minutes)
 
     def __post_init__(self) -> None:
         """Refuse a preset no run could use (every construction, CLI overrides included), with the reason."""
@@ -99,6 +100,10 @@ class Preset:
             (
                 self.trainable in TRAINABLE_SETS,
                 f"unknown trainable set {self.trainable!r}; choose one of {sorted(TRAINABLE_SETS)}",
+            ),
+            (
+                not self.compile or (self.fixed_shape and self.spatial_dims == 2),
+                "--compile needs fixed-shape passes (fixed_shape) and the 2-D network",
             ),
             (self.lora_rank >= 1, "--lora-rank must be at least 1"),
             (self.batch_size >= 1 and self.physical_batch_size >= 1, "batch sizes must be positive"),

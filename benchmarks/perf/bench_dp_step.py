@@ -23,7 +23,7 @@ from opacus.optimizers import DPOptimizer
 
 from generators.diffusion import denoising_loss, noise_schedule, training_scheduler
 from generators.unet import build_unet, use_plain_attention
-from train.per_patient_grads import brute_force_per_patient_grads, make_per_patient_grad_fn
+from train.per_patient_grads import brute_force_per_patient_grads, compile_grad_fn, make_per_patient_grad_fn
 from train.presets import get_preset
 from train.trainable import count_parameters, prepare_trainable
 
@@ -43,16 +43,21 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def shipped_dp_step(model, alphas, prediction, params: dict, batch_size: int, *batch):
+def shipped_dp_step(
+    model, alphas, prediction, params: dict, batch_size: int, *batch, precision="fp32", compile_backend=None
+):
     """The DP step the trainer ships: torch.func per-patient gradients of ``params`` on ``batch`` (images, labels,
-    timesteps, noise), then Opacus' DPOptimizer (clip, noise, Adam). Returns the step and the gradient function."""
+    timesteps, noise) in ``precision``, compiled with ``compile_backend`` when given (``--compile``), then Opacus'
+    DPOptimizer (clip, noise, Adam). Returns the step and the gradient function."""
     dp_opt = DPOptimizer(
         torch.optim.Adam(params.values(), lr=1e-3),
         noise_multiplier=1.0,
         max_grad_norm=1.0,
         expected_batch_size=batch_size,
     )
-    grad_fn = make_per_patient_grad_fn(model, alphas, prediction)
+    grad_fn = make_per_patient_grad_fn(model, alphas, prediction, precision=precision)
+    if compile_backend:
+        grad_fn = compile_grad_fn(grad_fn, model, backend=compile_backend)
 
     def dp_step() -> None:
         grads, _ = grad_fn({n: p.detach() for n, p in params.items()}, *batch)

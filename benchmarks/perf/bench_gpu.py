@@ -5,9 +5,10 @@
 (install torch with CUDA first, see the README's GPU section). It prints one JSON line per measurement and, at the
 end, a Markdown table for BENCHMARKS.md:
 
-- the DP step the trainer ships (torch.func per-patient gradients, then Opacus' clipping, noise and Adam), for the
-  networks of cpu-small and gpu (2-D) and of cpu-3d and gpu-3d (3-D), timed on one physical batch and reported
-  per 512 expected patients;
+- the DP step the trainer ships (torch.func per-patient gradients in the preset's precision, then Opacus'
+  clipping, noise and Adam), for the networks of cpu-small and gpu (2-D) and of cpu-3d and gpu-3d (3-D), and gpu
+  with ``--compile`` (torch.compile; its first call, the compilation, is reported apart), timed on one physical
+  batch and reported per 512 expected patients;
 - the public-prior step (non-private, cpu-small's network, a batch of 64 slices);
 - end to end on a freshly built demo store (1 000 patients): demo-data, ingest, training cpu-small at ε = 8,
   calibrate and a quick audit (TSTR/TRTR on the n per label), each timed;
@@ -86,10 +87,25 @@ def dp_step_seconds(preset: Preset, device: torch.device, quick: bool) -> dict:
         torch.randint(0, 1000, (b, k), device=device),
         torch.randn(b, k, *item, device=device),
     )
-    step, _ = shipped_dp_step(model, alphas, preset.prediction, params, EXPECTED_PATIENTS, *batch)
+    backend = ("aot_eager" if quick else "inductor") if preset.compile else None  # quick: no code generation
+    step, _ = shipped_dp_step(
+        model,
+        alphas,
+        preset.prediction,
+        params,
+        EXPECTED_PATIENTS,
+        *batch,
+        precision=preset.precision,
+        compile_backend=backend,
+    )
+    started = time.perf_counter()
+    step()  # the first call compiles (--compile)
+    first_s = time.perf_counter() - started
     seconds = timed(step, device)
     return {
-        "stage": f"dp_step_{preset.name}",
+        "stage": f"dp_step_{preset.name}" + ("_compiled" if preset.compile else ""),
+        "precision": preset.precision,
+        "first_call_s": round(first_s, 1),
         "patients_per_pass": b,
         "draws_per_patient": k,
         "item": list(item),
@@ -205,8 +221,9 @@ def main() -> None:
         "date": date.today().isoformat(),
     }
     rows: list[dict] = []
-    for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d"):
-        rows.append(dp_step_seconds(get_preset(name), device, args.quick))
+    presets = [get_preset(name) for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d")]
+    for preset in [*presets, replace(get_preset("gpu"), compile=True)]:  # the last: `train --compile`
+        rows.append(dp_step_seconds(preset, device, args.quick))
         print(json.dumps(rows[-1]), flush=True)
     rows.append(public_prior_step_seconds(device, args.quick))
     print(json.dumps(rows[-1]), flush=True)
