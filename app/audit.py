@@ -150,7 +150,7 @@ def run_audit(
         raise InvalidInput(
             "this store is not the one the model was trained on (store ids differ); audit with the training store"
         )
-    filt = MemorizationFilter.load(BundleLayout(model_dir).filter_dir)
+    filt = MemorizationFilter.load(BundleLayout(model_dir).filter_dir, device=device)
     real = load_real(store, model)
     label_names = list(model.label_ids)
     lap("load")
