@@ -319,7 +319,7 @@ def main() -> None:
         result["run"] = run
         if args.grid:
             result["cell"] = {
-                "patients_estimate": card.get("patients_estimate", {}).get("value")
+                "patients_estimate": (card.get("patients_estimate") or {}).get("value")  # None without DP
                 or CohortStore.open(cell.store).patients_estimate,
                 "epsilon": "inf" if cell.epsilon is None else cell.epsilon,
                 "compute": cell.compute,
