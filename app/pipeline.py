@@ -39,7 +39,7 @@ import numpy as np
 from app.cohort_spec import check_covariates, parse_covariates, rows_of
 from app.dataset_writer import FORMATS, write_documents, write_json, write_sample
 from generators.atomic import publish_directory
-from generators.base import Generator
+from generators.base import Generator, resolve_device
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy
 from generators.layout import BundleLayout
 from generators.registry import load_generator
@@ -213,7 +213,7 @@ class CohortWorker:
             raise NotFound(
                 f"{self.model_dir} has no memorization filter; run `synthcohort calibrate STORE {self.model_dir}` first"
             )
-        self.filter = MemorizationFilter.load(layout.filter_dir, device=self.model.device)  # embeds where it samples
+        self.filter = MemorizationFilter.load(layout.filter_dir, device=resolve_device(device))  # where it samples
         self.calibration = json.loads(layout.calibration.read_text())
         self.seed_key = load_seed_key(self.model_dir)
         if self.calibration.get("store_id") != self.card.store_id:

@@ -44,7 +44,6 @@ class Generator(Protocol):
 
     kind: ClassVar[str]  # the registry key written into the card's ``generator`` field
     card: ModelCard
-    device: torch.device  # where it samples (the cohort worker's filter embeds there too)
 
     @property
     def label_ids(self) -> dict[str, int]: ...
