@@ -19,8 +19,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from generators.base import Generated, expand_labels, resolve_device
 from generators.card import ModelCard, write_card
 from generators.covariates import COVARIATES, condition_ids, null_condition
-from generators.diffusion import denoising_loss, noise_schedule
+from generators.diffusion import autocast_for, denoising_loss, noise_schedule
 from generators.errors import InvalidInput
+from generators.recipe_choices import PRECISIONS, Precision
 from generators.unet import null_class
 
 DEFAULT_STEPS = 20
@@ -152,12 +153,14 @@ class ConditionalDiffusion:
         seeds: Sequence[int] | None = None,
         conditions: Sequence[Mapping[str, Any]] | None = None,
         progress: Callable[[int], None] | None = None,
+        precision: Precision = "fp32",
     ) -> Generated:
         """Sample images; sample ``i`` starts from noise seeded with ``seed + i`` (or ``seeds[i]``).
 
         Deterministic for the same request on the same device. Classifier-free guidance mixes the
         conditional and null-class predictions: ``uncond + guidance · (cond − uncond)``. A covariate model
         also takes ``conditions``: per sample ``{"age": years, "sex": "F" | "M"}``, either may be left out.
+        ``precision="bf16"`` runs the network under bf16 autocast; the guidance mix and the solver stay fp32.
         """
         # 1. check inputs
         names = self.resolve_labels(labels)
@@ -169,6 +172,8 @@ class ConditionalDiffusion:
             seeds = [seed + i for i in range(len(names))]
         if len(seeds) != len(names):
             raise InvalidInput("seeds must have one entry per sample")
+        if precision not in PRECISIONS:
+            raise InvalidInput(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
         seeds_arr = np.asarray(seeds, dtype=np.int64)
         all_ids = self.condition_ids(names, conditions)
         null = self.null_id()
@@ -189,11 +194,13 @@ class ConditionalDiffusion:
             # 4. denoising loop
             for t in scheduler.timesteps:
                 if guidance == 1.0:
-                    prediction = self.predict(latents, t, ids)
+                    with autocast_for(self.device, precision):
+                        prediction = self.predict(latents, t, ids).float()
                 else:
-                    both = self.predict(
-                        torch.cat([latents, latents]), t, torch.cat([ids, torch.full_like(ids, null)])
-                    )  # (2B, 1, ...)
+                    with autocast_for(self.device, precision):
+                        both = self.predict(
+                            torch.cat([latents, latents]), t, torch.cat([ids, torch.full_like(ids, null)])
+                        ).float()  # (2B, 1, ...)
                     cond, uncond = both.chunk(2)
                     prediction = uncond + guidance * (cond - uncond)
                 latents = scheduler.step(prediction, t, latents).prev_sample

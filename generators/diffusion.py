@@ -7,15 +7,23 @@ sampling share one schedule. ``denoising_loss`` is written for one patient's ``K
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import cast
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from generators.recipe_choices import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, Prediction
+from generators.recipe_choices import LOSS_WEIGHTINGS, TIMESTEP_SAMPLING, Precision, Prediction
 
 NUM_TRAIN_TIMESTEPS = 1000
+
+
+def autocast_for(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
+    """bf16 autocast on ``device`` for ``precision="bf16"``, else nothing."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def loss_weights(abar: torch.Tensor, prediction: Prediction, weighting: str, gamma: float = 5.0) -> torch.Tensor:

@@ -90,6 +90,20 @@ def test_sampling_options_come_from_the_card_and_refuse_unknown_ones(tiny_model:
         model.sampling_options(temperature=0.7)
 
 
+def test_sampling_with_the_network_in_bf16_stays_near_fp32_and_refuses_unknown_precisions(tiny_model: Path) -> None:
+    """bf16 autocast engages (the samples change) while the fp32 solver keeps them near the fp32 samples of the
+    same seeds; the images come back fp32 either way."""
+    model = load_generator(tiny_model, device="cpu")
+    options = {"labels": {"healthy": 2, "lesion": 2}, "seed": 3, "steps": 4}
+    fp32 = model.generate(**options).images
+    bf16 = model.generate(**options, precision="bf16").images
+    assert bf16.dtype == torch.float32
+    rmse = float(((bf16 - fp32) ** 2).mean().sqrt())
+    assert 0.0 < rmse < 0.05, rmse
+    with pytest.raises(InvalidInput, match="unknown precision"):
+        model.generate(**options, precision="fp8")
+
+
 class ShiftedNoise:
     """A second generator kind, defined here only: Gaussian noise whose mean is the label id (no weights)."""
 

@@ -61,7 +61,7 @@ from generators.covariates import (
     null_condition,
     sex_id,
 )
-from generators.diffusion import denoising_loss, draw_timesteps, noise_schedule, training_scheduler
+from generators.diffusion import autocast_for, denoising_loss, draw_timesteps, noise_schedule, training_scheduler
 from generators.diffusion_2d import DEFAULT_GUIDANCE, DEFAULT_STEPS, DiffusionModel
 from generators.errors import Conflict, InvalidInput, PrivacyPolicy, PrivacyWarning
 from generators.layout import BundleLayout
@@ -69,7 +69,6 @@ from generators.unet import UNet3DSize, build_unet, null_class, use_plain_attent
 from train.accounting import RELATION, PrivacyPlan, check_delta, count_mechanism, epsilon_of, plan_privacy
 from train.distributed import World, join_world, leave_world
 from train.per_patient_grads import (
-    autocast_for,
     compile_grad_fn,
     make_per_patient_grad_fn,
     masked_pass,

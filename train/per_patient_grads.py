@@ -19,25 +19,15 @@ one shape (what ``torch.compile`` and CUDA graphs need) and adds nothing to the 
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from diffusers import UNet2DModel
 from torch.func import functional_call, grad_and_value, vmap
 
-from generators.diffusion import Prediction, denoising_loss
+from generators.diffusion import Prediction, autocast_for, denoising_loss
+from generators.recipe_choices import Precision
 from generators.unet import use_plain_upsampling
-
-Precision = Literal["fp32", "bf16"]
-
-
-def autocast_for(device: torch.device | str, precision: Precision) -> contextlib.AbstractContextManager:
-    """bf16 autocast on ``device`` for ``precision="bf16"``, else nothing."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def make_per_patient_grad_fn(

@@ -8,9 +8,11 @@ from typing import Any, Literal
 from generators.errors import InvalidInput
 from generators.recipe_choices import (
     LOSS_WEIGHTINGS,
+    PRECISIONS,
     PREDICTIONS,
     TIMESTEP_SAMPLING,
     LossWeighting,
+    Precision,
     Prediction,
     TimestepSampling,
 )
@@ -53,7 +55,7 @@ class Preset:
     # torch.compile / CUDA graphs, the same clipped sum), and bf16 autocast for the network (norms, clipping,
     # noise and optimizer in fp32)
     fixed_shape: bool = False
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     compile: bool = False  # torch.compile the per-patient gradients for the fixed shape (2-D; compiles for minutes)
 
     def __post_init__(self) -> None:
@@ -68,7 +70,10 @@ class Preset:
                 f"unknown public prior {self.public_prior!r}; choose 'mni152' or 'none'",
             ),
             (self.generator in ("diffusion-2d", "diffusion-3d"), f"unknown generator {self.generator!r}"),
-            (self.precision in ("fp32", "bf16"), f"unknown precision {self.precision!r}; choose 'fp32' or 'bf16'"),
+            (
+                self.precision in PRECISIONS,
+                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
+            ),
             (isinstance(self.unet, UNet3DSize) == (self.generator == "diffusion-3d"), "unet size of the wrong kind"),
             (0.0 <= self.public_anomaly_rate <= 1.0, "public_anomaly_rate must lie in [0, 1]"),
             (

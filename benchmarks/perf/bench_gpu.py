@@ -12,7 +12,8 @@ end, a Markdown table for BENCHMARKS.md:
 - the public-prior step (non-private, cpu-small's network, a batch of 64 slices);
 - end to end on a freshly built demo store (1 000 patients): demo-data, ingest, training cpu-small at ε = 8,
   calibrate and a quick audit (TSTR/TRTR on the n per label), each timed;
-- on the model just trained: the sampler (slices/s at 32 px, DPM-Solver++ 20 steps, guidance 2) and the
+- on the model just trained: the sampler (slices/s at 32 px, DPM-Solver++ 20 steps, guidance 2; the network in
+  fp32, then under bf16 autocast with its RMSE against the fp32 samples of the same seeds) and the
   memorization filter (queries/s, the default two views; embedding and re-ranking on the device, then on the
   CPU for comparison; the FAISS search stays on the CPU).
 
@@ -182,13 +183,24 @@ def sampler_and_filter(model_dir: Path, device: torch.device, quick: bool) -> li
     n = 64 if quick else 4096
     labels = {name: n // 2 for name in model.label_ids}
     generated = model.generate(labels=labels, seed=0, batch_size=n)  # warm-up and the filter's queries
-    started = time.perf_counter()
-    model.generate(labels=labels, seed=1, batch_size=n)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    sample_s = time.perf_counter() - started
     images = generated.images.numpy()
-    rows = [{"stage": "sampler", "slices": 2 * (n // 2), "slices_per_s": round(2 * (n // 2) / sample_s, 1)}]
+    rows = []
+    for precision in ("fp32", "bf16"):  # the network's arithmetic; the solver stays fp32 (bf16: see bench_sampler)
+        model.generate(labels=labels, seed=1, batch_size=n, precision=precision)  # warm-up of this precision
+        started = time.perf_counter()
+        again = model.generate(labels=labels, seed=0, batch_size=n, precision=precision)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        sample_s = time.perf_counter() - started
+        rmse = float(((again.images - generated.images) ** 2).mean().sqrt())  # against fp32, same seeds
+        rows.append(
+            {
+                "stage": f"sampler ({precision})",
+                "slices": 2 * (n // 2),
+                "slices_per_s": round(2 * (n // 2) / sample_s, 1),
+                "rmse_vs_fp32": round(rmse, 4),
+            }
+        )
     for where in dict.fromkeys((device.type, "cpu")):  # embedding and re-ranking on the device, then on the CPU
         filt = MemorizationFilter.load(BundleLayout(model_dir).filter_dir, device=where)
         filt.check(images[:64])  # warm-up
