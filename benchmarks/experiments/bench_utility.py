@@ -194,13 +194,17 @@ def score_samples(
 def score_columns(report: dict) -> dict:
     """A report's utility and fidelity numbers as one results row's columns."""
     utility, fid = report["utility"], report["fidelity"]
-    small = (
-        {"tstr_small_n": utility["tstr_small_n"]["accuracy"], "ratio_small_n": utility["ratio_small_n"]["accuracy"]}
-        if "tstr_small_n" in utility
-        else {}
-    )
+    if "tstr_small_n" in utility:  # both protocols on the same samples: "tstr"/"ratio" are the fair one's
+        small = {
+            "tstr_small_n": utility["tstr_small_n"]["accuracy"],
+            "ratio_small_n": utility["ratio_small_n"]["accuracy"],
+        }
+        protocol = "fair"
+    else:
+        small, protocol = {}, "n per label"
     return {
         **small,
+        "tstr_protocol": protocol,
         "tstr": utility["tstr"]["accuracy"],
         "tstr_per_seed": [round(r["accuracy"], 3) for r in utility["tstr"]["per_seed"]],
         "tstr_auc": utility["tstr"]["auc"],
@@ -339,44 +343,76 @@ def main() -> None:
             grid_figure(results, args.figure)
 
 
-def grid_table(rows: list[dict]) -> str:
-    """The map as a Markdown table: one row per (N̂, compute), one column per ε; each cell TSTR/TRTR (Fréchet)."""
-    epsilons = sorted({r["cell"]["epsilon"] for r in rows}, key=lambda e: math.inf if e == "inf" else e)
+def _line(row: dict) -> tuple[str, int, float]:
+    """The map's line a grid row belongs to: its recipe, N̂ and compute."""
+    return row.get("recipe", "?"), row["cell"]["patients_estimate"], row["cell"]["compute"]
+
+
+PROTOCOL_NAMES = {"fair": "synthetic set as large as the real one", "small": "n synthetic slices per label"}
+
+
+def protocol_ratio(row: dict, protocol: str) -> float | None:
+    """A row's TSTR/TRTR under ``protocol`` ("fair": a synthetic training set as large as the real one; "small":
+    the n per label of ``--n``), or None where the row did not score it (older rows without ``tstr_protocol`` are
+    fair-protocol rows)."""
+    fair = row.get("tstr_protocol", "fair") == "fair"
+    if protocol == "fair":
+        return row["ratio"] if fair else None
+    return row.get("ratio_small_n") if fair else row["ratio"]
+
+
+def _epsilon_order(rows: list[dict]) -> list:
+    return sorted({r["cell"]["epsilon"] for r in rows}, key=lambda e: math.inf if e == "inf" else e)
+
+
+def grid_table(rows: list[dict], protocol: str = "fair") -> str:
+    """The map as a Markdown table: one row per (recipe, N̂, compute), one column per ε; each cell TSTR/TRTR under
+    ``protocol`` (Fréchet ratio in the filter embedding), several runs of a cell side by side."""
+    rows = [r for r in rows if protocol_ratio(r, protocol) is not None]
+    epsilons = _epsilon_order(rows)
     lines = [
-        "| training patients (DP count) | compute × cpu-small | " + " | ".join(f"ε = {e}" for e in epsilons) + " |",
-        "| --- | --- | " + " | ".join("---" for _ in epsilons) + " |",
+        "| recipe | training patients (DP count) | compute × cpu-small | "
+        + " | ".join(f"ε = {e}" for e in epsilons)
+        + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in epsilons) + " |",
     ]
-    for n, compute in sorted({(r["cell"]["patients_estimate"], r["cell"]["compute"]) for r in rows}):
+    for line in sorted(set(map(_line, rows))):
         cells = []
         for eps in epsilons:
-            mine = [r for r in rows if r["cell"] == {"patients_estimate": n, "epsilon": eps, "compute": compute}]
-            cells.append(" / ".join(f"{r['ratio']:.3f} ({r['fd_filter']:.1f})" for r in mine) if mine else "not run")
-        lines.append(f"| {n} | {compute:g}× | " + " | ".join(cells) + " |")
+            mine = [r for r in rows if _line(r) == line and r["cell"]["epsilon"] == eps]
+            scores = [f"{protocol_ratio(r, protocol):.3f} ({r['fd_filter']:.1f})" for r in mine]
+            cells.append(" / ".join(scores) if scores else "not run")
+        recipe, n, compute = line
+        lines.append(f"| {recipe} | {n} | {compute:g}× | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def grid_figure(rows: list[dict], path: Path) -> None:
-    """TSTR/TRTR against ε, one line per (N̂, compute), written to ``path`` (PNG)."""
+def grid_figure(rows: list[dict], path: Path, protocol: str = "fair") -> None:
+    """TSTR/TRTR under ``protocol`` against ε, one line per (recipe, N̂, compute), written to ``path`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = sorted({r["cell"]["epsilon"] for r in rows}, key=lambda e: math.inf if e == "inf" else e)
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for n, compute in sorted({(r["cell"]["patients_estimate"], r["cell"]["compute"]) for r in rows}):
-        points = [
-            (order.index(r["cell"]["epsilon"]), r["ratio"])
-            for r in rows
-            if (r["cell"]["patients_estimate"], r["cell"]["compute"]) == (n, compute)
-        ]
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"N ≈ {n}, {compute:g}× compute")
+    rows = [r for r in rows if protocol_ratio(r, protocol) is not None]
+    order = _epsilon_order(rows)
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    for line in sorted(set(map(_line, rows))):
+        points = sorted(
+            (order.index(r["cell"]["epsilon"]), protocol_ratio(r, protocol)) for r in rows if _line(r) == line
+        )
+        recipe, n, compute = line
+        axes.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker="o",
+            label=f"N ≈ {n}, {compute:g}× compute, {recipe}",
+        )
     axes.set_xticks(range(len(order)), [f"ε = {e}" for e in order])
-    axes.set_ylabel("TSTR / TRTR accuracy")
+    axes.set_ylabel(f"TSTR / TRTR accuracy ({PROTOCOL_NAMES[protocol]})")
     axes.set_ylim(0.45, 1.0)
     axes.axhline(0.5, color="grey", lw=0.5)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     axes.set_title("Utility by cohort size, privacy and compute (demo cohort)")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
