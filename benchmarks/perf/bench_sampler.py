@@ -50,7 +50,7 @@ def main() -> None:
     store = CohortStore.open(args.store)
     size = model.image_size
     emb = make_embedding("aligned-pyramid", size)
-    holdout = torch.from_numpy(np.asarray(store.read("holdout").images))
+    holdout = torch.from_numpy(np.array(store.read("holdout").images))  # a writable copy
     real = torch.nn.functional.interpolate(holdout, size=(size, size), mode="bilinear", antialias=True).clamp(-1, 1)
     real_e = embed(emb, real.numpy())
     counts = {label: args.n for label in model.label_ids}
