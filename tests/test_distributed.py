@@ -59,20 +59,20 @@ def _one_step(world: World, noise: bool, noise_seed: int) -> dict[str, torch.Ten
     return {"params": torch.cat([p.detach().flatten() for p in params.values()]), "scale": plan.expected_batch_size}
 
 
-def _rank(rank: int, init_file: str, out: str, noise: bool) -> None:
+def _rank(rank: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        result = _one_step(World(rank, 2, rank), noise, noise_seed=100 + rank)
+        steps = {noise: _one_step(World(rank, 2, rank), noise, noise_seed=100 + rank) for noise in (False, True)}
         if rank == 0:
-            torch.save(result, out)
+            torch.save(steps, out)
     finally:
         dist.destroy_process_group()
 
 
-def _two_processes(tmp_path: Path, noise: bool) -> dict:
-    out = tmp_path / f"step-{noise}.pt"
-    init = tmp_path / f"init-{noise}"
-    mp.start_processes(_rank, args=(str(init), str(out), noise), nprocs=2, join=True, start_method="spawn")
+def _two_processes(tmp_path: Path) -> dict[bool, dict]:
+    """Rank 0's result of the step without noise and of the step with it, from one pair of gloo processes."""
+    out = tmp_path / "steps.pt"
+    mp.start_processes(_rank, args=(str(tmp_path / "init"), str(out)), nprocs=2, join=True, start_method="spawn")
     return torch.load(out)
 
 
@@ -87,10 +87,10 @@ def test_a_step_of_two_processes_is_the_step_of_one(tmp_path: Path) -> None:
     """Noise off: 2 gloo processes (each clipping its own patients, all-reduced) give exactly the one-process step.
     Noise on: the update deviates from it by 𝒩(0, (σC/(qN̂))²) per coordinate: the noise is added once."""
     single = _one_step(World(), noise=False, noise_seed=0)
-    double = _two_processes(tmp_path, noise=False)
-    torch.testing.assert_close(double["params"], single["params"], rtol=1e-5, atol=1e-7)
+    steps = _two_processes(tmp_path)
+    torch.testing.assert_close(steps[False]["params"], single["params"], rtol=1e-5, atol=1e-7)
 
-    noisy = _two_processes(tmp_path, noise=True)
+    noisy = steps[True]
     plan = plan_privacy(target_epsilon=8.0, delta=1e-5, patients_estimate=400, batch_size=8, epochs=4)
     deviation = noisy["params"] - single["params"]
     expected = plan.noise_multiplier * CLIP / plan.expected_batch_size
