@@ -128,8 +128,8 @@ def test_ray_backend_matches_local(tiny_model: Path, tmp_path: Path) -> None:
 
 def test_resume_after_kill_9(tiny_model: Path, tmp_path: Path) -> None:
     args = ["--count", "healthy=16", "--count", "lesion=16", "--shard-size", "2", "--seed", "9"]
-    straight = export_cli(str(tiny_model), "--out", str(tmp_path / "straight"), *args)
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()
+    request = CohortRequest(counts={"healthy": 16, "lesion": 16}, seed=9, shard_size=2)  # the same, uninterrupted
+    build_cohort(tiny_model, request, tmp_path / "straight", device="cpu")
 
     out = tmp_path / "killed"
     partial = tmp_path / ".killed.partial"
