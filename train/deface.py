@@ -65,9 +65,9 @@ def deface(scan: Scan) -> Defaced:
 
 
 def _register(subject, template, coarse):  # SimpleITK images -> the template→subject-grid transform
-    """Similarity, then affine, coarse to fine. Every level but the last registers the template binned to 2 mm
-    (``coarse``): the metric's set-up per level scales with the moving image's voxels, and the 4x and 2x shrunk
-    subject grids hold no finer detail; the last level registers the full template."""
+    """Similarity (subject shrunk 4x, then 2x), then affine (4x, then 2x). Every level but the last registers
+    the template binned to 2 mm (``coarse``), since the metric's set-up per level scales with the moving image's
+    voxels; the last level, which sets the face mask's placement, registers the full template."""
     import SimpleITK as sitk
 
     fixed = sitk.Cast(subject, sitk.sitkFloat32)

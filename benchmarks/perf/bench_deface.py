@@ -1,6 +1,6 @@
 """Time ``ingest --deface``'s registration on heads that carry a face, and check what it removes.
 
-    .venv/bin/python benchmarks/perf/bench_deface.py --heads 3
+    .venv/bin/python benchmarks/perf/bench_deface.py --heads 4
 
 The heads are those of ``tests/test_deface.py``: pydeface's public head template moved by a known nod and shift,
 resampled to 1.5 mm (112 x 160 x 160 voxels), intensities scaled and noised, so where the face truly is is known.
