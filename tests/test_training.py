@@ -527,8 +527,8 @@ def test_privacy_plan_spends_the_target_and_agrees_with_independent_accounting()
     [(8.0, 0.32, 312), (1.0, 0.3, 200), (50.0, 0.1, 10), (20.0, 0.5, 2), (8.0, 0.01, 5000)],
 )
 def test_the_solved_noise_spends_the_target_within_tolerance_and_no_less_noise_would(target, q, steps) -> None:
-    """σ from σ < 1 (bisected from 0) to σ ≈ 50: spent within EPSILON_TOLERANCE under the target, and a
-    3 % smaller σ would overspend."""
+    """σ from σ < 1 to σ ≈ 50: spent within EPSILON_TOLERANCE under the target, and a 3 % smaller σ would
+    overspend."""
     prior = [count_mechanism()]
     sigma = solve_noise_multiplier(
         target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, prior=prior, accountant="rdp"
@@ -559,6 +559,8 @@ def test_delta_rules_and_bad_plans() -> None:
         plan_privacy(target_epsilon=0, delta=1e-5, patients_estimate=800, batch_size=10, epochs=1)
     with pytest.raises(InvalidInput, match="already spent"):
         plan_privacy(target_epsilon=0.1, delta=1e-5, patients_estimate=800, batch_size=10, epochs=1, prior=[(1, 1, 1)])
+    with pytest.raises(InvalidInput, match="too small for 100 steps"):  # RDP's conversion alone spends more at σ = 1e4
+        solve_noise_multiplier(target_epsilon=0.05, delta=1e-5, sample_rate=0.001, steps=100, accountant="rdp")
     for too_large in (80, 1024):  # q = B / N̂ ≥ 1: sampling would amplify nothing; refused with the fix
         with pytest.raises(InvalidInput, match=r"q = 1\).*below 80, e.g. 40"):
             plan_privacy(target_epsilon=8, delta=1e-5, patients_estimate=80, batch_size=too_large, epochs=2)

@@ -25,9 +25,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from opacus.accountants import create_accountant
-from opacus.accountants.analysis import rdp as opacus_rdp
-from scipy.optimize import brentq
 
 from generators.errors import InvalidInput
 
@@ -36,15 +33,11 @@ RELATION = "add/remove one patient"
 COUNT_NOISE = 10.0  # std (patients) of the DP patient count; costs ≈ +0.02 ε at ε = 8 (see BENCHMARKS.md)
 MAX_SIGMA = 1e4
 EPSILON_TOLERANCE = 0.01
+MAX_SOLVER_EVALUATIONS = 60  # the bisections alone narrow log σ ∈ [log 0.2, log 1e4] far below the tolerance
+MAX_STEP = math.log(4.0)  # the largest change of log σ while the answer is not yet bracketed
+TYPICAL_SLOPE = 1.5  # −d log ε / d log σ of DP-SGD, about: the solver's first step, before two points measure it
 
 Mechanism = tuple[float, float, int]  # (noise multiplier, sample rate, steps): one Opacus history entry
-
-# The RDP of one sampled-Gaussian step at one order is a pure function of (q, σ, α), and Opacus recomputes it on
-# every ε: the PRV accountant sizes its domain with two RDP passes over 150 orders, the fractional ones by a slow
-# series. The same (q, σ) recurs in a run's progress, its checkpoints, its card and the ledger, so the values
-# are kept (the same numbers, computed once).
-if not hasattr(opacus_rdp._compute_rdp, "cache_info"):  # once, however often this module is reloaded
-    opacus_rdp._compute_rdp = functools.lru_cache(maxsize=1 << 16)(opacus_rdp._compute_rdp)
 
 
 def count_mechanism(noise: float = COUNT_NOISE) -> Mechanism:
@@ -66,13 +59,30 @@ def epsilon_of(history: Sequence[Mechanism], *, delta: float, accountant: str = 
 
 @functools.lru_cache(maxsize=256)
 def _epsilon(entries: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
-    acc = create_accountant(mechanism=accountant)
+    acc = _opacus_accountants()(mechanism=accountant)
     acc.history = list(entries)
     # RDP's "optimal order is the largest alpha" note is not actionable here; PRV takes log(1 - q) = -inf for
     # the count release (q = 1) on purpose
     with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.simplefilter("ignore", UserWarning)
         return float(acc.get_epsilon(delta=delta))
+
+
+@functools.cache
+def _opacus_accountants():
+    """Opacus' ``create_accountant``, imported on first use: a process that never composes a history (export,
+    calibrate, the service and its workers) skips Opacus' imports (~1.5 s, most of it torch.distributed).
+
+    The RDP of one sampled-Gaussian step at one order is a pure function of (q, σ, α), and Opacus recomputes it on
+    every ε: the PRV accountant sizes its domain with two RDP passes over 150 orders, the fractional ones by a slow
+    series. The same (q, σ) recurs in a run's progress, its checkpoints, its card and the ledger, so the values are
+    kept (the same numbers, computed once)."""
+    from opacus.accountants import create_accountant
+    from opacus.accountants.analysis import rdp
+
+    if not hasattr(rdp._compute_rdp, "cache_info"):  # once, however often this module is reloaded
+        rdp._compute_rdp = functools.lru_cache(maxsize=1 << 16)(rdp._compute_rdp)
+    return create_accountant
 
 
 def solve_noise_multiplier(
@@ -84,28 +94,55 @@ def solve_noise_multiplier(
     accountant: str = "prv",
     prior: Sequence[Mechanism] = (),
 ) -> float:
-    """The smallest σ (to ``EPSILON_TOLERANCE``) such that ``prior + (σ, q, steps)`` spends ≤ ``target_epsilon``."""
+    """A σ such that ``prior + (σ, q, steps)`` spends between ``target_epsilon`` − ``EPSILON_TOLERANCE`` and
+    ``target_epsilon``: the smallest σ, to the tolerance.
+
+    ε(σ) falls about like a power of σ, so log ε is nearly a straight line in log σ: a secant search on that line,
+    started from the Gaussian-DP estimate of σ, lands in the tolerance after 2–4 evaluations of the accountant
+    (each ~0.3 s for PRV). Once σ values on both sides of the target are known, a step that would leave them
+    bisects instead, so the search always converges."""
     if epsilon_of(prior, delta=delta, accountant=accountant) >= target_epsilon:
         raise InvalidInput(f"ε = {target_epsilon} is already spent by the releases before training")
-
-    def eps(sigma: float) -> float:
-        return epsilon_of([*prior, (sigma, sample_rate, steps)], delta=delta, accountant=accountant)
-
-    # a bracket eps(low) > target ≥ eps(high), doubling (or halving) from σ = 1
-    low = high = 1.0
-    while eps(high) > target_epsilon:
-        low, high = high, 2 * high
-        if high > MAX_SIGMA:
-            raise InvalidInput(f"ε = {target_epsilon} is too small for {steps} steps at q = {sample_rate:.3g}")
-    while eps(low) <= target_epsilon:
-        low, high = low / 2, low
-    if target_epsilon - eps(high) <= EPSILON_TOLERANCE:
-        return high
-    # ε(σ) is smooth and falls about like a power of σ: Brent's method on log ε against log σ finds the σ that
-    # spends half the tolerance under the target; ``high`` is the answer should rounding land it over the target
     aim = math.log(target_epsilon - EPSILON_TOLERANCE / 2)
-    sigma = math.exp(brentq(lambda x: math.log(eps(math.exp(x))) - aim, math.log(low), math.log(high), xtol=1e-4))
-    return sigma if eps(sigma) <= target_epsilon else high
+    over = under = last = None  # (log σ, log ε − aim) spending over the target, under it, and the last evaluated
+    x, ceiling = math.log(_gaussian_dp_sigma(target_epsilon, delta, sample_rate, steps)), math.log(MAX_SIGMA)
+    for _ in range(MAX_SOLVER_EVALUATIONS):
+        epsilon = epsilon_of([*prior, (math.exp(x), sample_rate, steps)], delta=delta, accountant=accountant)
+        if target_epsilon - EPSILON_TOLERANCE <= epsilon <= target_epsilon:
+            return math.exp(x)
+        point = (x, math.log(epsilon) - aim)
+        slope = (point[1] - last[1]) / (point[0] - last[0]) if last is not None and point[0] != last[0] else 0.0
+        step = -point[1] / (slope if slope < 0 else -TYPICAL_SLOPE)
+        last = point
+        if epsilon > target_epsilon:
+            if x >= ceiling:
+                raise InvalidInput(f"ε = {target_epsilon} is too small for {steps} steps at q = {sample_rate:.3g}")
+            over = point
+        else:
+            under = point
+        if over is not None and under is not None:  # bracketed: stay inside, bisect where the secant would leave
+            x = x + step if over[0] < x + step < under[0] else (over[0] + under[0]) / 2
+        else:  # one side known: σ changes at most 4× a step
+            x = min(x + max(-MAX_STEP, min(MAX_STEP, step)), ceiling)
+    raise InvalidInput(f"no noise multiplier found for ε = {target_epsilon} at q = {sample_rate:.3g}, {steps} steps")
+
+
+def _gaussian_dp_sigma(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """σ at which the Gaussian-DP (central limit) approximation of Poisson-sampled DP-SGD spends ``target_epsilon``
+    (Opacus' GDP analysis, milliseconds an evaluation). Only the solver's starting point: it leaves out the prior
+    releases and can be off by several per cent; the accountant decides. 1 where it cannot be computed."""
+    from opacus.accountants.analysis import gdp
+    from scipy.optimize import brentq
+
+    def excess(log_sigma: float) -> float:
+        sigma = math.exp(log_sigma)
+        epsilon = gdp.compute_eps_poisson(steps=steps, noise_multiplier=sigma, sample_rate=sample_rate, delta=delta)
+        return epsilon - target_epsilon
+
+    try:
+        return math.exp(brentq(excess, math.log(0.2), math.log(MAX_SIGMA), xtol=1e-3))
+    except (ValueError, ArithmeticError):  # no sign change in the range, or an overflow at tiny σ
+        return 1.0
 
 
 def default_delta(n_patients: float) -> float:
