@@ -588,15 +588,33 @@ def sample(
 def _export_spec(
     model_dir: Path, n: int | None, count: list[str], spec: Path | None, age: str | None, sex: str | None, seed: int
 ) -> tuple[dict[str, int], dict[str, dict], int]:
-    """Counts, covariate targets and seed from ``--spec`` or from ``--n`` / ``--count`` with ``--age`` / ``--sex``."""
-    from app.cohort_spec import read_spec, targets_from_flags
+    """Counts, covariate targets and seed from ``--spec`` or from ``--n`` / ``--count`` with ``--age`` / ``--sex``,
+    checked against the model's card: a bad request is refused before the model's libraries are imported."""
+    from app.cohort_spec import check_counts, check_covariates, parse_covariates, read_spec
+    from generators.card import read_card
     from generators.errors import InvalidInput
 
+    card = read_card(model_dir)
     if spec is not None:
         if n is not None or count or age or sex:
             raise InvalidInput("--spec holds the whole request: leave out --n, --count, --age and --sex")
         parsed = read_spec(str(spec))
-        return parsed.counts, parsed.covariates_json(), parsed.seed if "seed" in parsed.model_fields_set else seed
+        counts, covariates = parsed.counts, parsed.covariates_json()
+        seed = parsed.seed if "seed" in parsed.model_fields_set else seed
+    else:
+        counts, covariates = _counts_and_targets(list(card.labels), n, count, age, sex)
+    check_counts(counts, card.labels)
+    check_covariates(parse_covariates(covariates), counts, card.covariates)
+    return counts, covariates, seed
+
+
+def _counts_and_targets(
+    labels: list[str], n: int | None, count: list[str], age: str | None, sex: str | None
+) -> tuple[dict[str, int], dict[str, dict]]:
+    """Counts from ``--n`` (every one of ``labels``) or ``--count``; the same ``--age`` / ``--sex`` targets for each."""
+    from app.cohort_spec import targets_from_flags
+    from generators.errors import InvalidInput
+
     counts: dict[str, int] = {}
     for item in count:
         label, sep, value = item.partition("=")
@@ -609,11 +627,9 @@ def _export_spec(
     if (n is None) == (not counts):
         raise InvalidInput("give either --n N (samples of every label) or --count LABEL=N ...")
     if n is not None:
-        from generators.card import read_card
-
-        counts = {label: n for label in read_card(model_dir).labels}
+        counts = {label: n for label in labels}
     targets = targets_from_flags(age, sex)
-    return counts, ({label: targets for label in counts} if targets else {}), seed
+    return counts, ({label: targets for label in counts} if targets else {})
 
 
 @app.command()
@@ -645,10 +661,11 @@ def export(
     """Generate → filter → write a synthetic cohort (NIfTI + manifest + privacy report), resumably."""
     import time
 
+    counts, covariates, seed = _export_spec(model_dir, n, count, spec, age, sex, seed)  # before the heavy imports
+
     from app.pipeline import CohortRequest, build_cohort, local_runner
     from generators.errors import InvalidInput
 
-    counts, covariates, seed = _export_spec(model_dir, n, count, spec, age, sex, seed)
     request = CohortRequest(
         counts=counts,
         seed=seed,

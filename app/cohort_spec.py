@@ -12,6 +12,7 @@ count) and touches no private data, so it may use the public seed.
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -22,6 +23,7 @@ from generators.errors import InvalidInput
 
 Sex = Literal["F", "M"]
 MAX_LIST = 1_000_000
+MAX_SAMPLES = 1_000_000  # samples in one cohort
 
 
 class AgeRange(BaseModel):
@@ -174,6 +176,20 @@ def parse_covariates(data: Any) -> dict[str, CovariateTargets]:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or label}: {e['msg']}" for e in exc.errors())
             raise InvalidInput(f"covariates of {label!r}: {problems}") from None
     return out
+
+
+def check_counts(counts: dict[str, int], labels: Iterable[str]) -> None:
+    """Clear errors for a request's counts against a model's labels (its card's: no model needs loading)."""
+    if not counts:
+        raise InvalidInput("ask for at least one label, e.g. --count lesion=100")
+    unknown = sorted(set(counts) - set(labels))
+    if unknown:
+        raise InvalidInput(f"unknown label(s) {unknown}; valid labels are {sorted(labels)}")
+    for label, n in counts.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise InvalidInput(f"count for {label!r} must be a positive integer, got {n!r}")
+    if sum(counts.values()) > MAX_SAMPLES:
+        raise InvalidInput(f"{sum(counts.values())} samples requested; at most {MAX_SAMPLES} per cohort")
 
 
 def check_covariates(covariates: dict[str, CovariateTargets], counts: dict[str, int], declared: dict | None) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.cohort_spec import check_covariates, parse_covariates, rows_of
+from app.cohort_spec import check_counts, check_covariates, parse_covariates, rows_of
 from app.dataset_writer import FORMATS, write_documents, write_json, write_sample
 from generators.atomic import publish_directory
 from generators.base import Generator, resolve_device
@@ -45,7 +45,6 @@ from generators.layout import BundleLayout
 from generators.registry import load_generator
 from privacy_filters import MemorizationFilter
 
-MAX_SAMPLES = 1_000_000
 SHARD_SIZE = 64
 SHARDS_DIR = ".shards"
 REQUEST_FILE = "request.json"
@@ -166,16 +165,7 @@ def plan_shards(counts: dict[str, int], shard_size: int) -> list[Shard]:
 
 def validate_request(model: Generator, request: CohortRequest) -> None:
     """Clear errors for bad requests, before any work starts."""
-    if not request.counts:
-        raise InvalidInput("ask for at least one label, e.g. --count lesion=100")
-    unknown = sorted(set(request.counts) - set(model.label_ids))
-    if unknown:
-        raise InvalidInput(f"unknown label(s) {unknown}; valid labels are {sorted(model.label_ids)}")
-    for label, n in request.counts.items():
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise InvalidInput(f"count for {label!r} must be a positive integer, got {n!r}")
-    if sum(request.counts.values()) > MAX_SAMPLES:
-        raise InvalidInput(f"{sum(request.counts.values())} samples requested; at most {MAX_SAMPLES} per cohort")
+    check_counts(request.counts, model.label_ids)
     bad = sorted(set(request.formats) - set(FORMATS))
     if bad or not request.formats:
         raise InvalidInput(f"unknown format(s) {bad}; choose from {list(FORMATS)}")
