@@ -141,8 +141,7 @@ def ingest(
     ] = False,
 ) -> None:
     """De-identify scans + labels into a private, patient-split cohort store."""
-    from train.ingest import IngestOptions, NothingUsable
-    from train.ingest import ingest as run_ingest
+    from train.ingest_options import IngestOptions, check_request
 
     options = IngestOptions(
         size=size,
@@ -161,6 +160,11 @@ def ingest(
         reset_budget=reset_budget,
         store_budget=store_budget,
     )
+    check_request(options, out)  # a bad request is refused before the scan readers are imported
+
+    from train.ingest import NothingUsable
+    from train.ingest import ingest as run_ingest
+
     try:
         with _progress(None, "ingest", "input") as bar:
             result = run_ingest(

@@ -11,10 +11,19 @@ from app.errors import exit_code_for
 from app.settings import Settings, get_settings
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy, SynthCohortError
 
+# the real entry point (app.cli.main), which then says on stderr which of the scan readers' libraries it imported
+PROBE = """import sys
+from app.cli import main
+try:
+    main()
+finally:
+    print("scan readers imported:", sorted({"torch", "nibabel", "pydicom"} & set(sys.modules)), file=sys.stderr)
+"""
+
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-c", PROBE, *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -46,6 +55,7 @@ def test_ingest_cli_end_to_end_and_errors(demo_raw, tmp_path: Path) -> None:
     args = ("ingest", str(raw), "--labels", str(raw / "labels.csv"), "--out", str(out), "--size", "16", "--slices", "2")
     undeclared = run_cli(*args)
     assert undeclared.returncode == 2 and "--declare-labels healthy,lesion" in undeclared.stderr
+    assert "scan readers imported: []" in undeclared.stderr  # refused before torch, nibabel, pydicom load
     rare = run_cli(*args, "--declare-labels", "healthy,lesion")  # 8 patients a label: under the default 20
     assert rare.returncode == 2 and "fewer than 20 patients" in rare.stderr and not out.exists()
     ok = run_cli(*args, "--declare-labels", "healthy,lesion", "--min-label-patients", "5")
@@ -58,6 +68,7 @@ def test_ingest_cli_end_to_end_and_errors(demo_raw, tmp_path: Path) -> None:
     again = run_cli(*args, "--declare-labels", "healthy,lesion")
     assert again.returncode == exit_code_for(Conflict("x")) == 4
     assert "already exists" in again.stderr and "--force" in again.stderr
+    assert "scan readers imported: []" in again.stderr
 
     missing = run_cli("info", str(tmp_path / "nope"))
     assert missing.returncode == 3 and "no cohort store" in missing.stderr
