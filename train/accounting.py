@@ -33,7 +33,7 @@ RELATION = "add/remove one patient"
 COUNT_NOISE = 10.0  # std (patients) of the DP patient count; costs ≈ +0.02 ε at ε = 8 (see BENCHMARKS.md)
 MAX_SIGMA = 1e4
 EPSILON_TOLERANCE = 0.01
-MAX_SOLVER_EVALUATIONS = 60  # the bisections alone narrow log σ ∈ [log 0.2, log 1e4] far below the tolerance
+MAX_SOLVER_EVALUATIONS = 60  # a guard only: the searches measured take 4–7 (BENCHMARKS.md)
 MAX_STEP = math.log(4.0)  # the largest change of log σ while the answer is not yet bracketed
 TYPICAL_SLOPE = 1.5  # −d log ε / d log σ of DP-SGD, about: the solver's first step, before two points measure it
 
@@ -59,7 +59,7 @@ def epsilon_of(history: Sequence[Mechanism], *, delta: float, accountant: str = 
 
 @functools.lru_cache(maxsize=256)
 def _epsilon(entries: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
-    acc = _opacus_accountants()(mechanism=accountant)
+    acc = _accountant_factory()(mechanism=accountant)
     acc.history = list(entries)
     # RDP's "optimal order is the largest alpha" note is not actionable here; PRV takes log(1 - q) = -inf for
     # the count release (q = 1) on purpose
@@ -69,7 +69,7 @@ def _epsilon(entries: tuple[Mechanism, ...], delta: float, accountant: str) -> f
 
 
 @functools.cache
-def _opacus_accountants():
+def _accountant_factory():
     """Opacus' ``create_accountant``, imported on first use: a process that never composes a history (export,
     calibrate, the service and its workers) skips Opacus' imports (~1.5 s, most of it torch.distributed).
 
