@@ -41,7 +41,7 @@ from app.pipeline import CohortRequest, MemorizationSuspected, build_cohort, loa
 from generators.atomic import publish_directory
 from generators.base import Generator, resolve_device
 from generators.card import ModelCard
-from generators.covariates import AGE_MAX, SEXES
+from generators.demographics import AGE_MAX, SEXES
 from generators.errors import Conflict, InvalidInput
 from generators.layout import BundleLayout
 from generators.registry import load_generator

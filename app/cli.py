@@ -449,7 +449,7 @@ def train(
         compile=compile,
     )
 
-    from generators.covariates import declare
+    from generators.demographics import declare
     from train.distributed import Launch, current_world, launch
     from train.dp_training import TrainConfig, TrainProgress, train_model
 

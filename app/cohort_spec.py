@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
 
-from generators.covariates import AGE_MAX
+from generators.demographics import AGE_MAX
 from generators.errors import InvalidInput
 
 Sex = Literal["F", "M"]

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from generators.atomic import write_json_atomic
+from generators.demographics import validate_declared
 from generators.errors import InvalidInput, NotFound
 from generators.layout import BundleLayout
 
@@ -35,7 +36,7 @@ class ModelCard(BaseModel):
     spatial_dims: int = Field(ge=2, le=3)
     labels: dict[str, int]
     null_class: int | None = None
-    covariates: dict[str, Any] | None = None  # declared (not measured) ranges, see generators.covariates
+    covariates: dict[str, Any] | None = None  # declared (not measured) ranges, see generators.demographics
     image_size: int = Field(ge=4, le=1024)
     voxel_spacing_mm: list[float] = Field(min_length=3, max_length=3)
     voxel_spacing_source: str = ""
@@ -110,8 +111,6 @@ class ModelCard(BaseModel):
     @field_validator("covariates")
     @classmethod
     def _declared_covariates(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        from generators.covariates import validate_declared
-
         if value is None:
             return None
         try:

@@ -18,7 +18,8 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from generators.base import Generated, expand_labels, resolve_device
 from generators.card import ModelCard, write_card
-from generators.covariates import COVARIATES, condition_ids, null_condition
+from generators.covariates import condition_ids, null_condition
+from generators.demographics import COVARIATES
 from generators.diffusion import autocast_for, denoising_loss, noise_schedule
 from generators.errors import InvalidInput
 from generators.recipe_choices import PRECISIONS, Precision

@@ -21,13 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from generators.demographics import AGE_MAX, SEXES
 from generators.errors import InvalidInput
 
-SEXES = ("F", "M")
 SEX_NULL = len(SEXES)  # unknown or dropped
-AGE_MAX = 90  # the store caps ages at 90 (HIPAA Safe Harbor)
 AGE_NULL = AGE_MAX + 1
-COVARIATES = ("age", "sex")
 AGE_FREQUENCIES = 8
 
 
@@ -100,34 +98,6 @@ def attach_condition_embedding(network: nn.Module, n_classes: int) -> nn.Module:
         raise InvalidInput("this network has no class-embedding table to condition on covariates")
     network.class_embedding = ConditionEmbedding(n_classes, table.embedding_dim)
     return network
-
-
-def validate_declared(covariates: Mapping[str, Any]) -> dict[str, Any]:
-    """The declared covariates a model is trained on: ``{"age": {"min": a, "max": b}, "sex": ["F", "M"]}``."""
-    unknown = sorted(set(covariates) - set(COVARIATES))
-    if unknown:
-        raise InvalidInput(f"unknown covariate(s) {unknown}; supported: {list(COVARIATES)}")
-    out: dict[str, Any] = {}
-    if "age" in covariates:
-        age = covariates["age"]
-        low, high = int(age["min"]), int(age["max"])
-        if not 0 <= low < high <= AGE_MAX:
-            raise InvalidInput(f"declared age range must satisfy 0 <= min < max <= {AGE_MAX}, got {low}-{high}")
-        out["age"] = {"min": low, "max": high, "unit": "years"}
-    if "sex" in covariates:
-        out["sex"] = list(SEXES)
-    return out
-
-
-def declare(names: str, age_range: str = "18-90") -> dict[str, Any]:
-    """Declared covariates from the CLI's ``age,sex`` and ``MIN-MAX``."""
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
-    low, _, high = age_range.partition("-")
-    try:
-        age = {"min": int(low), "max": int(high)}
-    except ValueError:
-        raise InvalidInput(f"age range must be MIN-MAX in years, e.g. 18-90; got {age_range!r}") from None
-    return validate_declared({name: age if name == "age" else SEXES for name in chosen})
 
 
 def condition_ids(

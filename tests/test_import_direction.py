@@ -47,7 +47,9 @@ def test_checker_sees_imports(tmp_path: Path) -> None:
 
 
 def test_presets_and_the_cli_entry_point_import_without_torch() -> None:
-    """A bad train flag (preset, recipe choice) is refused before torch is imported: these stay light."""
-    code = "import sys, app.cli, train.presets; print(sorted({'torch', 'diffusers', 'opacus'} & set(sys.modules)))"
+    """A bad train flag (preset, recipe choice) or cohort request (read against the model's card) is refused before
+    torch is imported: these stay light."""
+    modules = "app.cli, train.presets, generators.card, app.cohort_spec"
+    code = f"import sys, {modules}; print(sorted({{'torch', 'diffusers', 'opacus'}} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "[]", done.stdout

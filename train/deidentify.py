@@ -14,10 +14,10 @@ import re
 import secrets
 import unicodedata
 
+from generators.demographics import AGE_MAX
 from generators.errors import InvalidInput
 
 SECRET_BYTES = 32
-MAX_REPORTED_AGE = 90  # HIPAA Safe Harbor: ages over 89 are aggregated into one "90 or older" bucket.
 SEX_CODES = {"f": "F", "female": "F", "m": "M", "male": "M", "o": "O", "other": "O", "u": "U", "unknown": "U", "": "U"}
 
 
@@ -70,7 +70,7 @@ def clean_age(value: str) -> int:
         raise InvalidInput("age is not a number") from None
     if not 0 <= age <= 130:
         raise InvalidInput("age out of range 0-130")
-    return min(age, MAX_REPORTED_AGE)
+    return min(age, AGE_MAX)
 
 
 def clean_sex(value: str) -> str:

@@ -135,7 +135,7 @@ class TrainConfig:
     allow_over_budget: bool = False
     samples_per_label: int = 16
     prior_cache: Path | None = None  # directory of public-prior weights to reuse (public inputs only)
-    covariates: dict | None = None  # declared covariates to condition on (generators.covariates.validate_declared)
+    covariates: dict | None = None  # declared covariates to condition on (generators.demographics.validate_declared)
     extra: dict = field(default_factory=dict)
 
     def inputs_digest(self, store_id: str) -> str:
