@@ -665,7 +665,10 @@ def export(
     """Generate → filter → write a synthetic cohort (NIfTI + manifest + privacy report), resumably."""
     import time
 
+    from app.export_destination import check_destination
+
     counts, covariates, seed = _export_spec(model_dir, n, count, spec, age, sex, seed)  # before the heavy imports
+    check_destination(out, resume)
 
     from app.pipeline import CohortRequest, build_cohort, local_runner
     from generators.errors import InvalidInput

@@ -33,9 +33,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.db import ApiKey, Job, as_utc, record_event, session_factory, utcnow
 from app.errors import Refused, public_job_error
+from app.export_destination import partial_dir
 from app.metrics import GENERATED, JOBS, REJECTED, SAMPLES
 from app.model_registry import ModelRegistry
-from app.pipeline import CohortProgress, CohortRequest, build_cohort, partial_dir
+from app.pipeline import CohortProgress, CohortRequest, build_cohort
 from app.previews import make_preview
 from app.settings import Settings
 from generators.errors import SynthCohortError

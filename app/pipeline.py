@@ -38,6 +38,7 @@ import numpy as np
 
 from app.cohort_spec import check_counts, check_covariates, parse_covariates, rows_of
 from app.dataset_writer import FORMATS, write_documents, write_json, write_sample
+from app.export_destination import check_destination, partial_dir
 from generators.atomic import publish_directory
 from generators.base import Generator, resolve_device
 from generators.errors import Conflict, InvalidInput, NotFound, PrivacyPolicy
@@ -370,10 +371,6 @@ def _run_in_process(shard: Shard, request: CohortRequest, root: str) -> ShardRes
     return _PROCESS_WORKER.run_shard(shard, request, Path(root))
 
 
-def partial_dir(out: Path) -> Path:
-    return out.parent / f".{out.name}.partial"
-
-
 def build_cohort(
     model_dir: str | Path,
     request: CohortRequest,
@@ -396,8 +393,7 @@ def build_cohort(
     # 1. check inputs (loading the worker checks model, filter and privacy flags); open the partial directory
     worker = CohortWorker(model_dir, device, request.allow_not_private)
     validate_request(worker.model, request)
-    if out.exists():
-        raise Conflict(f"{out} already exists; choose a new output directory")
+    check_destination(out, resume)
     tmp = partial_dir(out)
     request = _open_partial(tmp, request, worker.model_id, resume)
 
@@ -460,9 +456,7 @@ def _open_partial(tmp: Path, request: CohortRequest, model_id: str, resume: bool
     fixed (a resumed export keeps the time it started with, so every file carries one time)."""
     identity = {"request": {**request.as_dict(), "released_at": None}, "model_id": model_id}
     released_at = request.released_at or datetime.now(UTC).isoformat(timespec="seconds")
-    if tmp.exists():
-        if not resume:
-            raise Conflict(f"an unfinished export exists at {tmp}; pass --resume to continue it (or delete it)")
+    if tmp.exists():  # resuming (check_destination refused it otherwise)
         previous = json.loads((tmp / REQUEST_FILE).read_text()) if (tmp / REQUEST_FILE).is_file() else {}
         if {k: previous.get(k) for k in identity} != identity:
             raise Conflict(

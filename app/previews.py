@@ -18,8 +18,9 @@ import numpy as np
 from PIL import Image
 
 from app.dataset_writer import preview_pixels, ras_to_display
+from app.export_destination import partial_dir
 from app.model_registry import ServedModel
-from app.pipeline import CohortRequest, build_cohort, partial_dir
+from app.pipeline import CohortRequest, build_cohort
 from generators.atomic import write_atomic
 from generators.layout import BundleLayout
 

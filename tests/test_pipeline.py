@@ -178,13 +178,19 @@ def test_bad_requests(tiny_model: Path, tmp_path: Path) -> None:
         proc = export_cli(str(tiny_model), "--out", str(tmp_path / "cli"), *args)
         _, stderr = proc.communicate(timeout=300)
         assert proc.returncode == code and message in stderr, stderr
-    # refused from the card alone: the model's libraries (torch, diffusers, the filter) are never imported
+    # refused from the card and the disk alone: the model's libraries (torch, diffusers, the filter) are never imported
     lines = ["import sys", "from app.cli import main", "try:", "    main()", "finally:"]
     probe = "\n".join([*lines, "    print(sorted({'torch', 'diffusers', 'faiss'} & set(sys.modules)))"])
-    argv = ["export", str(tiny_model), "--out", str(tmp_path / "cli"), "--count", "tumour=2"]
-    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "valid labels are" in done.stderr and done.stdout.strip() == "[]", done
-    assert not (tmp_path / "cli").exists()
+    (tmp_path / ".unfinished.partial").mkdir()
+    for out, flags, code, message in (
+        ("cli", ["--count", "tumour=2"], 2, "valid labels are"),
+        ("exists", ["--n", "1"], 4, "already exists"),
+        ("unfinished", ["--n", "1"], 4, "pass --resume"),
+    ):
+        argv = ["export", str(tiny_model), "--out", str(tmp_path / out), *flags]
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=300)
+        assert done.returncode == code and message in done.stderr and done.stdout.strip() == "[]", done
+    assert not (tmp_path / "cli").exists() and not (tmp_path / "unfinished").exists()
 
 
 def test_missing_filter_and_not_private_models(tiny_model: Path, tmp_path: Path) -> None:
