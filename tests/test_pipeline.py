@@ -167,6 +167,9 @@ def test_bad_requests(tiny_model: Path, tmp_path: Path) -> None:
     (tmp_path / "exists").mkdir()
     with pytest.raises(Conflict, match="already exists"):
         build_cohort(tiny_model, CohortRequest(counts={"healthy": 1}), tmp_path / "exists", device="cpu")
+    (tmp_path / ".unfinished.partial").mkdir()
+    with pytest.raises(Conflict, match="pass --resume"):
+        build_cohort(tiny_model, CohortRequest(counts={"healthy": 1}), tmp_path / "unfinished", device="cpu")
     assert not (tmp_path / "a").exists()
 
     for args, code, message in (
@@ -181,7 +184,6 @@ def test_bad_requests(tiny_model: Path, tmp_path: Path) -> None:
     # refused from the card and the disk alone: the model's libraries (torch, diffusers, the filter) are never imported
     lines = ["import sys", "from app.cli import main", "try:", "    main()", "finally:"]
     probe = "\n".join([*lines, "    print(sorted({'torch', 'diffusers', 'faiss'} & set(sys.modules)))"])
-    (tmp_path / ".unfinished.partial").mkdir()
     for out, flags, code, message in (
         ("cli", ["--count", "tumour=2"], 2, "valid labels are"),
         ("exists", ["--n", "1"], 4, "already exists"),
