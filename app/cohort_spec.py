@@ -12,7 +12,7 @@ count) and touches no private data, so it may use the public seed.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
+from collections.abc import Collection
 from typing import Any, Literal
 
 import numpy as np
@@ -178,7 +178,7 @@ def parse_covariates(data: Any) -> dict[str, CovariateTargets]:
     return out
 
 
-def check_counts(counts: dict[str, int], labels: Iterable[str]) -> None:
+def check_counts(counts: dict[str, int], labels: Collection[str]) -> None:
     """Clear errors for a request's counts against a model's labels (its card's: no model needs loading)."""
     if not counts:
         raise InvalidInput("ask for at least one label, e.g. --count lesion=100")

@@ -98,9 +98,9 @@ def solve_noise_multiplier(
     ``target_epsilon``: the smallest σ, to the tolerance.
 
     ε(σ) falls about like a power of σ, so log ε is nearly a straight line in log σ: a secant search on that line,
-    started from the Gaussian-DP estimate of σ, lands in the tolerance after 2–4 evaluations of the accountant
-    (each ~0.3 s for PRV). Once σ values on both sides of the target are known, a step that would leave them
-    bisects instead, so the search always converges."""
+    started from the Gaussian-DP estimate of σ, lands in the tolerance after 4–7 evaluations of the accountant
+    (each ~0.3 s for PRV; BENCHMARKS.md). Once σ values on both sides of the target are known, a step that would
+    leave them bisects instead, so the search always converges."""
     if epsilon_of(prior, delta=delta, accountant=accountant) >= target_epsilon:
         raise InvalidInput(f"ε = {target_epsilon} is already spent by the releases before training")
     aim = math.log(target_epsilon - EPSILON_TOLERANCE / 2)
