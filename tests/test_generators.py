@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_card
+from torch._dynamo.utils import counters
 
 from app.pipeline import CohortRequest, build_cohort
 from generators.base import Generated, Generator, expand_labels
@@ -102,6 +103,21 @@ def test_sampling_with_the_network_in_bf16_stays_near_fp32_and_refuses_unknown_p
     assert 0.0 < rmse < 0.05, rmse
     with pytest.raises(InvalidInput, match="unknown precision"):
         model.generate(**options, precision="fp8")
+
+
+def test_compiled_sampling_gives_the_eager_samples(tiny_model: Path) -> None:
+    """``generate(compile=...)``: the network traced by torch.compile (here the aot_eager backend: inductor's CPU
+    code takes a minute to build; on a GPU it replays CUDA graphs) gives the eager samples over two batch shapes
+    (a graph each), compiled once per model and backend; an unknown backend is refused."""
+    model = load_generator(tiny_model, device="cpu")
+    options = {"labels": {"healthy": 3, "lesion": 2}, "seed": 5, "steps": 3, "batch_size": 3}  # batches of 3 and 2
+    traced = counters["stats"]["unique_graphs"]
+    compiled = model.generate(**options, compile="aot_eager").images
+    assert counters["stats"]["unique_graphs"] == traced + 2  # Dynamo traced the network, once per batch shape
+    torch.testing.assert_close(compiled, model.generate(**options).images, rtol=0, atol=1e-6)
+    assert model.denoiser("aot_eager") is model.denoiser("aot_eager") is not model.predict
+    with pytest.raises(InvalidInput, match=r"unknown torch\.compile backend"):
+        model.generate(**options, compile="no-such-backend")
 
 
 class ShiftedNoise:
