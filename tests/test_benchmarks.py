@@ -108,3 +108,21 @@ def test_the_map_keeps_the_two_tstr_protocols_apart(monkeypatch) -> None:
     small = draw.grid_table([both, small_only], "small")
     assert "| a | 800 | 1× | 0.570 (30.0) |" in small
     assert "| a | 8000 | 1× | 0.660 (12.0) |" in small
+
+
+def test_the_gpu_benchmark_records_a_failing_measurement_and_goes_on(monkeypatch, capsys) -> None:
+    """A GPU session is short: one measurement that fails (a compiler, memory) is one error row, printed at once,
+    and the next measurement still runs."""
+    gpu = _load(next(s for s in BENCHMARKS if s.stem == "bench_gpu"), monkeypatch)
+    rows = gpu.Rows()
+
+    def fails() -> dict:
+        raise RuntimeError("CUDA out of memory")
+
+    assert not rows.attempt("sampler (bf16, compiled, batch 4096)", fails)
+    assert rows.attempt("filter (cuda)", lambda: [{"stage": "filter (cuda)", "queries_per_s": 1.0}])
+    assert rows == [
+        {"stage": "sampler (bf16, compiled, batch 4096)", "error": "RuntimeError: CUDA out of memory"},
+        {"stage": "filter (cuda)", "queries_per_s": 1.0},
+    ]
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows

@@ -66,10 +66,14 @@ def compile_grad_fn(
     backend: str = "inductor",
 ) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """``grad_fn`` (of :func:`make_per_patient_grad_fn` for ``model``) under ``torch.compile`` for one fixed
-    shape (fixed-shape passes); the first call compiles (minutes on a CPU). The model's upsampling is switched to
-    a form vmap can trace (:func:`generators.unet.use_plain_upsampling`: the same values)."""
+    shape (fixed-shape passes); the first call compiles (minutes on a CPU). On a GPU, inductor's code replays as
+    CUDA graphs (``mode="reduce-overhead"``); their outputs are overwritten by the next call, and
+    :func:`masked_pass` (which every fixed-shape pass goes through) copies them out first. The model's upsampling
+    is switched to a form vmap can trace (:func:`generators.unet.use_plain_upsampling`: the same values)."""
     use_plain_upsampling(model)
-    return torch.compile(grad_fn, dynamic=False, backend=backend)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    mode = "reduce-overhead" if on_gpu and backend == "inductor" else None
+    return torch.compile(grad_fn, mode=mode, dynamic=False, backend=backend)
 
 
 def brute_force_per_patient_grads(

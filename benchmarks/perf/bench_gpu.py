@@ -29,9 +29,11 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -136,47 +138,77 @@ def public_prior_step_seconds(device: torch.device, quick: bool) -> dict:
     return {"stage": "public_prior_step", "batch": n, "step_s": round(timed(step, device), 4)}
 
 
-def end_to_end(root: Path, device: torch.device, quick: bool, workers: int) -> tuple[list[dict], Path, Path]:
-    """demo-data → ingest → train cpu-small at ε = 8 → calibrate → quick audit; one row per stage."""
-    rows = []
+class Rows(list):
+    """The benchmark's rows, each printed as a JSON line when recorded (a run cut short keeps what it printed)."""
 
-    def stage(name: str, fn: Callable[[], object]) -> object:
+    def record(self, row: dict) -> dict:
+        self.append(row)
+        print(json.dumps(row), flush=True)
+        return row
+
+    def attempt(self, name: str, measure: Callable[[], dict | list[dict]]) -> bool:
+        """Record ``measure()``'s row(s), or one error row when it fails: a GPU session is short, so one failing
+        measurement (a compiler, memory) must not cost the others. Returns whether it succeeded."""
+        try:
+            result = measure()
+        except Exception as exc:  # reported as a row; the benchmark goes on
+            traceback.print_exc()
+            self.record({"stage": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            return False
+        for row in result if isinstance(result, list) else [result]:
+            self.record(row)
+        return True
+
+
+def end_to_end(root: Path, device: torch.device, quick: bool, workers: int, rows: Rows) -> Path | None:
+    """demo-data → ingest → train cpu-small at ε = 8 → calibrate → quick audit; one row per stage. Returns the
+    model, or ``None`` when a stage failed (its error row recorded; the later stages need its output)."""
+
+    def stage(name: str, fn: Callable[[], object]) -> dict:
         started, cpu = time.perf_counter(), cpu_seconds()
         result = fn()
         main_s, workers_s = cpu_split(cpu)  # the main process's share bounds what more workers can give
-        rows.append(
-            {
-                "stage": name,
-                "seconds": round(time.perf_counter() - started, 1),
-                "cpu_main_s": round(main_s, 1),
-                "cpu_workers_s": round(workers_s, 1),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-        return result
+        row = {
+            "stage": name,
+            "seconds": round(time.perf_counter() - started, 1),
+            "cpu_main_s": round(main_s, 1),
+            "cpu_workers_s": round(workers_s, 1),
+        }
+        if name == "train_cpu_small_eps8":
+            record = read_training_record(root / "model")
+            row.update(
+                dp_s=round(record["training_wall_time_s"], 1),
+                prior_s=round(record["public_pretraining_wall_time_s"], 1),
+            )
+        if name == "quick_audit":
+            row.update(score_columns(result))  # type: ignore[arg-type]
+        return row
 
     patients = 140 if quick else 1000
-    stage("demo_data", lambda: make_demo_cohort(root / "raw", patients=patients, seed=0, workers=workers))
     options = IngestOptions(labels=("healthy", "lesion"), workers=workers, holdout=0.4 if quick else 0.2)
-    stage(
-        "ingest", lambda: ingest(root / "raw", root / "store", labels_path=root / "raw" / "labels.csv", options=options)
-    )
     overrides = {"image_size": 16, "unet": TOY_2D, "batch_size": 16, "epochs": 1, "public_pretrain_steps": 10}
     preset = get_preset("cpu-small", **(overrides if quick else {}))
     config = TrainConfig(store=root / "store", out=root / "model", preset=preset, epsilon=8.0, device=str(device))
-    stage("train_cpu_small_eps8", lambda: train_model(config))
-    record = read_training_record(root / "model")
-    rows[-1].update(
-        dp_s=round(record["training_wall_time_s"], 1), prior_s=round(record["public_pretraining_wall_time_s"], 1)
-    )
-    stage("calibrate", lambda: calibrate(root / "store", root / "model", device=device.type))
-    n = 20 if quick else 300
-    report = stage(
-        "quick_audit",
-        lambda: quick_audit(root / "store", root / "model", n, None, 10_000, matched=False, device=str(device)),
-    )
-    rows[-1].update(score_columns(report))  # type: ignore[arg-type]
-    return rows, root / "store", root / "model"
+    audit_n = 20 if quick else 300
+    stages: list[tuple[str, Callable[[], object]]] = [
+        ("demo_data", lambda: make_demo_cohort(root / "raw", patients=patients, seed=0, workers=workers)),
+        (
+            "ingest",
+            lambda: ingest(root / "raw", root / "store", labels_path=root / "raw" / "labels.csv", options=options),
+        ),
+        ("train_cpu_small_eps8", lambda: train_model(config)),
+        ("calibrate", lambda: calibrate(root / "store", root / "model", device=device.type)),
+        (
+            "quick_audit",
+            lambda: quick_audit(
+                root / "store", root / "model", audit_n, None, 10_000, matched=False, device=str(device)
+            ),
+        ),
+    ]
+    for name, fn in stages:
+        if not rows.attempt(name, partial(stage, name, fn)):
+            return None
+    return root / "model"
 
 
 SAMPLER_RUNS = (  # (precision, compiled, batch): a GPU-sized batch, then the export's shard size (its batch)
@@ -188,49 +220,54 @@ SAMPLER_RUNS = (  # (precision, compiled, batch): a GPU-sized batch, then the ex
 )
 
 
-def sampler_and_filter(model_dir: Path, device: torch.device, quick: bool) -> list[dict]:
+def sampler_and_filter(model_dir: Path, device: torch.device, quick: bool, rows: Rows) -> list[dict]:
+    """The sampler's and the filter's rows, each attempted on its own (recorded here; returns none)."""
     model = load_generator(model_dir, device=str(device))
     n = 64 if quick else 4096
     labels = {name: n // 2 for name in model.label_ids}
     generated = model.generate(labels=labels, seed=0, batch_size=n)  # warm-up and the filter's queries
     images = generated.images.numpy()
-    rows = [sampler_row(model, labels, generated.images, device, run, quick) for run in SAMPLER_RUNS]
+    for run in SAMPLER_RUNS:
+        name = sampler_stage(run, n)
+        rows.attempt(name, partial(sampler_row, model, labels, generated.images, device, run, quick))
     for where in dict.fromkeys((device.type, "cpu")):  # embedding and re-ranking on the device, then on the CPU
-        filt = MemorizationFilter.load(BundleLayout(model_dir).filter_dir, device=where)
-        filt.check(images[:64])  # warm-up
-        started = time.perf_counter()
-        filt.check(images)
-        filter_s = time.perf_counter() - started
-        rows.append(
-            {"stage": f"filter ({where})", "queries": len(images), "queries_per_s": round(len(images) / filter_s, 1)}
-        )
-    return rows
+        rows.attempt(f"filter ({where})", partial(filter_row, model_dir, images, where))
+    return []
+
+
+def filter_row(model_dir: Path, images, where: str) -> dict:
+    filt = MemorizationFilter.load(BundleLayout(model_dir).filter_dir, device=where)
+    filt.check(images[:64])  # warm-up
+    started = time.perf_counter()
+    filt.check(images)
+    filter_s = time.perf_counter() - started
+    return {"stage": f"filter ({where})", "queries": len(images), "queries_per_s": round(len(images) / filter_s, 1)}
+
+
+def sampler_stage(run: tuple, total: int) -> str:
+    precision, compiled, batch = run
+    return f"sampler ({precision}{', compiled' if compiled else ''}, batch {batch or total})"
 
 
 def sampler_row(
     model, labels: dict[str, int], reference: torch.Tensor, device: torch.device, run: tuple, quick: bool
 ) -> dict:
     """Slices/s of one sampler configuration, after a warm-up call (which compiles: its time is reported), with
-    the RMSE of its samples against the eager fp32 ones of the same seeds. A configuration that fails (e.g. the
-    compiler on this machine) is reported as such; the benchmark goes on."""
+    the RMSE of its samples against the eager fp32 ones of the same seeds."""
     precision, compiled, batch = run
     total = sum(labels.values())
-    name = f"sampler ({precision}{', compiled' if compiled else ''}, batch {batch or total})"
     compile = ("aot_eager" if quick and device.type == "cpu" else True) if compiled else False  # quick: no codegen
     options = {"labels": labels, "seed": 0, "batch_size": batch or total, "precision": precision, "compile": compile}
-    try:
-        started = time.perf_counter()
-        model.generate(**{**options, "seed": 1})
-        first_s = time.perf_counter() - started
-        started = time.perf_counter()
-        again = model.generate(**options)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        sample_s = time.perf_counter() - started
-    except Exception as exc:  # a benchmark row, not a failure of the run
-        return {"stage": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    started = time.perf_counter()
+    model.generate(**{**options, "seed": 1})
+    first_s = time.perf_counter() - started
+    started = time.perf_counter()
+    again = model.generate(**options)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    sample_s = time.perf_counter() - started
     return {
-        "stage": name,
+        "stage": sampler_stage(run, total),
         "slices": total,
         "first_call_s": round(first_s, 1),
         "slices_per_s": round(total / sample_s, 1),
@@ -257,18 +294,17 @@ def main() -> None:
         "torch": torch.__version__,
         "date": date.today().isoformat(),
     }
-    rows: list[dict] = []
+    print(json.dumps(machine), flush=True)
+    rows = Rows()
     presets = [get_preset(name) for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d")]
     for preset in [*presets, replace(get_preset("gpu"), compile=True)]:  # the last: `train --compile`
-        rows.append(dp_step_seconds(preset, device, args.quick))
-        print(json.dumps(rows[-1]), flush=True)
-    rows.append(public_prior_step_seconds(device, args.quick))
-    print(json.dumps(rows[-1]), flush=True)
-    stages, _, model_dir = end_to_end(args.out, device, args.quick, args.workers)
-    rows += stages
-    for row in sampler_and_filter(model_dir, device, args.quick):
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        rows.attempt(
+            f"dp_step_{preset.name}{'_compiled' * preset.compile}", partial(dp_step_seconds, preset, device, args.quick)
+        )
+    rows.attempt("public_prior_step", lambda: public_prior_step_seconds(device, args.quick))
+    model_dir = end_to_end(args.out, device, args.quick, args.workers, rows)
+    if model_dir is not None:
+        rows.attempt("sampler", partial(sampler_and_filter, model_dir, device, args.quick, rows))
     print(f"\n{json.dumps(machine)}\n\n| stage | result |\n| --- | --- |")
     for row in rows:
         detail = {k: v for k, v in row.items() if k != "stage" and not isinstance(v, (list, dict))}
