@@ -6,7 +6,7 @@ DEMO_DIR ?= demo
 DEMO_PATIENTS ?= 1000
 TEST_WORKERS ?= 2
 
-.PHONY: install demo audit test test-fast lint bench clean
+.PHONY: install demo audit test test-fast lint bench wheelhouse clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,20 @@ test-fast: $(BIN)/.installed
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/perf/bench_ingest.py --patients $(DEMO_PATIENTS) --workers 2
+
+# Wheels for an offline machine that already has a CUDA build of torch (an air-gapped GPU server, a vendor image):
+# what bench_gpu.py needs beyond such an image, at constraints.txt's versions, for its Python (WHEEL_PY). There:
+#   pip install --no-index --no-deps --target wheelhouse/site wheelhouse/*.whl
+#   PYTHONPATH=wheelhouse/site:. python benchmarks/perf/bench_gpu.py --device cuda --out bench_runs/gpu
+WHEEL_PY ?= 3.12
+GPU_IMAGE_LACKS = diffusers opacus faiss-cpu nibabel nilearn monai pydicom pydantic pydantic-core annotated-types \
+	typing-inspection
+wheelhouse: $(BIN)/.installed
+	rm -rf wheelhouse
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -c constraints.txt -d wheelhouse \
+		--python-version $(WHEEL_PY) --implementation cp --platform manylinux_2_28_x86_64 \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(GPU_IMAGE_LACKS)
+	@du -sh wheelhouse
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
