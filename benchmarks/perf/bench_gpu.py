@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/perf/bench_gpu.py --device cuda --out bench_runs/gpu
 
-(install torch with CUDA first, see the README's GPU section). It prints one JSON line per measurement and, at the
-end, a Markdown table for BENCHMARKS.md:
+(install torch with CUDA first, or on an offline machine that has it, the wheels of ``make wheelhouse``: see the
+README's GPU section). It prints one JSON line per measurement as it is taken (a measurement that fails is an
+error row; the rest still run) and, at the end, a Markdown table for BENCHMARKS.md. What compiles runs last in
+each part, so a run cut short loses the least:
 
 - the DP step the trainer ships (torch.func per-patient gradients in the preset's precision, then Opacus'
   clipping, noise and Adam), for the networks of cpu-small and gpu (2-D) and of cpu-3d and gpu-3d (3-D), and gpu
@@ -227,11 +229,14 @@ def sampler_and_filter(model_dir: Path, device: torch.device, quick: bool, rows:
     labels = {name: n // 2 for name in model.label_ids}
     generated = model.generate(labels=labels, seed=0, batch_size=n)  # warm-up and the filter's queries
     images = generated.images.numpy()
-    for run in SAMPLER_RUNS:
-        name = sampler_stage(run, n)
-        rows.attempt(name, partial(sampler_row, model, labels, generated.images, device, run, quick))
+    eager = [run for run in SAMPLER_RUNS if not run[1]]
+    compiled = [run for run in SAMPLER_RUNS if run[1]]  # last: compilation takes the most time
+    for run in eager:
+        rows.attempt(sampler_stage(run, n), partial(sampler_row, model, labels, generated.images, device, run, quick))
     for where in dict.fromkeys((device.type, "cpu")):  # embedding and re-ranking on the device, then on the CPU
         rows.attempt(f"filter ({where})", partial(filter_row, model_dir, images, where))
+    for run in compiled:
+        rows.attempt(sampler_stage(run, n), partial(sampler_row, model, labels, generated.images, device, run, quick))
     return []
 
 
@@ -296,15 +301,15 @@ def main() -> None:
     }
     print(json.dumps(machine), flush=True)
     rows = Rows()
-    presets = [get_preset(name) for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d")]
-    for preset in [*presets, replace(get_preset("gpu"), compile=True)]:  # the last: `train --compile`
-        rows.attempt(
-            f"dp_step_{preset.name}{'_compiled' * preset.compile}", partial(dp_step_seconds, preset, device, args.quick)
-        )
+    # what compiles comes last in each part (minutes of compilation): a run cut short loses the least
+    for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d"):
+        rows.attempt(f"dp_step_{name}", partial(dp_step_seconds, get_preset(name), device, args.quick))
     rows.attempt("public_prior_step", lambda: public_prior_step_seconds(device, args.quick))
     model_dir = end_to_end(args.out, device, args.quick, args.workers, rows)
     if model_dir is not None:
         rows.attempt("sampler", partial(sampler_and_filter, model_dir, device, args.quick, rows))
+    compiled = replace(get_preset("gpu"), compile=True)  # `train --compile`
+    rows.attempt("dp_step_gpu_compiled", partial(dp_step_seconds, compiled, device, args.quick))
     print(f"\n{json.dumps(machine)}\n\n| stage | result |\n| --- | --- |")
     for row in rows:
         detail = {k: v for k, v in row.items() if k != "stage" and not isinstance(v, (list, dict))}
