@@ -213,6 +213,7 @@ def end_to_end(root: Path, device: torch.device, quick: bool, workers: int, rows
     return root / "model"
 
 
+PARTS = ("dp-step", "end-to-end", "sampler", "dp-step-compiled")  # in the order they run
 SAMPLER_RUNS = (  # (precision, compiled, batch): a GPU-sized batch, then the export's shard size (its batch)
     ("fp32", False, None),
     ("bf16", False, None),
@@ -286,12 +287,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="work directory (its demo store and model)")
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test of the script")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    parser.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated, of {', '.join(PARTS)} (default: all; sampler reuses OUT's model when end-to-end "
+        "is left out, so a short session can split the run in two)",
+    )
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= set(PARTS):
+        parser.error(f"unknown part(s) {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device (is the CUDA build of torch installed?)")
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
+    if "end-to-end" in parts:
+        shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     machine = {
         "machine": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu": cpu_model(),
@@ -302,14 +313,18 @@ def main() -> None:
     print(json.dumps(machine), flush=True)
     rows = Rows()
     # what compiles comes last in each part (minutes of compilation): a run cut short loses the least
-    for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d"):
-        rows.attempt(f"dp_step_{name}", partial(dp_step_seconds, get_preset(name), device, args.quick))
-    rows.attempt("public_prior_step", lambda: public_prior_step_seconds(device, args.quick))
-    model_dir = end_to_end(args.out, device, args.quick, args.workers, rows)
-    if model_dir is not None:
+    if "dp-step" in parts:
+        for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d"):
+            rows.attempt(f"dp_step_{name}", partial(dp_step_seconds, get_preset(name), device, args.quick))
+        rows.attempt("public_prior_step", lambda: public_prior_step_seconds(device, args.quick))
+    model_dir: Path | None = args.out / "model"
+    if "end-to-end" in parts:
+        model_dir = end_to_end(args.out, device, args.quick, args.workers, rows)
+    if "sampler" in parts and model_dir is not None:
         rows.attempt("sampler", partial(sampler_and_filter, model_dir, device, args.quick, rows))
-    compiled = replace(get_preset("gpu"), compile=True)  # `train --compile`
-    rows.attempt("dp_step_gpu_compiled", partial(dp_step_seconds, compiled, device, args.quick))
+    if "dp-step-compiled" in parts:
+        compiled = replace(get_preset("gpu"), compile=True)  # `train --compile`
+        rows.attempt("dp_step_gpu_compiled", partial(dp_step_seconds, compiled, device, args.quick))
     print(f"\n{json.dumps(machine)}\n\n| stage | result |\n| --- | --- |")
     for row in rows:
         detail = {k: v for k, v in row.items() if k != "stage" and not isinstance(v, (list, dict))}
