@@ -169,18 +169,29 @@ class View:
 
     @torch.no_grad()
     def _near_copy_search(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Candidates from the index (image and mirror image), re-ranked by the aligned near-copy distance."""
+        """Candidates from the index (image and mirror image), re-ranked by the aligned near-copy distance.
+
+        Canonical forms and re-ranking go chunk by chunk (:data:`QUERY_CHUNKS`); the index is searched once for
+        every query and its mirror image (a flat index is fastest on many queries at once)."""
         assert isinstance(self.embedding, NearCopy) and self.reranker is not None
         k, size = self.reranker.k, QUERY_CHUNKS.get(self.device.type, QUERY_CHUNKS["cpu"])
+        canonical = [
+            self.embedding.canonical(
+                torch.from_numpy(np.array(images[start : start + size], dtype=np.float32)).to(self.device)
+            )
+            for start in range(0, len(images), size)
+        ]  # (Q, 1, g, g) each
+        every = torch.cat(canonical)
+        queries = torch.cat([self.embedding.pooled(every), self.embedding.pooled(torch.flip(every, dims=(3,)))])
+        _, found = self.index.search(queries.cpu().numpy(), k=k)
+        found = found.reshape(2, len(images), -1)  # every image's candidates, then every mirror image's
         distances, ids = np.empty(len(images)), np.empty(len(images), dtype=np.int64)
-        for start in range(0, len(images), size):
-            chunk = torch.from_numpy(np.array(images[start : start + size], dtype=np.float32)).to(self.device)
-            canonical = self.embedding.canonical(chunk)  # (Q, 1, g, g)
-            _, direct = self.index.search(self.embedding.pooled(canonical).cpu().numpy(), k=k)
-            _, mirror = self.index.search(self.embedding.pooled(torch.flip(canonical, dims=(3,))).cpu().numpy(), k=k)
-            candidates = np.concatenate([direct.reshape(len(chunk), -1), mirror.reshape(len(chunk), -1)], axis=1)
-            d, best = self.reranker.distances(canonical, candidates)
-            distances[start : start + len(chunk)], ids[start : start + len(chunk)] = d, best
+        start = 0
+        for chunk in canonical:
+            stop = start + len(chunk)
+            candidates = np.concatenate([found[0, start:stop], found[1, start:stop]], axis=1)
+            distances[start:stop], ids[start:stop] = self.reranker.distances(chunk, candidates)
+            start = stop
         return distances, ids
 
     def describe(self, files: str) -> dict:

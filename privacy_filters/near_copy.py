@@ -24,6 +24,7 @@ axes).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -178,22 +179,39 @@ def compared(canonical: torch.Tensor) -> torch.Tensor:
 
 
 def search_views(canonical: torch.Tensor, search: AlignmentSearch) -> torch.Tensor:
-    """Comparison vectors (:func:`compared`) of every searched view of each canonical image: ``(N, V, P)``."""
+    """Comparison vectors (:func:`compared`) of every searched view of each canonical image: ``(N, V, P)``.
+
+    One resampling for all views: their fixed sampling grids sit side by side (:func:`_views_grid`), so the
+    output holds the V warped images next to each other (the same values as one call per view)."""
     n, _, size, _ = canonical.shape
-    views = []
-    for angle, zoom, mirror in search.views():
-        sampling = _affine_grid(
-            n,
+    grid = _views_grid(search, size, canonical.device, canonical.dtype)  # (1, size, V·size, 2)
+    v = grid.shape[2] // size
+    warped = F.grid_sample(
+        canonical, grid.expand(n, -1, -1, -1), mode="bilinear", padding_mode="zeros", align_corners=False
+    )  # (N, 1, size, V·size)
+    views = warped.view(n, size, v, size).transpose(1, 2).reshape(n * v, 1, size, size)
+    return compared(views).view(n, v, -1)
+
+
+@functools.lru_cache(maxsize=16)
+def _views_grid(search: AlignmentSearch, size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The sampling grids of every view of :func:`search_views` (they depend on no image), concatenated along the
+    width: ``(1, size, V·size, 2)``; made once per search, size and device."""
+    one = torch.zeros(1, dtype=dtype, device=device)
+    grids = [
+        _affine_grid(
+            1,
             size,
-            cx=canonical.new_zeros(n),
-            cy=canonical.new_zeros(n),
-            zoom=canonical.new_full((n,), zoom),
-            angle_rad=canonical.new_full((n,), angle * torch.pi / 180.0),
+            cx=one,
+            cy=one,
+            zoom=torch.full_like(one, zoom),
+            angle_rad=torch.full_like(one, angle * torch.pi / 180.0),
             mirror=mirror,
+            dtype=dtype,
         )
-        warped = F.grid_sample(canonical, sampling, mode="bilinear", padding_mode="zeros", align_corners=False)
-        views.append(compared(warped))
-    return torch.stack(views, dim=1)
+        for angle, zoom, mirror in search.views()
+    ]
+    return torch.cat(grids, dim=2)
 
 
 def robust_residual(a: torch.Tensor, b: torch.Tensor, trim: float) -> torch.Tensor:

@@ -107,6 +107,24 @@ def test_the_robust_residual_ignores_a_small_local_outlier_but_not_a_global_chan
     assert float(nc.robust_residual(a * 1.5 + 0.3, a, 0.1)[0]) == pytest.approx(0.0, abs=1e-4)  # gain and offset
 
 
+def test_all_searched_views_resampled_at_once_equal_one_resampling_per_view() -> None:
+    """search_views warps every view in one call (the views' grids side by side): the same values, view by view,
+    as warping with each view's own grid."""
+    canonical = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    search = nc.AlignmentSearch()
+    views = nc.search_views(canonical, search)
+    assert views.shape == (5, len(search.views()), (32 // nc.COMPARE_POOL) ** 2)
+    zeros = torch.zeros(5)
+    for v, (angle, zoom, mirror) in enumerate(search.views()):
+        grid = nc._affine_grid(
+            5, 32, cx=zeros, cy=zeros, zoom=zeros + zoom, angle_rad=zeros + angle * torch.pi / 180.0, mirror=mirror
+        )
+        warped = torch.nn.functional.grid_sample(
+            canonical, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )
+        assert torch.equal(views[:, v], nc.compared(warped)), (angle, zoom, mirror)
+
+
 def test_embeddings_and_re_ranking_stay_on_the_device_of_their_input() -> None:
     """The GPU filter's contract, checked without a GPU: on PyTorch's meta device (shapes only) any tensor the
     code made on the CPU instead of the input's device would raise a device mismatch."""
