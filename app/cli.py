@@ -389,7 +389,8 @@ def train(
         bool | None,
         typer.Option(
             "--compile/--no-compile",
-            help="torch.compile the per-patient gradients (fixed-shape presets, 2-D: gpu); minutes to compile.",
+            help="torch.compile the per-patient gradients (2-D presets; every pass padded to one shape, the same "
+            "clipped sum; CUDA graphs on a GPU); minutes to compile.",
         ),
     ] = None,
     seed: Annotated[

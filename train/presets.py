@@ -56,7 +56,8 @@ class Preset:
     # noise and optimizer in fp32)
     fixed_shape: bool = False
     precision: Precision = "fp32"
-    compile: bool = False  # torch.compile the per-patient gradients for the fixed shape (2-D; compiles for minutes)
+    compile: bool = False  # torch.compile the per-patient gradients for the fixed shape (2-D; compiles for minutes;
+    # get_preset turns fixed_shape on with it)
 
     def __post_init__(self) -> None:
         """Refuse a preset no run could use (every construction, CLI overrides included), with the reason."""
@@ -245,6 +246,8 @@ def get_preset(name: str, **overrides: object) -> Preset:
         size_class = UNet3DSize if base.generator == "diffusion-3d" else UNetSize
         fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in changes["unet"].items()}
         changes["unet"] = size_class(**fields)
+    if changes.get("compile") and "fixed_shape" not in changes:  # compiling needs one shape: padded passes (exact)
+        changes["fixed_shape"] = True
     preset = replace(base, **changes)  # Preset.__post_init__ checks the result
     if "lora_rank" in changes and preset.trainable != "lora":
         raise InvalidInput("--lora-rank applies to --trainable lora only")

@@ -8,9 +8,9 @@ error row; the rest still run) and, at the end, a Markdown table for BENCHMARKS.
 each part, so a run cut short loses the least:
 
 - the DP step the trainer ships (torch.func per-patient gradients in the preset's precision, then Opacus'
-  clipping, noise and Adam), for the networks of cpu-small and gpu (2-D) and of cpu-3d and gpu-3d (3-D), and gpu
-  with ``--compile`` (torch.compile; its first call, the compilation, is reported apart), timed on one physical
-  batch and reported per 512 expected patients;
+  clipping, noise and Adam), for the networks of cpu-small and gpu (2-D) and of cpu-3d and gpu-3d (3-D), and
+  cpu-small and gpu with ``--compile`` (torch.compile, CUDA graphs on a GPU; its first call, the compilation, is
+  reported apart), timed on one physical batch and reported per 512 expected patients;
 - the public-prior step (non-private, cpu-small's network, a batch of 64 slices);
 - end to end on a freshly built demo store (1 000 patients): demo-data, ingest, training cpu-small at ε = 8,
   calibrate, an export of 100 slices per label (train + calibrate + export: ``make demo``'s work) and a quick audit
@@ -338,9 +338,10 @@ def main() -> None:
         model_dir = end_to_end(args.out, device, args.quick, args.workers, rows)
     if "sampler" in parts and model_dir is not None:
         rows.attempt("sampler", partial(sampler_and_filter, model_dir, device, args.quick, rows))
-    if "dp-step-compiled" in parts:
-        compiled = replace(get_preset("gpu"), compile=True)  # `train --compile`
-        rows.attempt("dp_step_gpu_compiled", partial(dp_step_seconds, compiled, device, args.quick))
+    if "dp-step-compiled" in parts:  # `train --compile` (padded passes of one shape; CUDA graphs on a GPU)
+        for name in ("cpu-small", "gpu"):
+            compiled = get_preset(name, compile=True)
+            rows.attempt(f"dp_step_{name}_compiled", partial(dp_step_seconds, compiled, device, args.quick))
     print(f"\n{json.dumps(machine)}\n\n| stage | result |\n| --- | --- |")
     for row in rows:
         detail = {k: v for k, v in row.items() if k != "stage" and not isinstance(v, (list, dict))}
