@@ -168,25 +168,24 @@ def end_to_end(root: Path, device: torch.device, quick: bool, workers: int, rows
     """demo-data → ingest → train cpu-small at ε = 8 → calibrate → export → quick audit; one row per stage.
     Returns the model, or ``None`` when a stage the others build on failed (its error row recorded)."""
 
-    def stage(name: str, fn: Callable[[], object]) -> dict:
+    def stage(name: str, fn: Callable[[], object], details: Callable[[object], dict] = lambda _: {}) -> dict:
         started, cpu = time.perf_counter(), cpu_seconds()
         result = fn()
         main_s, workers_s = cpu_split(cpu)  # the main process's share bounds what more workers can give
-        row = {
+        return {
             "stage": name,
             "seconds": round(time.perf_counter() - started, 1),
             "cpu_main_s": round(main_s, 1),
             "cpu_workers_s": round(workers_s, 1),
+            **details(result),
         }
-        if name == "train_cpu_small_eps8":
-            record = read_training_record(root / "model")
-            row.update(
-                dp_s=round(record["training_wall_time_s"], 1),
-                prior_s=round(record["public_pretraining_wall_time_s"], 1),
-            )
-        if name == "quick_audit":
-            row.update(score_columns(result))  # type: ignore[arg-type]
-        return row
+
+    def training_split(_: object) -> dict:  # the DP steps and the public prior, from the run's private record
+        record = read_training_record(root / "model")
+        return {
+            "dp_s": round(record["training_wall_time_s"], 1),
+            "prior_s": round(record["public_pretraining_wall_time_s"], 1),
+        }
 
     patients = 140 if quick else 1000
     options = IngestOptions(labels=("healthy", "lesion"), workers=workers, holdout=0.4 if quick else 0.2)
@@ -194,13 +193,13 @@ def end_to_end(root: Path, device: torch.device, quick: bool, workers: int, rows
     preset = get_preset("cpu-small", **(overrides if quick else {}))
     config = TrainConfig(store=root / "store", out=root / "model", preset=preset, epsilon=8.0, device=str(device))
     audit_n, export_n = (20, 10) if quick else (300, 100)
-    stages: list[tuple[str, Callable[[], object]]] = [
+    stages: list[tuple] = [  # (name, what it runs[, the details its row adds])
         ("demo_data", lambda: make_demo_cohort(root / "raw", patients=patients, seed=0, workers=workers)),
         (
             "ingest",
             lambda: ingest(root / "raw", root / "store", labels_path=root / "raw" / "labels.csv", options=options),
         ),
-        ("train_cpu_small_eps8", lambda: train_model(config)),
+        ("train_cpu_small_eps8", lambda: train_model(config), training_split),
         ("calibrate", lambda: calibrate(root / "store", root / "model", device=device.type)),
         (  # make demo's release step, at the issue's size: 100 slices per label, generated, filtered, written
             "export_100_per_label",
@@ -216,10 +215,11 @@ def end_to_end(root: Path, device: torch.device, quick: bool, workers: int, rows
             lambda: quick_audit(
                 root / "store", root / "model", audit_n, None, 10_000, matched=False, device=str(device)
             ),
+            score_columns,
         ),
     ]
-    for name, fn in stages:
-        if not rows.attempt(name, partial(stage, name, fn)) and name not in ("export_100_per_label", "quick_audit"):
+    for name, *run in stages:
+        if not rows.attempt(name, partial(stage, name, *run)) and name not in ("export_100_per_label", "quick_audit"):
             return None  # the later stages need this one's output
     demo_work = [
         r["seconds"] for r in rows if r["stage"] in ("train_cpu_small_eps8", "calibrate", "export_100_per_label")
