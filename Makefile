@@ -72,9 +72,9 @@ bench: $(BIN)/.installed
 WHEEL_PY ?= 3.12
 GPU_IMAGE_LACKS = diffusers opacus faiss-cpu nibabel nilearn monai pydicom pydantic pydantic-core annotated-types \
 	typing-inspection
-wheelhouse: $(BIN)/.installed
+wheelhouse:
 	rm -rf wheelhouse
-	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: -c constraints.txt -d wheelhouse \
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -c constraints.txt -d wheelhouse \
 		--python-version $(WHEEL_PY) --implementation cp --platform manylinux_2_28_x86_64 \
 		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 $(GPU_IMAGE_LACKS)
 	@du -sh wheelhouse
