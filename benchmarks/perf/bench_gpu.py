@@ -8,9 +8,10 @@ error row; the rest still run) and, at the end, a Markdown table for BENCHMARKS.
 each part, so a run cut short loses the least:
 
 - the DP step the trainer ships (torch.func per-patient gradients in the preset's precision, then Opacus'
-  clipping, noise and Adam), for the networks of cpu-small and gpu (2-D) and of cpu-3d and gpu-3d (3-D), and
-  cpu-small and gpu with ``--compile`` (torch.compile, CUDA graphs on a GPU; its first call, the compilation, is
-  reported apart), timed on one physical batch and reported per 512 expected patients;
+  clipping, noise and Adam), for the networks of cpu-small and gpu (2-D) and of cpu-3d and gpu-3d (3-D), cpu-small
+  also in one pass of 512 patients (``--physical-batch-size 512``), and that and gpu with ``--compile``
+  (torch.compile, CUDA graphs on a GPU; its first call, the compilation, is reported apart), timed on one
+  physical batch and reported per 512 expected patients;
 - the public-prior step (non-private, cpu-small's network, a batch of 64 slices);
 - end to end on a freshly built demo store (1 000 patients): demo-data, ingest, training cpu-small at ε = 8,
   calibrate, an export of 100 slices per label (train + calibrate + export: ``make demo``'s work) and a quick audit
@@ -60,6 +61,7 @@ from bench_utility import quick_audit, score_columns
 from common import cpu_model, cpu_seconds, cpu_split
 
 EXPECTED_PATIENTS = 512  # the DP step's logical batch, as in the issue's table
+ONE_PASS = get_preset("cpu-small", physical_batch_size=EXPECTED_PATIENTS)  # the whole step in one pass
 TOY_2D = UNetSize(block_out_channels=(8, 16), attention_levels=(False, True), norm_num_groups=4)
 TOY_3D = UNet3DSize(channels=(8, 16), attention_levels=(False, True), num_head_channels=8, norm_num_groups=4)
 
@@ -76,6 +78,16 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> f
 
     once()
     return min(once() for _ in range(repeats))
+
+
+def dp_stage(preset: Preset) -> str:
+    """``dp_step_<preset>[_pass<P>][_compiled]``: P where the physical batch is not the preset's own."""
+    own = get_preset(preset.name).physical_batch_size
+    return (
+        f"dp_step_{preset.name}"
+        + (f"_pass{preset.physical_batch_size}" if preset.physical_batch_size != own else "")
+        + ("_compiled" if preset.compile else "")
+    )
 
 
 def dp_step_seconds(preset: Preset, device: torch.device, quick: bool) -> dict:
@@ -111,7 +123,7 @@ def dp_step_seconds(preset: Preset, device: torch.device, quick: bool) -> dict:
     first_s = time.perf_counter() - started
     seconds = timed(step, device)
     return {
-        "stage": f"dp_step_{preset.name}" + ("_compiled" if preset.compile else ""),
+        "stage": dp_stage(preset),
         "precision": preset.precision,
         "first_call_s": round(first_s, 1),
         "patients_per_pass": b,
@@ -329,9 +341,9 @@ def main() -> None:
     print(json.dumps(machine), flush=True)
     rows = Rows()
     # what compiles comes last in each part (minutes of compilation): a run cut short loses the least
-    if "dp-step" in parts:
-        for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d"):
-            rows.attempt(f"dp_step_{name}", partial(dp_step_seconds, get_preset(name), device, args.quick))
+    if "dp-step" in parts:  # cpu-small also in one pass of 512 patients (--physical-batch-size 512: a GPU's size)
+        for preset in [get_preset(name) for name in ("cpu-small", "gpu", "cpu-3d", "gpu-3d")] + [ONE_PASS]:
+            rows.attempt(dp_stage(preset), partial(dp_step_seconds, preset, device, args.quick))
         rows.attempt("public_prior_step", lambda: public_prior_step_seconds(device, args.quick))
     model_dir: Path | None = args.out / "model"
     if "end-to-end" in parts:
@@ -339,9 +351,8 @@ def main() -> None:
     if "sampler" in parts and model_dir is not None:
         rows.attempt("sampler", partial(sampler_and_filter, model_dir, device, args.quick, rows))
     if "dp-step-compiled" in parts:  # `train --compile` (padded passes of one shape; CUDA graphs on a GPU)
-        for name in ("cpu-small", "gpu"):
-            compiled = get_preset(name, compile=True)
-            rows.attempt(f"dp_step_{name}_compiled", partial(dp_step_seconds, compiled, device, args.quick))
+        for preset in (replace(ONE_PASS, compile=True, fixed_shape=True), get_preset("gpu", compile=True)):
+            rows.attempt(dp_stage(preset), partial(dp_step_seconds, preset, device, args.quick))
     print(f"\n{json.dumps(machine)}\n\n| stage | result |\n| --- | --- |")
     for row in rows:
         detail = {k: v for k, v in row.items() if k != "stage" and not isinstance(v, (list, dict))}
