@@ -20,7 +20,7 @@ from generators.base import Generated, expand_labels, resolve_device
 from generators.card import ModelCard, write_card
 from generators.covariates import condition_ids, null_condition
 from generators.demographics import COVARIATES
-from generators.diffusion import autocast_for, denoising_loss, noise_schedule
+from generators.diffusion import autocast_for, compile_for, denoising_loss, noise_schedule
 from generators.errors import InvalidInput
 from generators.recipe_choices import PRECISIONS, Precision
 from generators.unet import null_class
@@ -97,20 +97,17 @@ class ConditionalDiffusion:
 
     # ----------------------------------------------------------------------------------- sampling
     def denoiser(self, compile: bool | str = False) -> Callable[..., torch.Tensor]:
-        """The network call of the sampling loop: :meth:`predict`, or it under ``torch.compile`` for each batch's
-        shape (``True``: torch's default compiler, inductor; a string: that ``torch.compile`` backend). A shape's
-        first batch compiles (seconds on a GPU, about a minute on a CPU). On a GPU inductor's call replays CUDA
-        graphs (``mode="reduce-overhead"``): one launch per network call instead of one per kernel. A graph's
-        outputs live in its memory pool until the next call overwrites them, so :meth:`generate` copies each out
-        at once."""
+        """The network call of the sampling loop: :meth:`predict`, or it compiled for each batch's shape
+        (:func:`generators.diffusion.compile_for`: CUDA graphs on a GPU; ``True``: torch's default compiler,
+        inductor; a string: that ``torch.compile`` backend). A shape's first batch compiles (seconds on a GPU,
+        about a minute on a CPU); :meth:`generate` copies each output out before the next call."""
         if compile is False:
             return self.predict
         backend = "inductor" if compile is True else compile
         if backend not in torch.compiler.list_backends(exclude_tags=()):
             raise InvalidInput(f"unknown torch.compile backend {backend!r}")
         if backend not in self._compiled:
-            mode = "reduce-overhead" if self.device.type == "cuda" and backend == "inductor" else None
-            self._compiled[backend] = torch.compile(self.predict, mode=mode, dynamic=False, backend=backend)
+            self._compiled[backend] = compile_for(self.predict, self.device, backend)
         return self._compiled[backend]
 
     def _sampler(self, solver: str):

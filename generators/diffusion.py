@@ -26,6 +26,14 @@ def autocast_for(device: torch.device | str, precision: Precision) -> contextlib
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
+def compile_for(fn: Callable, device: torch.device | str, backend: str = "inductor") -> Callable:
+    """``fn`` under ``torch.compile`` for fixed shapes. On a GPU inductor's code replays as CUDA graphs
+    (``mode="reduce-overhead"``: one launch per call instead of one per kernel); a graph's outputs live in its
+    memory pool until the next call overwrites them, so callers copy them out before calling again."""
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" and backend == "inductor" else None
+    return torch.compile(fn, mode=mode, dynamic=False, backend=backend)
+
+
 def loss_weights(abar: torch.Tensor, prediction: Prediction, weighting: str, gamma: float = 5.0) -> torch.Tensor:
     """Per-draw weights of the squared error, shaped like ``abar``.
 

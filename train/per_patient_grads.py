@@ -25,7 +25,7 @@ import torch
 from diffusers import UNet2DModel
 from torch.func import functional_call, grad_and_value, vmap
 
-from generators.diffusion import Prediction, autocast_for, denoising_loss
+from generators.diffusion import Prediction, autocast_for, compile_for, denoising_loss
 from generators.recipe_choices import Precision
 from generators.unet import use_plain_upsampling
 
@@ -66,14 +66,12 @@ def compile_grad_fn(
     backend: str = "inductor",
 ) -> Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]:
     """``grad_fn`` (of :func:`make_per_patient_grad_fn` for ``model``) under ``torch.compile`` for one fixed
-    shape (fixed-shape passes); the first call compiles (minutes on a CPU). On a GPU, inductor's code replays as
-    CUDA graphs (``mode="reduce-overhead"``); their outputs are overwritten by the next call, and
-    :func:`masked_pass` (which every fixed-shape pass goes through) copies them out first. The model's upsampling
-    is switched to a form vmap can trace (:func:`generators.unet.use_plain_upsampling`: the same values)."""
+    shape (fixed-shape passes; :func:`generators.diffusion.compile_for`: CUDA graphs on a GPU, whose outputs
+    :func:`masked_pass` copies out before the next call); the first call compiles (minutes on a CPU). The model's
+    upsampling is switched to a form vmap can trace (:func:`generators.unet.use_plain_upsampling`: the same
+    values)."""
     use_plain_upsampling(model)
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    mode = "reduce-overhead" if on_gpu and backend == "inductor" else None
-    return torch.compile(grad_fn, mode=mode, dynamic=False, backend=backend)
+    return compile_for(grad_fn, next(model.parameters()).device, backend)
 
 
 def brute_force_per_patient_grads(

@@ -162,16 +162,17 @@ class Rows(list):
         print(json.dumps(row), flush=True)
         return row
 
-    def attempt(self, name: str, measure: Callable[[], dict | list[dict]]) -> bool:
-        """Record ``measure()``'s row(s), or one error row when it fails: a GPU session is short, so one failing
-        measurement (a compiler, memory) must not cost the others. Returns whether it succeeded."""
+    def attempt(self, name: str, measure: Callable[[], dict | list[dict] | None]) -> bool:
+        """Record ``measure()``'s row(s) (``None``: it recorded its own), or one error row when it fails: a GPU
+        session is short, so one failing measurement (a compiler, memory) must not cost the others. Returns whether
+        it succeeded."""
         try:
             result = measure()
         except Exception as exc:  # reported as a row; the benchmark goes on
             traceback.print_exc()
             self.record({"stage": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             return False
-        for row in result if isinstance(result, list) else [result]:
+        for row in [] if result is None else result if isinstance(result, list) else [result]:
             self.record(row)
         return True
 
@@ -251,8 +252,8 @@ SAMPLER_RUNS = (  # (precision, compiled, batch): a GPU-sized batch, then the ex
 )
 
 
-def sampler_and_filter(model_dir: Path, device: torch.device, quick: bool, rows: Rows) -> list[dict]:
-    """The sampler's and the filter's rows, each attempted on its own (recorded here; returns none)."""
+def sampler_and_filter(model_dir: Path, device: torch.device, quick: bool, rows: Rows) -> None:
+    """The sampler's and the filter's rows, each attempted (and recorded) on its own."""
     model = load_generator(model_dir, device=str(device))
     n = 64 if quick else 4096
     labels = {name: n // 2 for name in model.label_ids}
@@ -266,7 +267,6 @@ def sampler_and_filter(model_dir: Path, device: torch.device, quick: bool, rows:
         rows.attempt(f"filter ({where})", partial(filter_row, model_dir, images, where))
     for run in compiled:
         rows.attempt(sampler_stage(run, n), partial(sampler_row, model, labels, generated.images, device, run, quick))
-    return []
 
 
 def filter_row(model_dir: Path, images, where: str) -> dict:
